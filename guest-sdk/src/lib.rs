@@ -1,0 +1,293 @@
+//! Write evrhost plugins in Rust.
+//!
+//! A plugin is a type that implements one or more of the traits [`Route`],
+//! [`Api`], [`Subscriber`] and [`Task`], exported with [`export!`]. The
+//! component then exports exactly those interfaces, and evrhost binds routes,
+//! commands, subscriptions and exec tasks to it accordingly.
+//!
+//! ```no_run
+//! use evrhost_sdk::{export, kv, log, Reply, Request, Route};
+//!
+//! struct Hits;
+//!
+//! impl Route for Hits {
+//!     fn handle(req: Request) -> Result<Reply, String> {
+//!         let key = req.data_str();
+//!         let n = kv::incr(&key, 1).map_err(|e| e.to_string())?;
+//!         log::info(&format!("{key} seen {n} times"));
+//!         Ok(Reply::handled().retval(n.to_string()))
+//!     }
+//! }
+//!
+//! export!(Hits: route);
+//! ```
+//!
+//! Build it with `cargo build --release --target wasm32-wasip2` (crate type
+//! `cdylib`) and try it with `evrhost call target/wasm32-wasip2/release/hits.wasm
+//! myroute somekey`.
+//!
+//! Host calls that a plugin's configuration does not grant return
+//! [`HostError::Denied`]; they never trap.
+
+#![allow(clippy::missing_safety_doc)]
+
+use std::borrow::Cow;
+
+/// Bindings generated from `wit/`. Not part of the API: use the re-exports.
+///
+/// One `generate!` per export kind, each with `pub_export_macro`, so that a
+/// world's export section lands in a plugin only when that plugin invokes
+/// the export; the component then exports exactly what the plugin
+/// implements. The shared interfaces are generated once (`imports`) and the
+/// other worlds reuse them through `with`.
+#[doc(hidden)]
+pub mod __bindings {
+    pub mod imports {
+        wit_bindgen::generate!({
+            world: "imports",
+            path: "../wit",
+        });
+    }
+
+    macro_rules! export_world {
+        ($module:ident, $world:literal, $macro_name:literal, $bindings:literal) => {
+            pub mod $module {
+                wit_bindgen::generate!({
+                    world: $world,
+                    path: "../wit",
+                    pub_export_macro: true,
+                    export_macro_name: $macro_name,
+                    default_bindings_module: $bindings,
+                    with: {
+                        "evrhost:plugin/types@0.1.0": crate::__bindings::imports::evrhost::plugin::types,
+                        "evrhost:plugin/host@0.1.0": crate::__bindings::imports::evrhost::plugin::host,
+                        "evrhost:plugin/kv@0.1.0": crate::__bindings::imports::evrhost::plugin::kv,
+                        "evrhost:plugin/events@0.1.0": crate::__bindings::imports::evrhost::plugin::events,
+                        "evrhost:plugin/commands@0.1.0": crate::__bindings::imports::evrhost::plugin::commands,
+                    },
+                });
+            }
+        };
+    }
+
+    export_world!(route, "route-handler", "export_route", "evrhost_sdk::__bindings::route");
+    export_world!(api, "api-provider", "export_api", "evrhost_sdk::__bindings::api");
+    export_world!(subscriber, "event-subscriber", "export_subscriber", "evrhost_sdk::__bindings::subscriber");
+    export_world!(task, "startup-task", "export_task", "evrhost_sdk::__bindings::task");
+}
+
+use __bindings::imports::evrhost::plugin as wit;
+
+pub use wit::types::{CommandInfo, Event, Headers, HostError, Level, Origin, Peer, Reply, Request};
+
+/// Handles calls of event routes. Export with `export!(T: route)`.
+pub use __bindings::route::exports::evrhost::plugin::route::Guest as Route;
+/// Offers API commands. Export with `export!(T: api)`.
+pub use __bindings::api::exports::evrhost::plugin::api::Guest as Api;
+/// Receives subscribed events. Export with `export!(T: subscriber)`.
+pub use __bindings::subscriber::exports::evrhost::plugin::subscriber::Guest as Subscriber;
+/// Runs as an exec task. Export with `export!(T: task)`.
+pub use __bindings::task::exports::evrhost::plugin::task::Guest as Task;
+
+/// Exports a type as a plugin: name the interfaces it implements.
+///
+/// ```ignore
+/// export!(Counter: route, api);
+/// ```
+#[macro_export]
+macro_rules! export {
+    ($ty:ident : $($kind:ident),+ $(,)?) => {
+        $( $crate::__export_one!($kind, $ty); )+
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_one {
+    (route, $ty:ident) => {
+        $crate::__export_route_handler_impl!($ty with_types_in $crate::__bindings::route);
+    };
+    (api, $ty:ident) => {
+        $crate::__export_api_provider_impl!($ty with_types_in $crate::__bindings::api);
+    };
+    (subscriber, $ty:ident) => {
+        $crate::__export_event_subscriber_impl!($ty with_types_in $crate::__bindings::subscriber);
+    };
+    (task, $ty:ident) => {
+        $crate::__export_startup_task_impl!($ty with_types_in $crate::__bindings::task);
+    };
+    ($other:ident, $ty:ident) => {
+        compile_error!(concat!(
+            "evrhost_sdk::export!: unknown interface `",
+            stringify!($other),
+            "`; expected route, api, subscriber or task"
+        ));
+    };
+}
+
+/// The value of the first header named `name` (ASCII case-insensitive).
+pub fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+impl Request {
+    /// The payload as text; invalid UTF-8 is replaced.
+    pub fn data_str(&self) -> Cow<'_, str> {
+        String::from_utf8_lossy(&self.data)
+    }
+
+    /// A named parameter (ASCII case-insensitive).
+    pub fn param(&self, name: &str) -> Option<&str> {
+        header(&self.params, name)
+    }
+}
+
+impl Reply {
+    /// A reply that stops dispatch of the route.
+    pub fn handled() -> Self {
+        Reply { handled: true, retval: String::new(), params: Vec::new(), data: None }
+    }
+
+    /// A reply that lets the route's next handler run.
+    pub fn declined() -> Self {
+        Reply { handled: false, ..Self::handled() }
+    }
+
+    pub fn retval(mut self, retval: impl Into<String>) -> Self {
+        self.retval = retval.into();
+        self
+    }
+
+    pub fn param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.params.push((name.into(), value.into()));
+        self
+    }
+
+    /// Bytes for the front-end to send back (a UDP reply datagram, say).
+    pub fn data(mut self, data: impl Into<Vec<u8>>) -> Self {
+        self.data = Some(data.into());
+        self
+    }
+}
+
+impl Event {
+    pub fn new(name: impl Into<String>) -> Self {
+        Event { name: name.into(), subclass: None, headers: Vec::new(), body: None }
+    }
+
+    /// A CUSTOM event with this subclass.
+    pub fn custom(subclass: impl Into<String>) -> Self {
+        Event { subclass: Some(subclass.into()), ..Self::new("CUSTOM") }
+    }
+
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn body(mut self, body: impl Into<String>) -> Self {
+        self.body = Some(body.into());
+        self
+    }
+
+    /// The value of a header (ASCII case-insensitive).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
+    }
+}
+
+impl CommandInfo {
+    pub fn new(name: &str, usage: &str, description: &str) -> Self {
+        CommandInfo { name: name.into(), usage: usage.into(), description: description.into() }
+    }
+}
+
+/// Logging to the plugin's log (tagged by the host with plugin, tenant and
+/// route).
+pub mod log {
+    use super::{wit::host, Level};
+
+    pub fn log(level: Level, message: &str) {
+        host::log(level, message)
+    }
+    pub fn debug(message: &str) {
+        host::log(Level::Debug, message)
+    }
+    pub fn info(message: &str) {
+        host::log(Level::Info, message)
+    }
+    pub fn notice(message: &str) {
+        host::log(Level::Notice, message)
+    }
+    pub fn warn(message: &str) {
+        host::log(Level::Warn, message)
+    }
+    pub fn error(message: &str) {
+        host::log(Level::Error, message)
+    }
+}
+
+/// The tenant's key-value store.
+pub mod kv {
+    use super::{wit::kv, HostError};
+
+    pub fn get(key: &str) -> Result<Option<Vec<u8>>, HostError> {
+        kv::get(key)
+    }
+    /// The value as text; invalid UTF-8 is replaced.
+    pub fn get_string(key: &str) -> Result<Option<String>, HostError> {
+        Ok(kv::get(key)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+    pub fn set(key: &str, value: impl AsRef<[u8]>) -> Result<(), HostError> {
+        kv::set(key, value.as_ref())
+    }
+    /// True when the key existed.
+    pub fn delete(key: &str) -> Result<bool, HostError> {
+        kv::delete(key)
+    }
+    /// Adds `delta` to a decimal counter (absent = 0); returns the new value.
+    pub fn incr(key: &str, delta: i64) -> Result<i64, HostError> {
+        kv::incr(key, delta)
+    }
+}
+
+/// The event bus.
+pub mod events {
+    use super::{wit::events, Event, HostError};
+
+    pub fn fire(event: &Event) -> Result<(), HostError> {
+        events::fire(event)
+    }
+    /// Matching events arrive at the plugin's [`Subscriber`](crate::Subscriber).
+    pub fn subscribe(name: &str, subclass: Option<&str>) -> Result<(), HostError> {
+        events::subscribe(name, subclass)
+    }
+    pub fn unsubscribe(name: &str, subclass: Option<&str>) -> Result<bool, HostError> {
+        events::unsubscribe(name, subclass)
+    }
+}
+
+/// A value from the plugin's `[plugin.config]` table.
+pub fn config(key: &str) -> Option<String> {
+    wit::host::config(key)
+}
+
+/// Microseconds since the Unix epoch, from the host's clock.
+pub fn now_us() -> u64 {
+    wit::host::now()
+}
+
+/// Suspends an exec task; fuel and deadline are renewed afterwards.
+/// Outside a task the host refuses with [`HostError::Denied`].
+pub fn sleep(duration: std::time::Duration) -> Result<(), HostError> {
+    let ms = u32::try_from(duration.as_millis()).unwrap_or(u32::MAX);
+    wit::host::sleep(ms)
+}
+
+/// Calls an API command: a host built-in or one another plugin exports.
+pub fn call(command: &str, args: &str) -> Result<String, HostError> {
+    wit::commands::call(command, args)
+}

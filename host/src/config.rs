@@ -1,0 +1,539 @@
+//! The configuration file: TOML, parsed into typed values and checked as a
+//! whole before anything runs. Every error names the file, the line and
+//! the key at fault.
+//!
+//! ```toml
+//! [[plugin]]
+//! name = "echo"
+//! path = "plugins/echo.wasm"     # relative to this file; or "builtin:echo"
+//! deadline_ms = 100
+//!
+//! [[route]]
+//! name = "evrexec:test"
+//! plugin = "echo"
+//! ```
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::kv::KvLimits;
+use crate::runtime::{Capabilities, EngineSettings, Isolation, Limits, PluginSpec, Preopen};
+
+/// The configuration `evrhost run` uses when given no file.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// Plugins compiled into the binary, usable as `path = "builtin:NAME"`.
+pub const BUILTINS: [(&str, &[u8]); 2] = [
+    ("echo", include_bytes!(concat!(env!("EVRHOST_PLUGINS_DIR"), "/echo.wasm"))),
+    ("counter", include_bytes!(concat!(env!("EVRHOST_PLUGINS_DIR"), "/counter.wasm"))),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: String, source: std::io::Error },
+    #[error("{file}: {message}")]
+    Syntax { file: String, message: String },
+    #[error("{file}:{line}:{column}: `{key}`: {message}")]
+    Invalid { file: String, line: usize, column: usize, key: String, message: String },
+}
+
+/// Where a plugin's code comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CodeSource {
+    File(PathBuf),
+    Builtin(&'static str),
+}
+
+impl CodeSource {
+    pub fn describe(&self) -> String {
+        match self {
+            CodeSource::File(path) => path.display().to_string(),
+            CodeSource::Builtin(name) => format!("builtin:{name}"),
+        }
+    }
+
+    /// `builtin:NAME` or a path, relative paths taken from `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<CodeSource, String> {
+        if let Some(name) = text.strip_prefix("builtin:") {
+            return BUILTINS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(n, _)| CodeSource::Builtin(n))
+                .ok_or_else(|| {
+                    let known: Vec<&str> = BUILTINS.iter().map(|(n, _)| *n).collect();
+                    format!("no builtin plugin `{name}`; there are: {}", known.join(", "))
+                });
+        }
+        if text.is_empty() {
+            return Err("empty path".into());
+        }
+        Ok(CodeSource::File(base.join(text)))
+    }
+
+    pub async fn read(&self) -> std::io::Result<std::sync::Arc<[u8]>> {
+        match self {
+            CodeSource::File(path) => Ok(tokio::fs::read(path).await?.into()),
+            CodeSource::Builtin(name) => BUILTINS
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, bytes)| std::sync::Arc::from(*bytes))
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no builtin `{name}`"))),
+        }
+    }
+}
+
+/// A plugin as configured.
+#[derive(Clone, Debug)]
+pub struct PluginDef {
+    pub spec: PluginSpec,
+    pub code: CodeSource,
+}
+
+impl PluginDef {
+    /// A plugin with default limits and every capability, as `plugin.load`
+    /// over RPC and `evrhost call` make one; relative paths are taken from
+    /// the working directory.
+    pub fn with_defaults(name: &str, path: &str) -> Result<PluginDef, String> {
+        if !valid_name(name) {
+            return Err(format!("plugin name `{name}`: use 1-64 letters, digits, `_`, `-` or `.`"));
+        }
+        let code = CodeSource::parse(path, Path::new(""))?;
+        let spec = PluginSpec {
+            name: name.to_string(),
+            tenant: "default".to_string(),
+            source: code.describe(),
+            limits: Limits::default(),
+            capabilities: Capabilities::all(),
+            config: BTreeMap::new(),
+            preopens: Vec::new(),
+        };
+        Ok(PluginDef { spec, code })
+    }
+}
+
+/// One handler of a route. Several entries with one name are tried in
+/// ascending `priority` (as Yate orders handlers) until one replies
+/// `handled`.
+#[derive(Clone, Debug)]
+pub struct RouteDef {
+    pub name: String,
+    pub plugin: String,
+    pub priority: i32,
+}
+
+#[derive(Clone, Debug)]
+pub struct RpcSettings {
+    /// None disables the listener.
+    pub listen: Option<SocketAddr>,
+    /// Required as `Authorization: Bearer TOKEN` when set.
+    pub token: Option<String>,
+}
+
+/// A checked configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub engine: EngineSettings,
+    /// None: no compiled-code cache.
+    pub cache_dir: Option<PathBuf>,
+    pub tenants: HashMap<String, KvLimits>,
+    pub plugins: Vec<PluginDef>,
+    pub routes: Vec<RouteDef>,
+    pub rpc: RpcSettings,
+}
+
+// ---- the file's shape -------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    runtime: RuntimeSection,
+    #[serde(default)]
+    tenant: Vec<TenantSection>,
+    #[serde(default)]
+    plugin: Vec<PluginSection>,
+    #[serde(default)]
+    route: Vec<RouteSection>,
+    #[serde(default)]
+    rpc: RpcSection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RuntimeSection {
+    /// false disables the compiled-code cache.
+    cache: Option<bool>,
+    cache_dir: Option<String>,
+    epoch_tick_ms: Option<Spanned<u64>>,
+    max_instances: Option<Spanned<u32>>,
+    max_memory_mb: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantSection {
+    name: Spanned<String>,
+    kv_max_keys: Option<usize>,
+    kv_max_key_bytes: Option<usize>,
+    kv_max_value_bytes: Option<usize>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "kebab-case")]
+enum IsolationName {
+    Reuse,
+    PerCall,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginSection {
+    name: Spanned<String>,
+    path: Spanned<String>,
+    tenant: Option<Spanned<String>>,
+    isolation: Option<IsolationName>,
+    fuel: Option<Spanned<u64>>,
+    deadline_ms: Option<Spanned<u64>>,
+    warn_ms: Option<Spanned<u64>>,
+    memory_mb: Option<Spanned<u64>>,
+    min_instances: Option<Spanned<usize>>,
+    max_instances: Option<Spanned<usize>>,
+    max_reply_bytes: Option<usize>,
+    max_log_line_bytes: Option<usize>,
+    max_log_lines: Option<usize>,
+    max_event_bytes: Option<usize>,
+    capabilities: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    preopen: Vec<PreopenSection>,
+    #[serde(default)]
+    config: BTreeMap<String, Spanned<toml::Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreopenSection {
+    host: Spanned<String>,
+    guest: String,
+    #[serde(default = "yes")]
+    read_only: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteSection {
+    name: Spanned<String>,
+    plugin: Spanned<String>,
+    #[serde(default = "default_priority")]
+    priority: i32,
+}
+
+fn default_priority() -> i32 {
+    100
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RpcSection {
+    /// "IP:PORT", or "" to disable.
+    listen: Option<Spanned<String>>,
+    token: Option<String>,
+}
+
+pub const DEFAULT_RPC_LISTEN: &str = "127.0.0.1:7080";
+
+// ---- checking ---------------------------------------------------------------
+
+struct Checker<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Checker<'_> {
+    fn at<T>(&self, spanned: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
+        let offset = spanned.span().start.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+        ConfigError::Invalid { file: self.file.to_string(), line, column, key: key.to_string(), message: message.into() }
+    }
+
+    fn positive<T: Copy + PartialOrd + Default>(&self, v: &Option<Spanned<T>>, key: &str) -> Result<Option<T>, ConfigError> {
+        match v {
+            Some(s) if *s.get_ref() <= T::default() => Err(self.at(s, key, "must be greater than 0")),
+            Some(s) => Ok(Some(*s.get_ref())),
+            None => Ok(None),
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+impl Config {
+    /// The embedded default configuration.
+    pub fn embedded_default() -> Result<Config, ConfigError> {
+        Config::parse(DEFAULT_CONFIG, "(embedded default)", Path::new("."))
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        Config::parse(&text, &file, base)
+    }
+
+    /// Parses and checks a configuration; relative plugin paths are taken
+    /// from `base`.
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: File =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax { file: file.to_string(), message: e.to_string() })?;
+        let ck = Checker { file, text };
+
+        let defaults = EngineSettings::default();
+        let rt = &raw.runtime;
+        let tick_ms = ck.positive(&rt.epoch_tick_ms, "runtime.epoch_tick_ms")?.unwrap_or(1);
+        let max_memory_mb = ck.positive(&rt.max_memory_mb, "runtime.max_memory_mb")?;
+        let engine = EngineSettings {
+            tick: Duration::from_millis(tick_ms),
+            total_instances: ck.positive(&rt.max_instances, "runtime.max_instances")?.unwrap_or(defaults.total_instances),
+            max_memory_bytes: max_memory_mb.map_or(defaults.max_memory_bytes, |mb| (mb as usize) << 20),
+        };
+        let cache_dir = match (rt.cache, &rt.cache_dir) {
+            (Some(false), _) => None,
+            (_, Some(dir)) => Some(base.join(dir)),
+            _ => crate::runtime::ComponentCache::default_dir(),
+        };
+
+        let mut tenants = HashMap::new();
+        tenants.insert("default".to_string(), KvLimits::default());
+        for t in &raw.tenant {
+            let name = t.name.get_ref();
+            if !valid_name(name) {
+                return Err(ck.at(&t.name, "tenant.name", "use 1-64 letters, digits, `_`, `-` or `.`"));
+            }
+            let d = KvLimits::default();
+            let limits = KvLimits {
+                max_keys: t.kv_max_keys.unwrap_or(d.max_keys),
+                max_key_bytes: t.kv_max_key_bytes.unwrap_or(d.max_key_bytes),
+                max_value_bytes: t.kv_max_value_bytes.unwrap_or(d.max_value_bytes),
+            };
+            if tenants.insert(name.clone(), limits).is_some() && name != "default" {
+                return Err(ck.at(&t.name, "tenant.name", format!("tenant `{name}` is defined twice")));
+            }
+        }
+
+        let mut plugins = Vec::new();
+        let mut names = HashSet::new();
+        for p in &raw.plugin {
+            plugins.push(check_plugin(&ck, p, base, &tenants, &engine, &mut names)?);
+        }
+
+        let mut routes = Vec::new();
+        for r in &raw.route {
+            let name = r.name.get_ref();
+            if name.is_empty() || name.len() > 256 {
+                return Err(ck.at(&r.name, "route.name", "must be 1 to 256 bytes"));
+            }
+            let plugin = r.plugin.get_ref();
+            if !names.contains(plugin.as_str()) {
+                return Err(ck.at(&r.plugin, "route.plugin", format!("no plugin named `{plugin}` is configured")));
+            }
+            routes.push(RouteDef { name: name.clone(), plugin: plugin.clone(), priority: r.priority });
+        }
+
+        let listen = match &raw.rpc.listen {
+            None => Some(DEFAULT_RPC_LISTEN.parse().expect("the default listen address is valid")),
+            Some(s) if s.get_ref().is_empty() => None,
+            Some(s) => Some(
+                s.get_ref()
+                    .parse::<SocketAddr>()
+                    .map_err(|e| ck.at(s, "rpc.listen", format!("not IP:PORT ({e})")))?,
+            ),
+        };
+        let rpc = RpcSettings { listen, token: raw.rpc.token.clone().filter(|t| !t.is_empty()) };
+
+        Ok(Config { engine, cache_dir, tenants, plugins, routes, rpc })
+    }
+}
+
+fn check_plugin(
+    ck: &Checker,
+    p: &PluginSection,
+    base: &Path,
+    tenants: &HashMap<String, KvLimits>,
+    engine: &EngineSettings,
+    names: &mut HashSet<String>,
+) -> Result<PluginDef, ConfigError> {
+    let name = p.name.get_ref();
+    if !valid_name(name) {
+        return Err(ck.at(&p.name, "plugin.name", "use 1-64 letters, digits, `_`, `-` or `.`"));
+    }
+    if !names.insert(name.clone()) {
+        return Err(ck.at(&p.name, "plugin.name", format!("plugin `{name}` is defined twice")));
+    }
+    let code = CodeSource::parse(p.path.get_ref(), base).map_err(|m| ck.at(&p.path, "plugin.path", m))?;
+    let tenant = match &p.tenant {
+        Some(t) if !tenants.contains_key(t.get_ref()) => {
+            return Err(ck.at(t, "plugin.tenant", format!("no tenant named `{}` is defined", t.get_ref())))
+        }
+        Some(t) => t.get_ref().clone(),
+        None => "default".to_string(),
+    };
+
+    let d = Limits::default();
+    let mut limits = Limits {
+        fuel: ck.positive(&p.fuel, "plugin.fuel")?.unwrap_or(d.fuel),
+        deadline: ck.positive(&p.deadline_ms, "plugin.deadline_ms")?.map_or(d.deadline, Duration::from_millis),
+        warn_after: ck.positive(&p.warn_ms, "plugin.warn_ms")?.map(Duration::from_millis),
+        memory_bytes: ck.positive(&p.memory_mb, "plugin.memory_mb")?.map_or(d.memory_bytes, |mb| (mb as usize) << 20),
+        min_instances: p.min_instances.as_ref().map_or(d.min_instances, |s| *s.get_ref()),
+        max_instances: ck.positive(&p.max_instances, "plugin.max_instances")?.unwrap_or(d.max_instances),
+        isolation: match p.isolation {
+            Some(IsolationName::PerCall) => Isolation::PerCall,
+            Some(IsolationName::Reuse) | None => Isolation::Reuse,
+        },
+        max_reply_bytes: p.max_reply_bytes.unwrap_or(d.max_reply_bytes),
+        max_log_line_bytes: p.max_log_line_bytes.unwrap_or(d.max_log_line_bytes).max(16),
+        max_log_lines_per_call: p.max_log_lines.unwrap_or(d.max_log_lines_per_call),
+        max_event_bytes: p.max_event_bytes.unwrap_or(d.max_event_bytes),
+    };
+    if let Some(m) = &p.memory_mb {
+        if limits.memory_bytes > engine.max_memory_bytes {
+            return Err(ck.at(
+                m,
+                "plugin.memory_mb",
+                format!("exceeds runtime.max_memory_mb ({} MiB)", engine.max_memory_bytes >> 20),
+            ));
+        }
+    }
+    if let Some(min) = &p.min_instances {
+        if *min.get_ref() > limits.max_instances {
+            return Err(ck.at(
+                min,
+                "plugin.min_instances",
+                format!("is more than max_instances ({})", limits.max_instances),
+            ));
+        }
+    }
+    if limits.isolation == Isolation::PerCall {
+        limits.min_instances = 0;
+    }
+
+    let capabilities = match &p.capabilities {
+        None => Capabilities::all(),
+        Some(list) => {
+            let mut caps = Capabilities::none();
+            for c in list {
+                if !caps.grant(c.get_ref()) {
+                    return Err(ck.at(
+                        c,
+                        "plugin.capabilities",
+                        format!("unknown capability `{}`; known: {}", c.get_ref(), Capabilities::NAMES.join(", ")),
+                    ));
+                }
+            }
+            caps
+        }
+    };
+
+    let mut config = BTreeMap::new();
+    for (key, value) in &p.config {
+        let text = match value.get_ref() {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Datetime(d) => d.to_string(),
+            _ => return Err(ck.at(value, &format!("plugin.config.{key}"), "must be a string, number or boolean")),
+        };
+        config.insert(key.clone(), text);
+    }
+
+    let mut preopens = Vec::new();
+    for dir in &p.preopen {
+        let host = base.join(dir.host.get_ref());
+        if !host.is_dir() {
+            return Err(ck.at(&dir.host, "plugin.preopen.host", format!("{} is not a directory", host.display())));
+        }
+        preopens.push(Preopen { host, guest: dir.guest.clone(), read_only: dir.read_only });
+    }
+
+    let spec = PluginSpec {
+        name: name.clone(),
+        tenant,
+        source: code.describe(),
+        limits,
+        capabilities,
+        config,
+        preopens,
+    };
+    Ok(PluginDef { spec, code })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", Path::new("/etc/evrhost"))
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let config = Config::embedded_default().unwrap();
+        assert!(config.plugins.iter().any(|p| p.code == CodeSource::Builtin("echo")));
+        assert!(config.routes.iter().any(|r| r.name == "evrexec:test"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = parse("[[plugin]]\nname = \"a\"\npath = \"a.wasm\"\nfuel_max = 3\n").unwrap_err().to_string();
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("fuel_max"), "{err}");
+    }
+
+    #[test]
+    fn route_to_unknown_plugin_points_at_the_key() {
+        let err = parse("[[route]]\nname = \"r\"\nplugin = \"ghost\"\n").unwrap_err().to_string();
+        assert_eq!(err, "test.toml:3:10: `route.plugin`: no plugin named `ghost` is configured");
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        let err = parse("[[plugin]]\nname = \"a\"\npath = \"a.wasm\"\ndeadline_ms = 0\n").unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:4:15: `plugin.deadline_ms`"), "{err}");
+        let err = parse("[[plugin]]\nname = \"a\"\npath = \"a.wasm\"\ncapabilities = [\"kv\", \"net\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown capability `net`"), "{err}");
+        let err = parse("[[plugin]]\nname = \"a\"\npath = \"a.wasm\"\n[[plugin]]\nname = \"a\"\npath = \"b.wasm\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml:5:8") && err.contains("defined twice"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_and_config_values() {
+        let config = parse(
+            "[[plugin]]\nname = \"a\"\npath = \"p/a.wasm\"\nisolation = \"per-call\"\n[plugin.config]\nn = 3\ns = \"x\"\n",
+        )
+        .unwrap();
+        let p = &config.plugins[0];
+        assert_eq!(p.code, CodeSource::File(PathBuf::from("/etc/evrhost/p/a.wasm")));
+        assert_eq!(p.spec.limits.isolation, Isolation::PerCall);
+        assert_eq!(p.spec.config.get("n").map(String::as_str), Some("3"));
+    }
+}

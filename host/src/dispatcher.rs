@@ -1,0 +1,547 @@
+//! Routes and commands to plugins; loading, reloading and unloading them.
+//!
+//! Invariants:
+//! - The routing table is immutable and swapped whole: a call sees one
+//!   consistent table from its start to its end.
+//! - A plugin's current version lives in its slot and is swapped
+//!   atomically; a call holds the version it started on, so calls in flight
+//!   during a reload finish on the old version and none is lost.
+//! - Admin changes (load, reload, unload) are serialised; one that fails any
+//!   check (compile, instantiate, exports the routes need, command names)
+//!   changes nothing, and the old version keeps serving.
+//! - Plugins reach the dispatcher (commands, events) through a weak link,
+//!   so the dispatcher and its plugins do not keep each other alive.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::config::{CodeSource, Config, PluginDef, RouteDef};
+use crate::kv::{KvLimits, KvStore};
+use crate::runtime::{
+    CallError, CallReport, Event, Export, HostError, LoadError, Origin, PluginSpec, PluginVersion, Reply, Request,
+    Runtime, Services, Stats, StatsSnapshot,
+};
+
+/// Events fired by plugins wait here for delivery; past this, `fire` fails.
+const EVENT_QUEUE: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// Kamailio's text for an unknown `evrexec.run` route.
+    #[error("Event route not found")]
+    RouteNotFound(String),
+    #[error("no command `{0}`")]
+    CommandNotFound(String),
+    #[error("no plugin `{0}`")]
+    PluginNotFound(String),
+    #[error("a plugin named `{0}` is already loaded")]
+    PluginExists(String),
+    #[error("command `{command}` of plugin `{plugin}` is already offered by `{other}`")]
+    CommandConflict { command: String, plugin: String, other: String },
+    #[error(transparent)]
+    Call(#[from] CallError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+}
+
+/// A plugin's place in the dispatcher; outlives its versions.
+pub struct Slot {
+    pub name: String,
+    current: ArcSwap<PluginVersion>,
+    code: Mutex<CodeSource>,
+    stats: Arc<Stats>,
+    reloads: AtomicU64,
+}
+
+impl Slot {
+    pub fn current(&self) -> Arc<PluginVersion> {
+        self.current.load_full()
+    }
+
+    fn code(&self) -> CodeSource {
+        self.code.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+struct Handler {
+    priority: i32,
+    slot: Arc<Slot>,
+}
+
+#[derive(Default)]
+struct Table {
+    plugins: BTreeMap<String, Arc<Slot>>,
+    routes: BTreeMap<String, Vec<Handler>>,
+    commands: BTreeMap<String, Arc<Slot>>,
+    route_defs: Vec<RouteDef>,
+}
+
+/// Built-in API commands, answered by the host itself.
+const BUILTINS: [(&str, &str, &str); 4] = [
+    ("version", "", "evrhost and wasmtime versions"),
+    ("status", "", "uptime, plugins, routes"),
+    ("plugin.list", "", "the loaded plugins, one a line"),
+    ("route.list", "", "the routes and their handlers, one a line"),
+];
+
+impl Table {
+    /// Binds routes and commands to slots; refuses a route whose plugin
+    /// lacks the `route` export and two plugins offering one command.
+    fn build(plugins: BTreeMap<String, Arc<Slot>>, route_defs: Vec<RouteDef>) -> Result<Table, DispatchError> {
+        let mut routes: BTreeMap<String, Vec<Handler>> = BTreeMap::new();
+        for def in &route_defs {
+            let slot = plugins.get(&def.plugin).ok_or_else(|| DispatchError::PluginNotFound(def.plugin.clone()))?;
+            if !slot.current().has_export(Export::Route) {
+                return Err(LoadError::MissingExport {
+                    plugin: def.plugin.clone(),
+                    export: Export::Route.interface(),
+                    needed_by: format!("route `{}`", def.name),
+                }
+                .into());
+            }
+            routes.entry(def.name.clone()).or_default().push(Handler { priority: def.priority, slot: slot.clone() });
+        }
+        for handlers in routes.values_mut() {
+            handlers.sort_by_key(|h| h.priority);
+        }
+        let mut commands: BTreeMap<String, Arc<Slot>> = BTreeMap::new();
+        for slot in plugins.values() {
+            for info in slot.current().commands() {
+                let taken_by = if BUILTINS.iter().any(|(n, _, _)| *n == info.name) {
+                    Some("evrhost (built-in)".to_string())
+                } else {
+                    commands.get(&info.name).map(|other| other.name.clone())
+                };
+                if let Some(other) = taken_by {
+                    return Err(DispatchError::CommandConflict {
+                        command: info.name.clone(),
+                        plugin: slot.name.clone(),
+                        other,
+                    });
+                }
+                commands.insert(info.name.clone(), slot.clone());
+            }
+        }
+        Ok(Table { plugins, routes, commands, route_defs })
+    }
+}
+
+/// What `run_route` returns: the deciding reply and who gave it.
+#[derive(Debug)]
+pub struct RouteOutcome {
+    pub reply: Reply,
+    pub plugin: String,
+    pub report: CallReport,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PluginInfo {
+    pub name: String,
+    pub tenant: String,
+    pub source: String,
+    pub hash: String,
+    pub exports: Vec<&'static str>,
+    pub commands: Vec<String>,
+    pub isolation: &'static str,
+    pub idle_instances: usize,
+    pub max_instances: usize,
+    pub reloads: u64,
+    pub loaded_at: u64,
+    pub stats: StatsSnapshot,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RouteInfo {
+    pub name: String,
+    /// (plugin, priority), in the order they run.
+    pub handlers: Vec<(String, i32)>,
+}
+
+struct Subscription {
+    plugin: String,
+    name: String,
+    subclass: Option<String>,
+}
+
+pub struct Dispatcher {
+    runtime: Arc<Runtime>,
+    kv: KvStore,
+    tenants: HashMap<String, KvLimits>,
+    table: ArcSwap<Table>,
+    admin: tokio::sync::Mutex<()>,
+    subscriptions: Mutex<Vec<Subscription>>,
+    events: mpsc::Sender<Event>,
+    link: Arc<dyn Services>,
+    started: Instant,
+}
+
+impl Dispatcher {
+    /// Loads every configured plugin and binds the routes. Must run inside
+    /// a tokio runtime (it starts the event delivery task).
+    pub async fn start(runtime: Arc<Runtime>, config: &Config) -> Result<Arc<Dispatcher>, DispatchError> {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let dispatcher = Arc::new_cyclic(|me: &Weak<Dispatcher>| Dispatcher {
+            runtime,
+            kv: KvStore::default(),
+            tenants: config.tenants.clone(),
+            table: ArcSwap::from_pointee(Table::default()),
+            admin: tokio::sync::Mutex::new(()),
+            subscriptions: Mutex::new(Vec::new()),
+            events: tx,
+            link: Arc::new(Link(me.clone())),
+            started: Instant::now(),
+        });
+        tokio::spawn(deliver_events(Arc::downgrade(&dispatcher), rx));
+        let mut plugins = BTreeMap::new();
+        for def in &config.plugins {
+            let stats = Arc::new(Stats::default());
+            let version = dispatcher.load_version(def, stats.clone()).await?;
+            let slot = Slot {
+                name: def.spec.name.clone(),
+                current: ArcSwap::new(version),
+                code: Mutex::new(def.code.clone()),
+                stats,
+                reloads: AtomicU64::new(0),
+            };
+            plugins.insert(def.spec.name.clone(), Arc::new(slot));
+        }
+        dispatcher.table.store(Arc::new(Table::build(plugins, config.routes.clone())?));
+        Ok(dispatcher)
+    }
+
+    async fn load_version(&self, def: &PluginDef, stats: Arc<Stats>) -> Result<Arc<PluginVersion>, LoadError> {
+        let name = &def.spec.name;
+        let wasm = def.code.read().await.map_err(|source| LoadError::Read {
+            plugin: name.clone(),
+            path: def.code.describe(),
+            source,
+        })?;
+        let limits = self.tenants.get(&def.spec.tenant).copied().unwrap_or_default();
+        let kv = self.kv.space(&def.spec.tenant, limits);
+        self.runtime.load(def.spec.clone(), wasm, kv, self.link.clone(), stats).await
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Runs a route: its handlers in priority order until one replies
+    /// `handled`. A handler that fails is logged and the next one runs; the
+    /// error is returned only when no handler replied at all.
+    pub async fn run_route(
+        &self,
+        route: &str,
+        data: Vec<u8>,
+        params: Vec<(String, String)>,
+        origin: Origin,
+    ) -> Result<RouteOutcome, DispatchError> {
+        let table = self.table.load_full();
+        let handlers = table.routes.get(route).ok_or_else(|| DispatchError::RouteNotFound(route.to_string()))?;
+        let request = Request { route: route.to_string(), data, params, origin };
+        let mut declined: Option<RouteOutcome> = None;
+        let mut failed: Option<CallError> = None;
+        for handler in handlers {
+            let version = handler.slot.current();
+            let (result, report) = version.handle(&request, 0).await;
+            match result {
+                Ok(reply) if reply.handled => return Ok(RouteOutcome { reply, plugin: handler.slot.name.clone(), report }),
+                Ok(reply) => declined = Some(RouteOutcome { reply, plugin: handler.slot.name.clone(), report }),
+                Err(e) => {
+                    if handlers.len() > 1 {
+                        tracing::warn!(error = %e, "route handler failed; trying the next");
+                    }
+                    failed = Some(e);
+                }
+            }
+        }
+        match (declined, failed) {
+            (Some(outcome), _) => Ok(outcome),
+            (None, Some(e)) => Err(e.into()),
+            (None, None) => Err(DispatchError::RouteNotFound(route.to_string())),
+        }
+    }
+
+    /// Runs an API command: a built-in or one a plugin exports.
+    pub async fn run_command(&self, command: &str, args: &str, depth: u32) -> Result<String, DispatchError> {
+        if let Some(text) = self.builtin(command) {
+            return Ok(text);
+        }
+        let slot = self
+            .table
+            .load()
+            .commands
+            .get(command)
+            .cloned()
+            .ok_or_else(|| DispatchError::CommandNotFound(command.to_string()))?;
+        let (result, _) = slot.current().execute(command, args, depth).await;
+        Ok(result?)
+    }
+
+    fn builtin(&self, command: &str) -> Option<String> {
+        let table = self.table.load();
+        Some(match command {
+            "version" => format!("evrhost {} (wasmtime 48.0.8)", env!("CARGO_PKG_VERSION")),
+            "status" => format!(
+                "UP {} s, {} plugins, {} routes, {} commands",
+                self.uptime().as_secs(),
+                table.plugins.len(),
+                table.routes.len(),
+                table.commands.len() + BUILTINS.len()
+            ),
+            "plugin.list" => self.plugins().iter().map(|p| format!("{} {} {}", p.name, p.hash, p.source)).collect::<Vec<_>>().join("\n"),
+            "route.list" => self
+                .routes()
+                .iter()
+                .map(|r| {
+                    let handlers: Vec<String> = r.handlers.iter().map(|(p, prio)| format!("{p}:{prio}")).collect();
+                    format!("{} {}", r.name, handlers.join(","))
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            _ => return None,
+        })
+    }
+
+    /// Every command: built-ins first, then the plugins', by name.
+    pub fn commands(&self) -> Vec<(String, String, String)> {
+        let mut all: Vec<(String, String, String)> =
+            BUILTINS.iter().map(|(n, u, d)| (n.to_string(), u.to_string(), d.to_string())).collect();
+        for slot in self.table.load().plugins.values() {
+            for c in slot.current().commands() {
+                all.push((c.name.clone(), c.usage.clone(), c.description.clone()));
+            }
+        }
+        all
+    }
+
+    pub fn plugin(&self, name: &str) -> Option<Arc<PluginVersion>> {
+        self.table.load().plugins.get(name).map(|s| s.current())
+    }
+
+    pub fn plugins(&self) -> Vec<PluginInfo> {
+        self.table
+            .load()
+            .plugins
+            .values()
+            .map(|slot| {
+                let v = slot.current();
+                PluginInfo {
+                    name: slot.name.clone(),
+                    tenant: v.spec.tenant.clone(),
+                    source: v.spec.source.clone(),
+                    hash: v.hash[..16].to_string(),
+                    exports: v.exports().iter().map(|e| e.name()).collect(),
+                    commands: v.commands().iter().map(|c| c.name.clone()).collect(),
+                    isolation: v.spec.limits.isolation.as_str(),
+                    idle_instances: v.idle_instances(),
+                    max_instances: v.spec.limits.max_instances,
+                    reloads: slot.reloads.load(Relaxed),
+                    loaded_at: v.loaded_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                    stats: slot.stats.snapshot(),
+                }
+            })
+            .collect()
+    }
+
+    pub fn routes(&self) -> Vec<RouteInfo> {
+        self.table
+            .load()
+            .routes
+            .iter()
+            .map(|(name, handlers)| RouteInfo {
+                name: name.clone(),
+                handlers: handlers.iter().map(|h| (h.slot.name.clone(), h.priority)).collect(),
+            })
+            .collect()
+    }
+
+    /// Loads a new version of a plugin (from `code`, or from where the
+    /// current one came from) and swaps it in. On any failure the current
+    /// version keeps serving and the error says why.
+    pub async fn reload(&self, name: &str, code: Option<CodeSource>) -> Result<Arc<PluginVersion>, DispatchError> {
+        let _admin = self.admin.lock().await;
+        let started = Instant::now();
+        let table = self.table.load_full();
+        let slot = table.plugins.get(name).ok_or_else(|| DispatchError::PluginNotFound(name.to_string()))?;
+        let old = slot.current();
+        let code = code.unwrap_or_else(|| slot.code());
+        let def = PluginDef { spec: PluginSpec { source: code.describe(), ..(*old.spec).clone() }, code: code.clone() };
+        let new = self.load_version(&def, slot.stats.clone()).await.inspect_err(|e| {
+            tracing::error!(plugin = %name, error = %e, "reload refused; the old version serves on");
+        })?;
+        // Check the whole table against the new version before swapping.
+        let bound: Vec<&RouteDef> = table.route_defs.iter().filter(|r| r.plugin == name).collect();
+        if let Some(route) = bound.first() {
+            if !new.has_export(Export::Route) {
+                let e = LoadError::MissingExport {
+                    plugin: name.to_string(),
+                    export: Export::Route.interface(),
+                    needed_by: format!("route `{}`", route.name),
+                };
+                tracing::error!(plugin = %name, error = %e, "reload refused; the old version serves on");
+                return Err(e.into());
+            }
+        }
+        let previous = slot.current.swap(new.clone());
+        let rebuilt = Table::build(table.plugins.clone(), table.route_defs.clone());
+        match rebuilt {
+            Ok(rebuilt) => self.table.store(Arc::new(rebuilt)),
+            Err(e) => {
+                slot.current.store(previous);
+                tracing::error!(plugin = %name, error = %e, "reload refused; the old version serves on");
+                return Err(e);
+            }
+        }
+        *slot.code.lock().unwrap_or_else(|p| p.into_inner()) = code;
+        slot.reloads.fetch_add(1, Relaxed);
+        tracing::info!(
+            plugin = %name,
+            hash = &new.hash[..16],
+            cache = ?new.cache,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "plugin reloaded"
+        );
+        Ok(new)
+    }
+
+    /// Adds a plugin that is not loaded yet.
+    pub async fn load(&self, def: PluginDef) -> Result<Arc<PluginVersion>, DispatchError> {
+        let _admin = self.admin.lock().await;
+        let table = self.table.load_full();
+        let name = def.spec.name.clone();
+        if table.plugins.contains_key(&name) {
+            return Err(DispatchError::PluginExists(name));
+        }
+        let stats = Arc::new(Stats::default());
+        let version = self.load_version(&def, stats.clone()).await?;
+        let slot = Slot {
+            name: name.clone(),
+            current: ArcSwap::new(version.clone()),
+            code: Mutex::new(def.code.clone()),
+            stats,
+            reloads: AtomicU64::new(0),
+        };
+        let mut plugins = table.plugins.clone();
+        plugins.insert(name.clone(), Arc::new(slot));
+        self.table.store(Arc::new(Table::build(plugins, table.route_defs.clone())?));
+        tracing::info!(plugin = %name, source = %def.code.describe(), "plugin loaded");
+        Ok(version)
+    }
+
+    /// Removes a plugin and the routes bound to it; returns those routes.
+    /// Calls in flight finish on it.
+    pub async fn unload(&self, name: &str) -> Result<Vec<String>, DispatchError> {
+        let _admin = self.admin.lock().await;
+        let table = self.table.load_full();
+        if !table.plugins.contains_key(name) {
+            return Err(DispatchError::PluginNotFound(name.to_string()));
+        }
+        let mut plugins = table.plugins.clone();
+        plugins.remove(name);
+        let (dropped, kept): (Vec<RouteDef>, Vec<RouteDef>) =
+            table.route_defs.iter().cloned().partition(|r| r.plugin == name);
+        self.table.store(Arc::new(Table::build(plugins, kept)?));
+        self.subscriptions.lock().unwrap_or_else(|p| p.into_inner()).retain(|s| s.plugin != name);
+        let routes: Vec<String> = dropped.into_iter().map(|r| r.name).collect();
+        tracing::info!(plugin = %name, routes = ?routes, "plugin unloaded");
+        Ok(routes)
+    }
+
+    fn subscribers(&self, event: &Event) -> Vec<String> {
+        let subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut plugins: Vec<String> = subs
+            .iter()
+            .filter(|s| s.name == event.name || s.name == "ALL")
+            .filter(|s| s.subclass.is_none() || s.subclass == event.subclass)
+            .map(|s| s.plugin.clone())
+            .collect();
+        plugins.dedup();
+        plugins
+    }
+}
+
+
+/// Delivers fired events to subscribed plugins, one at a time, in order.
+async fn deliver_events(dispatcher: Weak<Dispatcher>, mut rx: mpsc::Receiver<Event>) {
+    while let Some(event) = rx.recv().await {
+        let Some(d) = dispatcher.upgrade() else { return };
+        for plugin in d.subscribers(&event) {
+            let Some(version) = d.plugin(&plugin) else { continue };
+            if let (Err(e), _) = version.on_event(&event).await {
+                tracing::warn!(error = %e, "event delivery failed");
+            }
+        }
+    }
+}
+
+/// The dispatcher as plugins' imports see it.
+struct Link(Weak<Dispatcher>);
+
+impl Link {
+    fn get(&self) -> Result<Arc<Dispatcher>, HostError> {
+        self.0.upgrade().ok_or_else(|| HostError::Failed("evrhost is shutting down".into()))
+    }
+}
+
+#[async_trait::async_trait]
+impl Services for Link {
+    async fn call_command(&self, _plugin: &str, command: &str, args: &str, depth: u32) -> Result<String, HostError> {
+        let d = self.get()?;
+        d.run_command(command, args, depth).await.map_err(|e| match e {
+            DispatchError::CommandNotFound(c) => HostError::NotFound(format!("no command `{c}`")),
+            other => HostError::Failed(other.to_string()),
+        })
+    }
+
+    fn fire(&self, plugin: &str, route: &str, mut event: Event) -> Result<(), HostError> {
+        let d = self.get()?;
+        if event.name.is_empty() {
+            return Err(HostError::Invalid("an event needs a name".into()));
+        }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |t| t.as_micros());
+        event.headers.push(("Event-Date-Timestamp".into(), now.to_string()));
+        event.headers.push(("Event-Calling-Plugin".into(), plugin.to_string()));
+        event.headers.push(("Event-Calling-Route".into(), route.to_string()));
+        d.events.try_send(event).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => HostError::Failed("the event queue is full; event dropped".into()),
+            mpsc::error::TrySendError::Closed(_) => HostError::Failed("evrhost is shutting down".into()),
+        })
+    }
+
+    fn subscribe(&self, plugin: &str, name: &str, subclass: Option<&str>) -> Result<(), HostError> {
+        let d = self.get()?;
+        if name.is_empty() {
+            return Err(HostError::Invalid("an event name is needed (ALL for every event)".into()));
+        }
+        if !d.plugin(plugin).is_some_and(|v| v.has_export(Export::Subscriber)) {
+            return Err(HostError::Invalid(format!(
+                "plugin `{plugin}` does not export `{}`; events would have nowhere to go",
+                Export::Subscriber.interface()
+            )));
+        }
+        let mut subs = d.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        let exists = subs.iter().any(|s| s.plugin == plugin && s.name == name && s.subclass.as_deref() == subclass);
+        if !exists {
+            subs.push(Subscription { plugin: plugin.into(), name: name.into(), subclass: subclass.map(Into::into) });
+        }
+        Ok(())
+    }
+
+    fn unsubscribe(&self, plugin: &str, name: &str, subclass: Option<&str>) -> Result<bool, HostError> {
+        let d = self.get()?;
+        let mut subs = d.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        let before = subs.len();
+        subs.retain(|s| !(s.plugin == plugin && s.name == name && s.subclass.as_deref() == subclass));
+        Ok(subs.len() != before)
+    }
+}

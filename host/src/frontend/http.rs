@@ -1,0 +1,103 @@
+//! JSON-RPC over HTTP/1.1 (POST, keep-alive), loopback by default, with an
+//! optional bearer token.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use super::jsonrpc;
+use crate::dispatcher::Dispatcher;
+
+/// A request body over this is refused with 413.
+pub const MAX_BODY: usize = 1 << 20;
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: TcpListener, d: Arc<Dispatcher>, token: Option<String>) {
+    let token: Option<Arc<str>> = token.map(Into::into);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: wait rather than spin.
+                tracing::warn!(error = %e, "rpc accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (d, token) = (d.clone(), token.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let (d, token) = (d.clone(), token.clone());
+                async move { Ok::<_, Infallible>(respond(&d, token.as_deref(), req).await) }
+            });
+            let conn = http1::Builder::new().timer(TokioTimer::new()).keep_alive(true).serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "rpc connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn authorized(token: Option<&str>, req: &Request<Incoming>) -> bool {
+    let Some(token) = token else { return true };
+    let given = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // Length and content compared without an early exit.
+    given.is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0, |acc, (a, b)| acc | (a ^ b)) == 0)
+}
+
+async fn respond(d: &Arc<Dispatcher>, token: Option<&str>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    const JSON: &str = "application/json";
+    if !authorized(token, &req) {
+        return reply(StatusCode::UNAUTHORIZED, JSON, r#"{"jsonrpc":"2.0","error":{"code":401,"message":"Unauthorized"},"id":null}"#);
+    }
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/" | "/RPC" | "/rpc") => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(_) => {
+                    return reply(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        JSON,
+                        format!(r#"{{"jsonrpc":"2.0","error":{{"code":-32600,"message":"request body over {MAX_BODY} bytes"}},"id":null}}"#),
+                    )
+                }
+            };
+            match jsonrpc::handle(d, &body).await {
+                Some(out) => reply(StatusCode::OK, JSON, out),
+                None => reply(StatusCode::NO_CONTENT, JSON, Bytes::new()),
+            }
+        }
+        (&Method::GET, "/health") => reply(StatusCode::OK, "text/plain", "ok\n"),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "POST JSON-RPC 2.0 to /RPC\n"),
+    }
+}
+
+/// Binds the listener; the address in the error names what failed.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}

@@ -1,0 +1,239 @@
+//! JSON-RPC 2.0, independent of the transport: a request document in, a
+//! response document out (none for notifications).
+//!
+//! Kamailio compatibility: `evrexec.run NAME [DATA]` answers `{}` on
+//! success, error 500 "Invalid parameters" without a name, and error 500
+//! "Event route not found" for an unknown route. Parameters may be an array
+//! or an object; of an object only the order of the values counts, as in
+//! Kamailio's jsonrpcs. Protocol errors use the standard codes (-32700,
+//! -32600, -32601, -32602).
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use crate::config::PluginDef;
+use crate::dispatcher::{DispatchError, Dispatcher};
+use crate::runtime::Origin;
+
+/// Requests in one batch; more is refused as a whole.
+const MAX_BATCH: usize = 1000;
+
+pub struct RpcError {
+    pub code: i64,
+    pub message: String,
+}
+
+impl RpcError {
+    fn new(code: i64, message: impl Into<String>) -> Self {
+        RpcError { code, message: message.into() }
+    }
+}
+
+/// Every method, with its usage, for `system.listMethods` and the docs.
+pub const METHODS: [(&str, &str); 14] = [
+    ("evrexec.run", "NAME [DATA] — run an event route; {} on success (Kamailio)"),
+    ("route.run", "NAME [DATA] [PARAMS] — run a route; the reply, plugin, fuel and time"),
+    ("api.run", "COMMAND [ARGS…] — run an API command (built-in or a plugin's)"),
+    ("api.list", "— the API commands"),
+    ("plugin.list", "— the loaded plugins"),
+    ("plugin.stats", "[NAME] — calls, errors by cause, time and fuel"),
+    ("plugin.load", "NAME PATH — load a plugin with default limits"),
+    ("plugin.reload", "NAME [PATH] — load a new version and swap it in atomically"),
+    ("plugin.unload", "NAME — remove a plugin and its routes"),
+    ("route.list", "— the routes and their handlers"),
+    ("core.version", "— the version"),
+    ("core.uptime", "— seconds since start"),
+    ("system.listMethods", "— these methods"),
+    ("system.methodHelp", "METHOD — the usage of one method"),
+];
+
+/// Answers one JSON-RPC document: a request or a batch. `None` when there
+/// is nothing to send back (only notifications).
+pub async fn handle(d: &Arc<Dispatcher>, body: &[u8]) -> Option<Vec<u8>> {
+    let doc: Value = match serde_json::from_slice(body) {
+        Ok(doc) => doc,
+        Err(e) => return Some(encode(&failure(Value::Null, RpcError::new(-32700, format!("Parse error: {e}"))))),
+    };
+    match doc {
+        Value::Array(items) if items.is_empty() || items.len() > MAX_BATCH => Some(encode(&failure(
+            Value::Null,
+            RpcError::new(-32600, format!("Invalid Request: a batch holds 1 to {MAX_BATCH} requests")),
+        ))),
+        Value::Array(items) => {
+            let mut out = Vec::new();
+            for item in items {
+                if let Some(response) = handle_one(d, item).await {
+                    out.push(response);
+                }
+            }
+            (!out.is_empty()).then(|| encode(&Value::Array(out)))
+        }
+        single => handle_one(d, single).await.map(|r| encode(&r)),
+    }
+}
+
+fn encode(v: &Value) -> Vec<u8> {
+    // Serializing a `Value` cannot fail: its keys are strings.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn failure(id: Value, e: RpcError) -> Value {
+    json!({"jsonrpc": "2.0", "error": {"code": e.code, "message": e.message}, "id": id})
+}
+
+async fn handle_one(d: &Arc<Dispatcher>, request: Value) -> Option<Value> {
+    let Value::Object(mut obj) = request else {
+        return Some(failure(Value::Null, RpcError::new(-32600, "Invalid Request: not an object")));
+    };
+    let id = obj.remove("id");
+    let id_value = id.clone().unwrap_or(Value::Null);
+    if !matches!(id_value, Value::Null | Value::Number(_) | Value::String(_)) {
+        return Some(failure(Value::Null, RpcError::new(-32600, "Invalid Request: id must be a number or a string")));
+    }
+    if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Some(failure(id_value, RpcError::new(-32600, "Invalid Request: jsonrpc must be \"2.0\"")));
+    }
+    let Some(method) = obj.get("method").and_then(Value::as_str).map(str::to_string) else {
+        return Some(failure(id_value, RpcError::new(-32600, "Invalid Request: method must be a string")));
+    };
+    let params = match obj.remove("params") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items,
+        Some(Value::Object(map)) => map.into_iter().map(|(_, v)| v).collect(),
+        Some(_) => return Some(failure(id_value, RpcError::new(-32602, "Invalid params: must be an array or an object"))),
+    };
+    let result = call(d, &method, Params(params)).await;
+    // A request without an id is a notification: no response, even on error.
+    id.as_ref()?;
+    Some(match result {
+        Ok(result) => json!({"jsonrpc": "2.0", "result": result, "id": id_value}),
+        Err(e) => failure(id_value, e),
+    })
+}
+
+struct Params(Vec<Value>);
+
+impl Params {
+    /// Parameter `i` as text; numbers and booleans are accepted as their
+    /// text, as kamcmd sends numeric-looking arguments as numbers.
+    fn text(&self, i: usize) -> Option<String> {
+        match self.0.get(i)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+
+    fn required(&self, i: usize, what: &str) -> Result<String, RpcError> {
+        self.text(i).ok_or_else(|| RpcError::new(-32602, format!("Invalid params: {what} (string) expected at position {i}")))
+    }
+}
+
+fn dispatch_error(e: DispatchError) -> RpcError {
+    let code = match &e {
+        DispatchError::RouteNotFound(_) | DispatchError::CommandNotFound(_) | DispatchError::PluginNotFound(_) => 404,
+        _ => 500,
+    };
+    RpcError::new(code, e.to_string())
+}
+
+async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, RpcError> {
+    match method {
+        "evrexec.run" => {
+            let Some(name) = p.text(0) else { return Err(RpcError::new(500, "Invalid parameters")) };
+            let data = p.text(1).unwrap_or_default();
+            match d.run_route(&name, data.into_bytes(), Vec::new(), Origin::Rpc).await {
+                Ok(_) => Ok(json!({})),
+                Err(e @ DispatchError::RouteNotFound(_)) => Err(RpcError::new(500, e.to_string())),
+                Err(e) => Err(RpcError::new(500, e.to_string())),
+            }
+        }
+        "route.run" => {
+            let name = p.required(0, "route name")?;
+            let data = p.text(1).unwrap_or_default();
+            let params = match p.0.get(2) {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Object(map)) => map
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+                    .collect(),
+                Some(_) => return Err(RpcError::new(-32602, "Invalid params: params (object) expected at position 2")),
+            };
+            let outcome = d.run_route(&name, data.into_bytes(), params, Origin::Rpc).await.map_err(dispatch_error)?;
+            let r = &outcome.reply;
+            let params: Map<String, Value> = r.params.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+            Ok(json!({
+                "handled": r.handled,
+                "retval": r.retval,
+                "params": params,
+                "data": r.data.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
+                "plugin": outcome.plugin,
+                "fuel": outcome.report.fuel,
+                "time_us": outcome.report.elapsed.as_micros() as u64,
+            }))
+        }
+        "api.run" => {
+            let command = p.required(0, "command")?;
+            let args: Vec<String> = (1..p.0.len()).filter_map(|i| p.text(i)).collect();
+            let text = d.run_command(&command, &args.join(" "), 0).await.map_err(dispatch_error)?;
+            Ok(Value::String(text))
+        }
+        "api.list" => Ok(Value::Array(
+            d.commands()
+                .into_iter()
+                .map(|(name, usage, description)| json!({"name": name, "usage": usage, "description": description}))
+                .collect(),
+        )),
+        "plugin.list" => Ok(serde_json::to_value(d.plugins()).unwrap_or(Value::Null)),
+        "plugin.stats" => {
+            let only = p.text(0);
+            let stats: Map<String, Value> = d
+                .plugins()
+                .into_iter()
+                .filter(|info| only.as_ref().is_none_or(|n| *n == info.name))
+                .map(|info| (info.name, serde_json::to_value(info.stats).unwrap_or(Value::Null)))
+                .collect();
+            if let (Some(name), true) = (&only, stats.is_empty()) {
+                return Err(dispatch_error(DispatchError::PluginNotFound(name.clone())));
+            }
+            Ok(Value::Object(stats))
+        }
+        "plugin.load" => {
+            let name = p.required(0, "plugin name")?;
+            let path = p.required(1, "path")?;
+            let def = PluginDef::with_defaults(&name, &path).map_err(|m| RpcError::new(-32602, m))?;
+            let v = d.load(def).await.map_err(dispatch_error)?;
+            Ok(json!({"name": name, "hash": &v.hash[..16], "exports": v.exports().iter().map(|e| e.name()).collect::<Vec<_>>()}))
+        }
+        "plugin.reload" => {
+            let name = p.required(0, "plugin name")?;
+            let code = match p.text(1) {
+                Some(path) => Some(PluginDef::with_defaults(&name, &path).map_err(|m| RpcError::new(-32602, m))?.code),
+                None => None,
+            };
+            let started = std::time::Instant::now();
+            let v = d.reload(&name, code).await.map_err(dispatch_error)?;
+            Ok(json!({"name": name, "hash": &v.hash[..16], "ms": started.elapsed().as_secs_f64() * 1e3}))
+        }
+        "plugin.unload" => {
+            let name = p.required(0, "plugin name")?;
+            let routes = d.unload(&name).await.map_err(dispatch_error)?;
+            Ok(json!({"name": name, "routes_removed": routes}))
+        }
+        "route.list" => Ok(serde_json::to_value(d.routes()).unwrap_or(Value::Null)),
+        "core.version" => Ok(Value::String(format!("evrhost {}", env!("CARGO_PKG_VERSION")))),
+        "core.uptime" => Ok(json!({"uptime": d.uptime().as_secs()})),
+        "system.listMethods" => Ok(Value::Array(METHODS.iter().map(|(m, _)| Value::String(m.to_string())).collect())),
+        "system.methodHelp" => {
+            let m = p.required(0, "method")?;
+            METHODS
+                .iter()
+                .find(|(name, _)| *name == m)
+                .map(|(_, usage)| Value::String(usage.to_string()))
+                .ok_or_else(|| RpcError::new(-32601, format!("Method Not Found: {m}")))
+        }
+        _ => Err(RpcError::new(-32601, format!("Method Not Found: {method}"))),
+    }
+}

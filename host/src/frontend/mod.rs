@@ -1,0 +1,6 @@
+//! Front-ends: each owns its sockets and translates one wire protocol into
+//! dispatcher calls and back. They know nothing about wasmtime.
+
+pub mod client;
+pub mod http;
+pub mod jsonrpc;

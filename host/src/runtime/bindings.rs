@@ -1,0 +1,17 @@
+//! Host-side bindings generated from `wit/` (world `plugin`).
+//!
+//! The world lists every export a plugin may have; a plugin implements only
+//! some, so the host never instantiates the world as a whole: it looks up
+//! each export interface on its own (see `plugin::Exports`).
+
+wasmtime::component::bindgen!({
+    world: "plugin",
+    path: "../wit",
+    imports: { default: async },
+    exports: { default: async },
+});
+
+pub use self::evrhost::plugin::types::{
+    CommandInfo, Event, HostError, Level, Origin, Peer, Reply, Request,
+};
+pub use self::exports::evrhost::plugin::{api, route, subscriber, task};

@@ -1,0 +1,115 @@
+//! Why a call failed, named so an operator can act on it.
+
+use std::fmt;
+use std::time::Duration;
+
+/// The cause of a failed call. Every cause but `Guest`, `ReplyTooLarge`,
+/// `Busy` and `Host` poisons the instance: it is discarded and the next
+/// call gets a fresh one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// The call used up its fuel.
+    OutOfFuel { fuel: u64 },
+    /// The call ran past its wall-time deadline.
+    Deadline { limit: Duration },
+    /// Linear memory would have grown past the plugin's cap.
+    MemoryCap { cap: usize, requested: usize },
+    /// The wasm stack overflowed (runaway recursion).
+    StackOverflow,
+    /// The guest panicked; `message` is what it wrote to stderr.
+    Panic { message: String },
+    /// Any other trap (out-of-bounds access, division by zero, …).
+    Trap { message: String },
+    /// The reply was bigger than the plugin's cap; it was not delivered.
+    ReplyTooLarge { size: usize, cap: usize },
+    /// The handler returned an error of its own.
+    Guest { message: String },
+    /// No instance became free before the deadline.
+    Busy { waited: Duration },
+    /// The host failed to run the call (instantiation, a host import).
+    Host { message: String },
+}
+
+impl Cause {
+    /// A stable short name, for metrics and for matching in tests.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Cause::OutOfFuel { .. } => "fuel",
+            Cause::Deadline { .. } => "deadline",
+            Cause::MemoryCap { .. } => "memory",
+            Cause::StackOverflow => "stack",
+            Cause::Panic { .. } => "panic",
+            Cause::Trap { .. } => "trap",
+            Cause::ReplyTooLarge { .. } => "reply-size",
+            Cause::Guest { .. } => "guest-error",
+            Cause::Busy { .. } => "busy",
+            Cause::Host { .. } => "host",
+        }
+    }
+
+    pub const KINDS: [&'static str; 10] =
+        ["fuel", "deadline", "memory", "stack", "panic", "trap", "reply-size", "guest-error", "busy", "host"];
+
+    /// Whether the instance that produced this must be thrown away.
+    pub fn poisons_instance(&self) -> bool {
+        !matches!(self, Cause::Guest { .. } | Cause::ReplyTooLarge { .. } | Cause::Busy { .. })
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cause::OutOfFuel { fuel } => write!(f, "out of fuel ({fuel} units)"),
+            Cause::Deadline { limit } => write!(f, "deadline of {} ms exceeded", limit.as_millis()),
+            Cause::MemoryCap { cap, requested } => {
+                write!(f, "memory cap of {} KiB exceeded (asked for {} KiB)", cap >> 10, requested >> 10)
+            }
+            Cause::StackOverflow => write!(f, "stack overflow"),
+            Cause::Panic { message } => write!(f, "panic: {message}"),
+            Cause::Trap { message } => write!(f, "trap: {message}"),
+            Cause::ReplyTooLarge { size, cap } => write!(f, "reply of {size} bytes exceeds the cap of {cap}"),
+            Cause::Guest { message } => write!(f, "handler error: {message}"),
+            Cause::Busy { waited } => write!(f, "no free instance after {} ms", waited.as_millis()),
+            Cause::Host { message } => write!(f, "host error: {message}"),
+        }
+    }
+}
+
+/// A failed call: which plugin, which route (or command, or event), why.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("plugin `{plugin}`, {what} `{target}`: {cause}")]
+pub struct CallError {
+    pub plugin: String,
+    /// "route", "command", "event" or "task".
+    pub what: &'static str,
+    pub target: String,
+    pub cause: Cause,
+}
+
+/// A plugin that cannot be loaded (or reloaded: the old version serves on).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("plugin `{plugin}`: cannot read {path}: {source}")]
+    Read { plugin: String, path: String, source: std::io::Error },
+    #[error("plugin `{plugin}`: {path} is a core wasm module, not a component (build for wasm32-wasip2, or wrap it with `wasm-tools component new`)")]
+    CoreModule { plugin: String, path: String },
+    #[error("plugin `{plugin}`: {path} is not WebAssembly (no `\\0asm` header)")]
+    NotWasm { plugin: String, path: String },
+    #[error("plugin `{plugin}`: cannot compile {path}: {message}")]
+    Compile { plugin: String, path: String, message: String },
+    #[error("plugin `{plugin}`: cannot link: {message}")]
+    Link { plugin: String, message: String },
+    #[error("plugin `{plugin}`: cannot instantiate: {message}")]
+    Instantiate { plugin: String, message: String },
+    #[error("plugin `{plugin}` does not export `{export}`, which {needed_by} needs")]
+    MissingExport { plugin: String, export: &'static str, needed_by: String },
+    #[error("plugin `{plugin}`: listing its commands failed: {cause}")]
+    Commands { plugin: String, cause: Cause },
+    #[error("plugin `{plugin}`: {message}")]
+    Invalid { plugin: String, message: String },
+}
+
+/// Renders a wasmtime error with its whole chain of causes.
+pub(crate) fn chain(e: &wasmtime::Error) -> String {
+    format!("{e:#}")
+}

@@ -1,0 +1,169 @@
+//! The host functions a plugin imports. Each checks the plugin's
+//! capabilities first: a denied call returns `host-error::denied`, it never
+//! traps and is never silently ignored.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::bindings::evrhost::plugin::{commands, events, host, kv, types};
+use super::bindings::{Event, HostError, Level};
+use super::state::HostState;
+use crate::kv::KvError;
+
+/// Command calls nested deeper than this fail, which ends cycles of plugins
+/// calling each other.
+const MAX_COMMAND_DEPTH: u32 = 8;
+
+/// Writes one line to the plugin's log, within the per-call budget and the
+/// line-size cap. Used for the `log` import and for guest stdout/stderr.
+pub(crate) fn emit_log(state: &mut HostState, level: Level, message: &str) {
+    let limits = &state.plugin.spec.limits;
+    if state.call.log_lines >= limits.max_log_lines_per_call {
+        state.call.log_dropped += 1;
+        return;
+    }
+    state.call.log_lines += 1;
+    let mut end = message.len().min(limits.max_log_line_bytes);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let text = &message[..end];
+    let cut = if end < message.len() { " [cut]" } else { "" };
+    let spec = &state.plugin.spec;
+    let (plugin, tenant, target) = (&spec.name, &spec.tenant, &state.call.target);
+    match level {
+        Level::Debug => tracing::debug!(target: "plugin", plugin = %plugin, tenant = %tenant, route = %target, "{text}{cut}"),
+        Level::Info | Level::Notice => {
+            tracing::info!(target: "plugin", plugin = %plugin, tenant = %tenant, route = %target, "{text}{cut}")
+        }
+        Level::Warn => tracing::warn!(target: "plugin", plugin = %plugin, tenant = %tenant, route = %target, "{text}{cut}"),
+        Level::Error | Level::Crit => {
+            tracing::error!(target: "plugin", plugin = %plugin, tenant = %tenant, route = %target, "{text}{cut}")
+        }
+    }
+}
+
+fn denied(capability: &str) -> HostError {
+    HostError::Denied(format!("this plugin is not granted the `{capability}` capability"))
+}
+
+fn kv_error(e: KvError) -> HostError {
+    match e {
+        KvError::Full { .. } => HostError::Failed(e.to_string()),
+        _ => HostError::Invalid(e.to_string()),
+    }
+}
+
+impl types::Host for HostState {}
+
+impl host::Host for HostState {
+    async fn log(&mut self, level: Level, message: String) {
+        if self.plugin.spec.capabilities.log {
+            emit_log(self, level, &message);
+        }
+    }
+
+    async fn config(&mut self, key: String) -> Option<String> {
+        let spec = &self.plugin.spec;
+        if !spec.capabilities.config {
+            return None;
+        }
+        spec.config.get(&key).cloned()
+    }
+
+    async fn now(&mut self) -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    }
+
+    async fn sleep(&mut self, ms: u32) -> Result<(), HostError> {
+        if !self.call.is_task {
+            return Err(HostError::Denied("only exec tasks may sleep".into()));
+        }
+        if !self.plugin.spec.capabilities.sleep {
+            return Err(denied("sleep"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(u64::from(ms))).await;
+        Ok(())
+    }
+}
+
+impl kv::Host for HostState {
+    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, HostError> {
+        if !self.plugin.spec.capabilities.kv {
+            return Err(denied("kv"));
+        }
+        self.plugin.kv.get(&key).map_err(kv_error)
+    }
+
+    async fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), HostError> {
+        if !self.plugin.spec.capabilities.kv {
+            return Err(denied("kv"));
+        }
+        self.plugin.kv.set(&key, value).map_err(kv_error)
+    }
+
+    async fn delete(&mut self, key: String) -> Result<bool, HostError> {
+        if !self.plugin.spec.capabilities.kv {
+            return Err(denied("kv"));
+        }
+        self.plugin.kv.delete(&key).map_err(kv_error)
+    }
+
+    async fn incr(&mut self, key: String, delta: i64) -> Result<i64, HostError> {
+        if !self.plugin.spec.capabilities.kv {
+            return Err(denied("kv"));
+        }
+        self.plugin.kv.incr(&key, delta).map_err(kv_error)
+    }
+}
+
+fn event_size(event: &Event) -> usize {
+    event.name.len()
+        + event.subclass.as_ref().map_or(0, String::len)
+        + event.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + event.body.as_ref().map_or(0, String::len)
+}
+
+impl events::Host for HostState {
+    async fn fire(&mut self, event: Event) -> Result<(), HostError> {
+        let spec = &self.plugin.spec;
+        if !spec.capabilities.events {
+            return Err(denied("events"));
+        }
+        let size = event_size(&event);
+        if size > spec.limits.max_event_bytes {
+            return Err(HostError::Invalid(format!(
+                "event of {size} bytes exceeds the cap of {}",
+                spec.limits.max_event_bytes
+            )));
+        }
+        self.plugin.services.fire(&spec.name, &self.call.target, event)
+    }
+
+    async fn subscribe(&mut self, name: String, subclass: Option<String>) -> Result<(), HostError> {
+        if !self.plugin.spec.capabilities.events {
+            return Err(denied("events"));
+        }
+        self.plugin.services.subscribe(&self.plugin.spec.name, &name, subclass.as_deref())
+    }
+
+    async fn unsubscribe(&mut self, name: String, subclass: Option<String>) -> Result<bool, HostError> {
+        if !self.plugin.spec.capabilities.events {
+            return Err(denied("events"));
+        }
+        self.plugin.services.unsubscribe(&self.plugin.spec.name, &name, subclass.as_deref())
+    }
+}
+
+impl commands::Host for HostState {
+    async fn call(&mut self, command: String, args: String) -> Result<String, HostError> {
+        if !self.plugin.spec.capabilities.commands {
+            return Err(denied("commands"));
+        }
+        let depth = self.call.depth + 1;
+        if depth > MAX_COMMAND_DEPTH {
+            return Err(HostError::Failed(format!("command calls nested deeper than {MAX_COMMAND_DEPTH}")));
+        }
+        let services = self.plugin.services.clone();
+        services.call_command(&self.plugin.spec.name, &command, &args, depth).await
+    }
+}

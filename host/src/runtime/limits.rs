@@ -1,0 +1,112 @@
+//! What one plugin may use: per-call budgets, pool size, output caps and
+//! the host capabilities it is granted.
+
+use std::time::Duration;
+
+/// How a plugin's instances are shared between calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isolation {
+    /// A worker keeps its instance across calls (state persists, fastest),
+    /// like a Kamailio Lua state per process.
+    Reuse,
+    /// Every call gets a fresh instance: nothing leaks between requests.
+    PerCall,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Reuse => "reuse",
+            Isolation::PerCall => "per-call",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Fuel (roughly, wasm instructions) for one call.
+    pub fuel: u64,
+    /// Wall time for one call; enforced by epoch interruption.
+    pub deadline: Duration,
+    /// A call slower than this is logged as a threshold warning.
+    pub warn_after: Option<Duration>,
+    /// Cap on an instance's linear memory, in bytes.
+    pub memory_bytes: usize,
+    pub min_instances: usize,
+    pub max_instances: usize,
+    pub isolation: Isolation,
+    /// Cap on a reply: retval + params + data, in bytes.
+    pub max_reply_bytes: usize,
+    /// Longer log lines are cut to this many bytes.
+    pub max_log_line_bytes: usize,
+    /// Log lines past this many in one call are dropped and counted.
+    pub max_log_lines_per_call: usize,
+    /// Cap on an event a plugin fires: name, headers and body, in bytes.
+    pub max_event_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            fuel: 500_000_000,
+            deadline: Duration::from_millis(1000),
+            warn_after: None,
+            memory_bytes: 64 << 20,
+            min_instances: 1,
+            max_instances: 4,
+            isolation: Isolation::Reuse,
+            max_reply_bytes: 1 << 20,
+            max_log_line_bytes: 4096,
+            max_log_lines_per_call: 100,
+            max_event_bytes: 64 << 10,
+        }
+    }
+}
+
+/// Host imports a plugin may use. Everything is granted unless the plugin's
+/// configuration lists what it gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    pub log: bool,
+    pub config: bool,
+    pub kv: bool,
+    pub events: bool,
+    pub commands: bool,
+    /// Only exec tasks may sleep, whatever this says.
+    pub sleep: bool,
+}
+
+impl Capabilities {
+    pub const NAMES: [&'static str; 6] = ["log", "config", "kv", "events", "commands", "sleep"];
+
+    pub fn all() -> Self {
+        Capabilities { log: true, config: true, kv: true, events: true, commands: true, sleep: true }
+    }
+
+    pub fn none() -> Self {
+        Capabilities { log: false, config: false, kv: false, events: false, commands: false, sleep: false }
+    }
+
+    /// Grants one capability by name; false for an unknown name.
+    pub fn grant(&mut self, name: &str) -> bool {
+        let slot = match name {
+            "log" => &mut self.log,
+            "config" => &mut self.config,
+            "kv" => &mut self.kv,
+            "events" => &mut self.events,
+            "commands" => &mut self.commands,
+            "sleep" => &mut self.sleep,
+            _ => return false,
+        };
+        *slot = true;
+        true
+    }
+}
+
+/// A host directory the plugin sees through WASI (none by default).
+#[derive(Clone, Debug)]
+pub struct Preopen {
+    pub host: std::path::PathBuf,
+    pub guest: String,
+    pub read_only: bool,
+}

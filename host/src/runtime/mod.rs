@@ -1,0 +1,166 @@
+//! The sandbox: one wasmtime engine, a cache of compiled components, and
+//! plugin versions with their instance pools.
+//!
+//! The runtime knows wasmtime and nothing about wire formats; front-ends
+//! reach it through the dispatcher.
+
+mod bindings;
+pub mod cache;
+mod engine;
+pub mod error;
+mod imports;
+pub mod limits;
+mod output;
+pub mod plugin;
+mod pool;
+pub mod services;
+mod state;
+pub mod stats;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use wasmtime::component::{Component, Linker};
+use wasmtime::Engine;
+
+pub use bindings::{CommandInfo, Event, HostError, Level, Origin, Peer, Reply, Request};
+pub use cache::{CacheOutcome, ComponentCache};
+pub use engine::EngineSettings;
+pub use error::{CallError, Cause, LoadError};
+pub use limits::{Capabilities, Isolation, Limits, Preopen};
+pub use plugin::{Export, Outcome, PluginSpec, PluginVersion};
+pub use pool::CallReport;
+pub use services::Services;
+pub use stats::{Stats, StatsSnapshot};
+
+use crate::kv::KvSpace;
+use plugin::ExportIndices;
+use pool::Pool;
+use state::{HostState, PluginCtx};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot configure the wasm engine: {0}")]
+    Engine(String),
+    #[error("cannot start the epoch ticker thread: {0}")]
+    Ticker(std::io::Error),
+}
+
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache: ComponentCache,
+    settings: EngineSettings,
+    _ticker: engine::Ticker,
+}
+
+/// What a component imports and exports, by interface name.
+#[derive(Debug, serde::Serialize)]
+pub struct ComponentInfo {
+    pub exports: Vec<String>,
+    pub imports: Vec<String>,
+}
+
+/// What kind of file the bytes are, from the header alone.
+fn check_header(name: &str, source: &str, wasm: &[u8]) -> Result<(), LoadError> {
+    const COMPONENT_VERSION: [u8; 4] = [0x0d, 0x00, 0x01, 0x00];
+    let (plugin, path) = (name.to_string(), source.to_string());
+    match (wasm.get(0..4), wasm.get(4..8)) {
+        (Some(b"\0asm"), Some(version)) if version == COMPONENT_VERSION => Ok(()),
+        (Some(b"\0asm"), Some([1, 0, 0, 0])) => Err(LoadError::CoreModule { plugin, path }),
+        (Some(b"\0asm"), _) => Err(LoadError::Compile { plugin, path, message: "unknown wasm version".into() }),
+        _ => Err(LoadError::NotWasm { plugin, path }),
+    }
+}
+
+impl Runtime {
+    pub fn new(settings: EngineSettings, cache_dir: Option<PathBuf>) -> Result<Arc<Runtime>, RuntimeError> {
+        let engine = engine::build(&settings).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        bindings::Plugin::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let cache = ComponentCache::new(&engine, cache_dir);
+        let ticker = engine::Ticker::start(&engine, settings.tick).map_err(RuntimeError::Ticker)?;
+        Ok(Arc::new(Runtime { engine, linker, cache, settings, _ticker: ticker }))
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    pub fn cache_dir(&self) -> Option<&std::path::Path> {
+        self.cache.dir()
+    }
+
+    /// Compiles a component, or maps it from the cache. CPU-heavy for a
+    /// cache miss: call it off the async workers.
+    pub fn compile(&self, name: &str, source: &str, wasm: &[u8]) -> Result<(Component, CacheOutcome), LoadError> {
+        check_header(name, source, wasm)?;
+        self.cache.load(&self.engine, wasm).map_err(|e| LoadError::Compile {
+            plugin: name.to_string(),
+            path: source.to_string(),
+            message: format!("{e:#}"),
+        })
+    }
+
+    pub fn describe(&self, component: &Component) -> ComponentInfo {
+        let ty = component.component_type();
+        ComponentInfo {
+            exports: ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect(),
+            imports: ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect(),
+        }
+    }
+
+    /// Loads a plugin version: compiles (off the async workers), links,
+    /// resolves its exports, makes its first instances and reads its
+    /// commands. Nothing is swapped in here: a version that fails any step
+    /// is refused with the step named, and the caller keeps what it had.
+    pub async fn load(
+        self: &Arc<Self>,
+        spec: PluginSpec,
+        wasm: Arc<[u8]>,
+        kv: Arc<KvSpace>,
+        services: Arc<dyn Services>,
+        stats: Arc<Stats>,
+    ) -> Result<Arc<PluginVersion>, LoadError> {
+        let name = spec.name.clone();
+        if spec.limits.memory_bytes > self.settings.max_memory_bytes {
+            return Err(LoadError::Invalid {
+                plugin: name,
+                message: format!(
+                    "memory cap of {} MiB exceeds the runtime's max_memory_mb of {}",
+                    spec.limits.memory_bytes >> 20,
+                    self.settings.max_memory_bytes >> 20
+                ),
+            });
+        }
+        let hash = blake3::hash(&wasm).to_hex().to_string();
+        let rt = self.clone();
+        let (n, src) = (name.clone(), spec.source.clone());
+        let (component, cache) = tokio::task::spawn_blocking(move || rt.compile(&n, &src, &wasm))
+            .await
+            .map_err(|e| LoadError::Compile { plugin: name.clone(), path: spec.source.clone(), message: e.to_string() })??;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::Link { plugin: name.clone(), message: format!("{e:#}") })?;
+        let indices =
+            ExportIndices::new(&pre).map_err(|message| LoadError::Invalid { plugin: name.clone(), message })?;
+        let spec = Arc::new(spec);
+        let ctx = Arc::new(PluginCtx { spec: spec.clone(), kv, services });
+        let pool = Pool::new(pre, indices.clone(), ctx, self.settings.tick, stats.clone());
+        let warm = match spec.limits.isolation {
+            Isolation::Reuse => spec.limits.min_instances.max(1),
+            // Instantiated once to prove it can be, then dropped: per-call
+            // workers are never reused.
+            Isolation::PerCall => 1,
+        };
+        pool.warm(warm, spec.limits.isolation)
+            .await
+            .map_err(|cause| LoadError::Instantiate { plugin: name.clone(), message: cause.to_string() })?;
+        let mut version = PluginVersion::new(spec, hash, cache, &indices, pool, stats);
+        version.read_commands().await.map_err(|cause| LoadError::Commands { plugin: name, cause })?;
+        Ok(Arc::new(version))
+    }
+}

@@ -1,0 +1,73 @@
+//! The data a plugin instance's store carries, and the limiter that turns
+//! a memory-cap hit into a named cause.
+
+use std::sync::Arc;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::ResourceLimiter;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::output::OutputCapture;
+use super::plugin::PluginSpec;
+use super::services::Services;
+use crate::kv::KvSpace;
+
+/// Shared by every instance of one plugin version.
+pub struct PluginCtx {
+    pub spec: Arc<PluginSpec>,
+    pub kv: Arc<KvSpace>,
+    pub services: Arc<dyn Services>,
+}
+
+/// What the current call is; reset before each call.
+#[derive(Default)]
+pub struct CallCtx {
+    /// The route, command or event being handled (for logs).
+    pub target: String,
+    /// Nesting of command calls (plugin → command → plugin …).
+    pub depth: u32,
+    /// Exec tasks may sleep; nothing else may.
+    pub is_task: bool,
+    pub log_lines: usize,
+    pub log_dropped: usize,
+}
+
+pub struct HostState {
+    pub(crate) wasi: WasiCtx,
+    pub(crate) table: ResourceTable,
+    pub(crate) limiter: MemoryLimiter,
+    pub(crate) plugin: Arc<PluginCtx>,
+    pub(crate) call: CallCtx,
+    pub(crate) stdout: OutputCapture,
+    pub(crate) stderr: OutputCapture,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Caps linear memory and remembers a refused growth, so the call's error
+/// says "memory cap" rather than whatever the guest's allocator did next.
+pub struct MemoryLimiter {
+    pub cap: usize,
+    /// The size a refused `memory.grow` asked for, during the current call.
+    pub refused: Option<usize>,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.cap {
+            self.refused = Some(desired);
+            wasmtime::bail!("memory cap of {} bytes exceeded (asked for {desired})", self.cap);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        // Tables hold function references; 100k is far beyond any real
+        // plugin and keeps a table bomb from eating host memory.
+        Ok(desired <= 100_000)
+    }
+}

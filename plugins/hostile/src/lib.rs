@@ -1,0 +1,52 @@
+//! Misbehaving handlers that prove the sandbox. The route's name picks the
+//! misbehaviour; `ok` answers normally, to show the plugin recovers.
+
+use evrhost_sdk::{export, log, Reply, Request, Route};
+
+struct Hostile;
+
+#[inline(never)]
+fn recurse(depth: u64, pad: &mut [u8; 256]) -> u64 {
+    pad[(depth % 256) as usize] = depth as u8;
+    // `black_box` keeps the recursion from being turned into a loop.
+    1 + recurse(std::hint::black_box(depth + 1), std::hint::black_box(pad))
+}
+
+impl Route for Hostile {
+    fn handle(req: Request) -> Result<Reply, String> {
+        match req.route.as_str() {
+            "ok" => Ok(Reply::handled().retval("ok")),
+            "loop" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "bomb" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    let mut chunk = vec![0u8; 1 << 20];
+                    chunk[0] = 1;
+                    hoard.push(std::hint::black_box(chunk));
+                }
+            }
+            "recurse" => {
+                let mut pad = [0u8; 256];
+                Ok(Reply::handled().retval(recurse(0, &mut pad).to_string()))
+            }
+            "panic" => panic!("hostile plugin panics on purpose"),
+            "bigreply" => Ok(Reply::handled().data(vec![b'x'; 8 << 20])),
+            "logflood" => {
+                let line = "x".repeat(10_000);
+                for _ in 0..1_000_000 {
+                    log::info(&line);
+                }
+                Ok(Reply::handled().retval("flooded"))
+            }
+            "fail" => Err("hostile plugin refuses".into()),
+            other => Err(format!("unknown hostile route {other}")),
+        }
+    }
+}
+
+export!(Hostile: route);
