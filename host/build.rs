@@ -7,7 +7,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PLUGINS: [&str; 3] = ["echo", "counter", "hostile"];
+const PLUGINS: [&str; 4] = ["echo", "counter", "hostile", "timer"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));

@@ -31,6 +31,9 @@ enum Command {
     Run {
         #[arg(short, long)]
         config: Option<PathBuf>,
+        /// Listen for JSON-RPC here instead of the config's `[rpc] listen`.
+        #[arg(long, value_name = "IP:PORT")]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Runs one route of a plugin once and prints the reply, fuel and time.
     Call {
@@ -101,7 +104,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config } => run(config.as_deref()).await,
+        Command::Run { config, listen } => run(config.as_deref(), listen).await,
         Command::Call { plugin, route, data, params, fuel, deadline_ms, memory_mb, per_call } => {
             let mut def = plugin_def(&plugin)?;
             let limits = &mut def.spec.limits;
@@ -141,12 +144,15 @@ async fn start(config: &Config) -> anyhow::Result<Arc<Dispatcher>> {
     Ok(Dispatcher::start(runtime, config).await?)
 }
 
-async fn run(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+async fn run(path: Option<&Path>, listen: Option<std::net::SocketAddr>) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
-    let (config, origin) = match path {
+    let (mut config, origin) = match path {
         Some(path) => (Config::load(path)?, path.display().to_string()),
         None => (Config::embedded_default()?, "the embedded default config".to_string()),
     };
+    if listen.is_some() {
+        config.rpc.listen = listen;
+    }
     let d = start(&config).await?;
     let listener = match config.rpc.listen {
         Some(addr) => Some(http::bind(addr).await?),

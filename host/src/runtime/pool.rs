@@ -248,6 +248,16 @@ impl Lease<'_> {
         };
         let data = worker.store.data();
         pool.stats.record(elapsed, fuel, result.as_ref().err());
+        match result.as_ref().err() {
+            Some(cause) if cause.poisons_instance() => tracing::warn!(
+                plugin = %pool.ctx.spec.name,
+                route = %data.call.target,
+                cause = cause.kind(),
+                "call failed: {cause}; instance discarded"
+            ),
+            Some(cause) => tracing::debug!(plugin = %pool.ctx.spec.name, route = %data.call.target, "call failed: {cause}"),
+            None => {}
+        }
         if data.call.log_dropped > 0 {
             pool.stats.log_dropped(data.call.log_dropped);
             tracing::warn!(

@@ -1,0 +1,11 @@
+//! End-to-end tests: the real `evrhost` binary, real wasm components built
+//! from `plugins/`, real sockets.
+
+mod e2e {
+    pub mod cli;
+    pub mod config_errors;
+    pub mod reload;
+    pub mod rpc;
+    pub mod sandbox;
+    pub mod support;
+}

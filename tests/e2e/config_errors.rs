@@ -1,0 +1,75 @@
+//! A bad config is refused before anything runs, and the error points at
+//! the key.
+
+use super::support::{evrhost, plugin, text};
+
+fn check(config: &str) -> (bool, String, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("bad.toml");
+    let config = config.replace("{echo}", &plugin("echo").display().to_string()).replace(
+        "{timer}",
+        &plugin("timer").display().to_string(),
+    );
+    std::fs::write(&path, config).expect("write");
+    let out = evrhost(&["check", path.to_str().expect("utf-8")]);
+    let stderr = text(&out.stderr);
+    if !out.status.success() {
+        // `run` refuses the same file with the same words, and serves nothing.
+        let run = evrhost(&["run", "-c", path.to_str().expect("utf-8")]);
+        assert_eq!(run.status.code(), Some(1));
+        let first = stderr.lines().find(|l| l.starts_with("error:")).expect("an error line");
+        assert!(text(&run.stderr).contains(first), "run: {}", text(&run.stderr));
+    }
+    (out.status.success(), text(&out.stdout), stderr.replace(path.to_str().expect("utf-8"), "bad.toml"))
+}
+
+#[test]
+fn an_unknown_key_is_named_with_its_line() {
+    let (ok, _, stderr) = check("[[plugin]]\nname = \"echo\"\npath = \"{echo}\"\nfule = 3\n");
+    assert!(!ok);
+    assert!(stderr.contains("unknown field `fule`"), "{stderr}");
+    assert!(stderr.contains("line 4"), "{stderr}");
+}
+
+#[test]
+fn references_and_values_are_checked_with_their_position() {
+    let (ok, _, stderr) = check("[[route]]\nname = \"r\"\nplugin = \"ghost\"\n");
+    assert!(!ok);
+    assert!(stderr.contains("bad.toml:3:10: `route.plugin`: no plugin named `ghost` is configured"), "{stderr}");
+
+    let (ok, _, stderr) = check("[[plugin]]\nname = \"echo\"\npath = \"{echo}\"\nisolation = \"shared\"\n");
+    assert!(!ok);
+    assert!(stderr.contains("unknown variant `shared`") && stderr.contains("line 4"), "{stderr}");
+
+    let (ok, _, stderr) = check("[[plugin]]\nname = \"echo\"\npath = \"{echo}\"\nmax_instances = 0\n");
+    assert!(!ok);
+    assert!(stderr.contains("bad.toml:4:17: `plugin.max_instances`: must be greater than 0"), "{stderr}");
+}
+
+#[test]
+fn a_route_bound_to_a_plugin_without_the_export_is_refused() {
+    let (ok, _, stderr) = check(
+        "[[plugin]]\nname = \"timer\"\npath = \"{timer}\"\n[[route]]\nname = \"tick\"\nplugin = \"timer\"\n",
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("plugin `timer` does not export `evrhost:plugin/route@0.1.0`, which route `tick` needs"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_missing_plugin_file_is_named() {
+    let (ok, _, stderr) = check("[[plugin]]\nname = \"gone\"\npath = \"gone.wasm\"\n");
+    assert!(!ok);
+    assert!(stderr.contains("plugin `gone`: cannot read") && stderr.contains("gone.wasm"), "{stderr}");
+}
+
+#[test]
+fn a_good_config_passes() {
+    let (ok, stdout, stderr) = check(
+        "[rpc]\nlisten = \"\"\n[[plugin]]\nname = \"echo\"\npath = \"{echo}\"\n[[route]]\nname = \"e\"\nplugin = \"echo\"\n",
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("ok: 1 plugins, 1 routes"), "{stdout}");
+}

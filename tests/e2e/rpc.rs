@@ -1,0 +1,140 @@
+//! JSON-RPC 2.0 over HTTP: Kamailio's evrexec.run replies, malformed input,
+//! batches, and the `evrhost rpc` client.
+
+use std::io::{Read, Write};
+
+use serde_json::json;
+
+use super::support::{error, evrhost, result, text, Daemon};
+
+const CONFIG: &str = r#"
+[rpc]
+listen = "127.0.0.1:{PORT}"
+
+[[plugin]]
+name = "echo"
+path = "{echo}"
+
+[[plugin]]
+name = "counter"
+path = "{counter}"
+
+[[route]]
+name = "evrexec:test"
+plugin = "echo"
+
+[[route]]
+name = "count"
+plugin = "counter"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evrexec_run_answers_as_kamailio_does() {
+    let daemon = Daemon::start(CONFIG).await;
+    let mut client = daemon.client().await;
+    let r = client.call("evrexec.run", json!(["evrexec:test", "mydata"])).await.expect("rpc");
+    assert_eq!(result(&r), &json!({}));
+    let r = client.call("evrexec.run", json!([])).await.expect("rpc");
+    assert_eq!(error(&r), (500, "Invalid parameters".to_string()));
+    let r = client.call("evrexec.run", json!(["evrexec:nothere"])).await.expect("rpc");
+    assert_eq!(error(&r), (500, "Event route not found".to_string()));
+    // Named parameters count by their order, as in jsonrpcs.
+    let r = client.call("route.run", json!({"name": "evrexec:test", "data": "by name"})).await.expect("rpc");
+    assert_eq!(result(&r)["data"], json!("by name"));
+    assert_eq!(result(&r)["plugin"], json!("echo"));
+    assert!(result(&r)["fuel"].as_u64().unwrap_or(0) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_state_is_reachable_through_its_commands() {
+    let daemon = Daemon::start(CONFIG).await;
+    let mut client = daemon.client().await;
+    for _ in 0..3 {
+        result(&client.call("evrexec.run", json!(["count", "alice"])).await.expect("rpc"));
+    }
+    result(&client.call("evrexec.run", json!(["count", "bob"])).await.expect("rpc"));
+    let r = client.call("api.run", json!(["counter.get", "alice"])).await.expect("rpc");
+    assert_eq!(result(&r), &json!("3"));
+    let r = client.call("api.run", json!(["counter.reset", "alice"])).await.expect("rpc");
+    assert_eq!(result(&r), &json!("3"));
+    let r = client.call("api.run", json!(["counter.get", "alice"])).await.expect("rpc");
+    assert_eq!(result(&r), &json!("0"));
+    let r = client.call("api.run", json!(["counter.get", "bob"])).await.expect("rpc");
+    assert_eq!(result(&r), &json!("1"));
+    let r = client.call("api.run", json!(["no.such.command"])).await.expect("rpc");
+    assert_eq!(error(&r), (404, "no command `no.such.command`".to_string()));
+    let r = client.call("api.run", json!(["status"])).await.expect("rpc");
+    assert!(result(&r).as_str().unwrap_or("").starts_with("UP "), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_json_rpc_errors() {
+    let mut daemon = Daemon::start(CONFIG).await;
+    let mut client = daemon.client().await;
+    let cases: [(&[u8], i64); 6] = [
+        (b"{not json", -32700),
+        (b"", -32700),
+        (b"[]", -32600),
+        (b"42", -32600),
+        (br#"{"jsonrpc":"1.0","method":"core.version","id":1}"#, -32600),
+        (br#"{"jsonrpc":"2.0","method":"core.version","params":"x","id":1}"#, -32602),
+    ];
+    for (body, code) in cases {
+        let (status, response) = client.post(body.to_vec()).await.expect("http");
+        assert_eq!(status, 200);
+        let response: serde_json::Value = serde_json::from_slice(&response).expect("json");
+        assert_eq!(error(&response).0, code, "{}: {response}", text(body));
+    }
+    let r = client.call("no.such.method", json!([])).await.expect("rpc");
+    assert_eq!(error(&r).0, -32601);
+
+    // A batch: two answers, none for the notification.
+    let batch = br#"[{"jsonrpc":"2.0","method":"core.version","id":1},
+        {"jsonrpc":"2.0","method":"evrexec.run","params":["evrexec:test","n"]},
+        {"jsonrpc":"2.0","method":"evrexec.run","params":["nope"],"id":"b"}]"#;
+    let (_, response) = client.post(batch.to_vec()).await.expect("http");
+    let response: serde_json::Value = serde_json::from_slice(&response).expect("json");
+    assert_eq!(response.as_array().map(Vec::len), Some(2), "{response}");
+    assert_eq!(response[1]["id"], json!("b"));
+
+    let (status, _) = client.post(vec![b' '; 2 << 20]).await.expect("http");
+    assert_eq!(status, 413);
+
+    // Bytes that are not HTTP at all end that connection, nothing else.
+    let mut raw = std::net::TcpStream::connect(daemon.addr).expect("connect");
+    raw.write_all(b"\x00\xff\x13garbage\r\n\r\n").expect("write");
+    let mut sink = Vec::new();
+    let _ = raw.read_to_end(&mut sink);
+    let mut client = daemon.client().await;
+    result(&client.call("core.version", json!([])).await.expect("rpc"));
+    assert!(daemon.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rpc_command_is_a_kamcmd() {
+    let daemon = Daemon::start(CONFIG).await;
+    let addr = daemon.addr.to_string();
+    let out = evrhost(&["rpc", "-a", &addr, "evrexec.run", "evrexec:test", "mydata"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "{}");
+    let out = evrhost(&["rpc", "-a", &addr, "evrexec.run", "evrexec:nothere"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("500 - Event route not found"), "{}", text(&out.stderr));
+    let out = evrhost(&["rpc", "-a", &addr, "--json", "core.uptime"]);
+    assert!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(doc["result"]["uptime"].is_u64(), "{doc}");
+    let out = evrhost(&["rpc", "-a", "127.0.0.1:1", "core.version"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cannot connect to 127.0.0.1:1"), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_is_required_when_configured() {
+    let daemon = Daemon::start(&CONFIG.replace("[rpc]\n", "[rpc]\ntoken = \"s3cret\"\n")).await;
+    let mut anonymous = daemon.client().await;
+    let (status, _) = anonymous.post(br#"{"jsonrpc":"2.0","method":"core.version","id":1}"#.to_vec()).await.expect("http");
+    assert_eq!(status, 401);
+    let mut client = evrhost::frontend::client::RpcClient::connect(daemon.addr, Some("s3cret".into())).await.expect("connect");
+    result(&client.call("core.version", json!([])).await.expect("rpc"));
+}
