@@ -89,9 +89,29 @@ pub use __bindings::subscriber::exports::evrhost::plugin::subscriber::Guest as S
 /// Runs as an exec task. Export with `export!(T: task)`.
 pub use __bindings::task::exports::evrhost::plugin::task::Guest as Task;
 
-/// Exports a type as a plugin: name the interfaces it implements.
+/// Exports a type as a plugin: name the interfaces it implements, and the
+/// component exports exactly those.
 ///
-/// ```ignore
+/// ```no_run
+/// use evrhost_sdk::{export, Api, CommandInfo, Reply, Request, Route};
+///
+/// struct Counter;
+///
+/// impl Route for Counter {
+///     fn handle(_req: Request) -> Result<Reply, String> {
+///         Ok(Reply::handled())
+///     }
+/// }
+///
+/// impl Api for Counter {
+///     fn commands() -> Vec<CommandInfo> {
+///         vec![CommandInfo::new("counter.get", "KEY", "the count of KEY")]
+///     }
+///     fn execute(_command: String, _args: String) -> Result<String, String> {
+///         Ok("0".into())
+///     }
+/// }
+///
 /// export!(Counter: route, api);
 /// ```
 #[macro_export]

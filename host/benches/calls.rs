@@ -341,6 +341,11 @@ path = "{echo}"
 max_instances = {TASKS}
 
 [[plugin]]
+name = "echo_b"
+path = "{echo}"
+max_instances = {TASKS}
+
+[[plugin]]
 name = "echo_pc"
 path = "{echo}"
 isolation = "per-call"
@@ -441,6 +446,66 @@ fn in_process(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
         ));
     }
 
+    // What the primitives the call paths use cost on this machine, to
+    // attribute the overheads above (not a target).
+    {
+        let data = vec![0x5a_u8; PAYLOAD];
+        let sem = tokio::sync::Semaphore::new(TASKS);
+        let idle = std::sync::Mutex::new(vec![0u64; 4]);
+        let (tick, deadline) = (config.engine.tick, limits.deadline);
+        let names = [
+            "2 clock reads (Instant)",
+            "String alloc+free",
+            "64-B Vec clone+free",
+            "Semaphore try_acquire+drop",
+            "Mutex<Vec> pop+push",
+            "Dispatcher::plugin lookup",
+            "u128 div_ceil (ticks)",
+        ];
+        let t = rt.block_on(interleave(
+            names.len(),
+            5,
+            100,
+            1000,
+            async |case| match case {
+                0 => {
+                    std::hint::black_box(Instant::now().elapsed());
+                }
+                1 => {
+                    std::hint::black_box(std::hint::black_box("echo").to_string());
+                }
+                2 => {
+                    std::hint::black_box(data.clone());
+                }
+                3 => {
+                    std::hint::black_box(sem.try_acquire().ok());
+                }
+                4 => {
+                    let mut v = idle.lock().unwrap_or_else(|p| p.into_inner());
+                    let w = v.pop();
+                    v.push(std::hint::black_box(w).unwrap_or(0));
+                }
+                5 => {
+                    std::hint::black_box(d.plugin(std::hint::black_box("echo")));
+                }
+                _ => {
+                    let (tick, deadline) =
+                        std::hint::black_box((tick.as_nanos(), deadline.as_nanos()));
+                    std::hint::black_box(deadline.div_ceil(tick.max(1)));
+                }
+            },
+        ));
+        let parts: Vec<String> = names
+            .iter()
+            .zip(&t)
+            .map(|(n, v)| format!("{n} {}", fmt_ns(median(v))))
+            .collect();
+        results.notes.push(format!(
+            "primitives (median per op, incl. ~1 ns loop): {}",
+            parts.join("; ")
+        ));
+    }
+
     // 2. A fresh instance per call.
     {
         let pc = d.plugin("echo_pc").context("echo_pc did not load")?;
@@ -482,19 +547,41 @@ fn in_process(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
     //    each, alternating; the median round is reported.
     {
         let round = Duration::from_millis(500);
-        let evr_round = |dur: Duration| -> f64 {
+        // Tasks loop on `run_route` (mode 0), on `PluginVersion::handle` of
+        // one shared plugin (mode 1, no routing table), or on `handle` of
+        // two plugins, half the tasks each (mode 2, nothing shared between
+        // the workers but the engine).
+        let split = [
+            echo_v.clone(),
+            d.plugin("echo_b").context("echo_b did not load")?,
+        ];
+        let evr_round = |dur: Duration, mode: usize| -> f64 {
             let stop = Arc::new(AtomicBool::new(false));
             let start = Instant::now();
             let handles: Vec<_> = (0..TASKS)
-                .map(|_| {
+                .map(|i| {
                     let (d, stop) = (d.clone(), stop.clone());
+                    let v = if mode == 2 {
+                        split[i % 2].clone()
+                    } else {
+                        split[0].clone()
+                    };
                     rt.spawn(async move {
                         let data = vec![0x5a; PAYLOAD];
+                        let req = request("echo");
                         let mut n = 0u64;
                         while !stop.load(Ordering::Relaxed) {
-                            match d.run_route("echo", data.clone(), vec![], Origin::Cli).await {
-                                Ok(out) if out.reply.handled => n += 1,
-                                _ => failed(),
+                            let ok = if mode == 0 {
+                                d.run_route("echo", data.clone(), vec![], Origin::Cli)
+                                    .await
+                                    .is_ok_and(|out| out.reply.handled)
+                            } else {
+                                v.handle(&req, 0).await.0.is_ok_and(|reply| reply.handled)
+                            };
+                            if ok {
+                                n += 1;
+                            } else {
+                                failed();
                             }
                         }
                         n
@@ -547,15 +634,19 @@ fn in_process(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
             calls as f64 / start.elapsed().as_secs_f64()
         };
         // Warm-up: every pool instance made, code paged in.
-        evr_round(Duration::from_millis(200));
+        evr_round(Duration::from_millis(200), 2);
         bare_round(Duration::from_millis(200));
-        let (mut evr, mut base) = (Vec::new(), Vec::new());
+        let (mut evr, mut base, mut shared, mut apart) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..3 {
-            evr.push(evr_round(round));
+            evr.push(evr_round(round, 0));
             base.push(bare_round(round));
+            shared.push(evr_round(round / 2, 1));
+            apart.push(evr_round(round / 2, 2));
         }
-        evr.sort_by(f64::total_cmp);
-        base.sort_by(f64::total_cmp);
+        for v in [&mut evr, &mut base, &mut shared, &mut apart] {
+            v.sort_by(f64::total_cmp);
+        }
         let (e, b) = (median(&evr), median(&base));
         results.rows.push(Row {
             case: "throughput, 2 workers",
@@ -570,6 +661,12 @@ fn in_process(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
              (ratio here is evrhost/bare rate: higher is better)",
             evr.iter().map(|r| fmt_rate(*r)).collect::<Vec<_>>().join(" "),
             base.iter().map(|r| fmt_rate(*r)).collect::<Vec<_>>().join(" "),
+        ));
+        results.notes.push(format!(
+            "throughput without the dispatcher (PluginVersion::handle): one shared plugin {}, \
+             two plugins (half the tasks each) {}",
+            fmt_rate(median(&shared)),
+            fmt_rate(median(&apart)),
         ));
     }
 
