@@ -276,12 +276,11 @@ impl Lease<'_> {
                 "call slower than its threshold"
             );
         }
-        let keep = limits.isolation == Isolation::Reuse
-            && result.as_ref().err().is_none_or(|cause| !cause.poisons_instance());
-        if keep {
-            pool.idle().push(worker);
-        } else {
+        let poisoned = result.as_ref().err().is_some_and(Cause::poisons_instance);
+        if poisoned {
             pool.stats.discarded();
+        } else if limits.isolation == Isolation::Reuse {
+            pool.idle().push(worker);
         }
         (result, CallReport { elapsed, fuel })
     }
