@@ -127,10 +127,43 @@ pub struct RouteDef {
     pub priority: i32,
 }
 
+/// An exec task, as Kamailio's evrexec `exec` parameter defines one.
+#[derive(Clone, Debug)]
+pub struct ExecDef {
+    pub name: String,
+    pub kind: ExecKind,
+}
+
+#[derive(Clone, Debug)]
+pub enum ExecKind {
+    /// After `wait`, `plugin`'s task export runs in each of `workers`
+    /// workers, with the worker index as a string. A task that fails is
+    /// restarted after a backoff that doubles from `backoff_min` to
+    /// `backoff_max`.
+    Task { plugin: String, workers: u32, wait: Duration, backoff_min: Duration, backoff_max: Duration },
+    /// Each datagram on `addr` is a call of the route `name`.
+    Udp(UdpDef),
+}
+
+#[derive(Clone, Debug)]
+pub struct UdpDef {
+    pub addr: SocketAddr,
+    /// Calls in flight at once.
+    pub workers: u32,
+    /// Datagrams waiting for a worker; past this they are dropped and counted.
+    pub queue: usize,
+    /// SO_RCVBUF in bytes; None keeps the system default.
+    pub recv_buffer: Option<usize>,
+    /// Send the reply's data back to the source.
+    pub reply: bool,
+}
+
 #[derive(Clone, Debug)]
 pub struct RpcSettings {
     /// None disables the listener.
     pub listen: Option<SocketAddr>,
+    /// A UNIX stream socket serving JSON-RPC documents back to back.
+    pub unix: Option<PathBuf>,
     /// Required as `Authorization: Bearer TOKEN` when set.
     pub token: Option<String>,
 }
@@ -144,6 +177,7 @@ pub struct Config {
     pub tenants: HashMap<String, KvLimits>,
     pub plugins: Vec<PluginDef>,
     pub routes: Vec<RouteDef>,
+    pub exec: Vec<ExecDef>,
     pub rpc: RpcSettings,
 }
 
@@ -161,7 +195,25 @@ struct File {
     #[serde(default)]
     route: Vec<RouteSection>,
     #[serde(default)]
+    exec: Vec<ExecSection>,
+    #[serde(default)]
     rpc: RpcSection,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecSection {
+    name: Spanned<String>,
+    plugin: Option<Spanned<String>>,
+    workers: Option<u32>,
+    /// Microseconds, as evrexec's `wait`.
+    wait: Option<u64>,
+    sockaddr: Option<Spanned<String>>,
+    queue: Option<Spanned<usize>>,
+    recv_buffer: Option<usize>,
+    reply: Option<bool>,
+    restart_min_ms: Option<Spanned<u64>>,
+    restart_max_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -247,6 +299,7 @@ struct RpcSection {
     /// "IP:PORT", or "" to disable.
     listen: Option<Spanned<String>>,
     token: Option<String>,
+    unix: Option<String>,
 }
 
 pub const DEFAULT_RPC_LISTEN: &str = "127.0.0.1:7080";
@@ -363,10 +416,87 @@ impl Config {
                     .map_err(|e| ck.at(s, "rpc.listen", format!("not IP:PORT ({e})")))?,
             ),
         };
-        let rpc = RpcSettings { listen, token: raw.rpc.token.clone().filter(|t| !t.is_empty()) };
+        let rpc = RpcSettings {
+            listen,
+            unix: raw.rpc.unix.as_ref().filter(|p| !p.is_empty()).map(|p| base.join(p)),
+            token: raw.rpc.token.clone().filter(|t| !t.is_empty()),
+        };
 
-        Ok(Config { engine, cache_dir, tenants, plugins, routes, rpc })
+        let mut exec = Vec::new();
+        for e in &raw.exec {
+            exec.push(check_exec(&ck, e, &names, &routes)?);
+        }
+        let mut addrs = HashSet::new();
+        for (def, section) in exec.iter().zip(&raw.exec) {
+            if let (ExecKind::Udp(udp), Some(sockaddr)) = (&def.kind, &section.sockaddr) {
+                if !addrs.insert(udp.addr) {
+                    return Err(ck.at(sockaddr, "exec.sockaddr", format!("{} is used by two exec entries", udp.addr)));
+                }
+            }
+        }
+
+        Ok(Config { engine, cache_dir, tenants, plugins, routes, exec, rpc })
     }
+}
+
+/// `udp:IP:PORT`, with IPv6 as `udp:[::1]:5060` or, as Kamailio writes
+/// it, `udp:::1:5060`.
+pub fn parse_sockaddr(text: &str) -> Result<SocketAddr, String> {
+    let rest = text.strip_prefix("udp:").ok_or_else(|| format!("`{text}`: expected udp:IP:PORT"))?;
+    if let Ok(addr) = rest.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let (ip, port) = rest.rsplit_once(':').ok_or_else(|| format!("`{text}`: expected udp:IP:PORT"))?;
+    let ip: std::net::IpAddr = ip.parse().map_err(|e| format!("`{text}`: bad IP address `{ip}` ({e})"))?;
+    let port: u16 = port.parse().map_err(|e| format!("`{text}`: bad port `{port}` ({e})"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn check_exec(ck: &Checker, e: &ExecSection, plugins: &HashSet<String>, routes: &[RouteDef]) -> Result<ExecDef, ConfigError> {
+    let name = e.name.get_ref().clone();
+    if name.is_empty() {
+        return Err(ck.at(&e.name, "exec.name", "must not be empty"));
+    }
+    // evrexec: 0 workers means 1.
+    let workers = e.workers.unwrap_or(1).max(1);
+    let kind = match &e.sockaddr {
+        Some(sockaddr) => {
+            let addr = parse_sockaddr(sockaddr.get_ref()).map_err(|m| ck.at(sockaddr, "exec.sockaddr", m))?;
+            if !routes.iter().any(|r| r.name == name) {
+                return Err(ck.at(
+                    &e.name,
+                    "exec.name",
+                    format!("no route named `{name}`: each datagram runs that route; add a [[route]] for it"),
+                ));
+            }
+            if let Some(plugin) = &e.plugin {
+                return Err(ck.at(plugin, "exec.plugin", "a UDP exec runs its route; bind the plugin with a [[route]]"));
+            }
+            let queue = match &e.queue {
+                Some(q) if *q.get_ref() == 0 => return Err(ck.at(q, "exec.queue", "must be greater than 0")),
+                Some(q) => *q.get_ref(),
+                None => 8192,
+            };
+            ExecKind::Udp(UdpDef { addr, workers, queue, recv_buffer: e.recv_buffer, reply: e.reply.unwrap_or(true) })
+        }
+        None => {
+            let Some(plugin) = &e.plugin else {
+                return Err(ck.at(&e.name, "exec.plugin", "a startup task needs the plugin whose `task` export it runs"));
+            };
+            if !plugins.contains(plugin.get_ref()) {
+                return Err(ck.at(plugin, "exec.plugin", format!("no plugin named `{}` is configured", plugin.get_ref())));
+            }
+            let min = ck.positive(&e.restart_min_ms, "exec.restart_min_ms")?.unwrap_or(100);
+            ExecKind::Task {
+                plugin: plugin.get_ref().clone(),
+                workers,
+                wait: Duration::from_micros(e.wait.unwrap_or(0)),
+                backoff_min: Duration::from_millis(min),
+                backoff_max: Duration::from_millis(e.restart_max_ms.unwrap_or(30_000).max(min)),
+            }
+        }
+    };
+    Ok(ExecDef { name, kind })
 }
 
 fn check_plugin(
@@ -523,6 +653,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("test.toml:5:8") && err.contains("defined twice"), "{err}");
+    }
+
+    #[test]
+    fn exec_entries_are_checked() {
+        let base = "[[plugin]]\nname = \"p\"\npath = \"p.wasm\"\n[[route]]\nname = \"evrexec:udp\"\nplugin = \"p\"\n";
+        let ok = parse(&format!("{base}[[exec]]\nname = \"evrexec:udp\"\nsockaddr = \"udp:::1:5060\"\n")).unwrap();
+        match &ok.exec[0].kind {
+            ExecKind::Udp(udp) => assert_eq!(udp.addr, "[::1]:5060".parse().unwrap()),
+            other => panic!("{other:?}"),
+        }
+        let task = parse(&format!("{base}[[exec]]\nname = \"evrexec:timer\"\nplugin = \"p\"\nworkers = 0\nwait = 1000\n")).unwrap();
+        match &task.exec[0].kind {
+            ExecKind::Task { workers, wait, .. } => assert_eq!((*workers, *wait), (1, Duration::from_micros(1000))),
+            other => panic!("{other:?}"),
+        }
+        let err = parse(&format!("{base}[[exec]]\nname = \"nope\"\nsockaddr = \"udp:127.0.0.1:5060\"\n")).unwrap_err();
+        assert!(err.to_string().contains("no route named `nope`"), "{err}");
+        let err = parse(&format!("{base}[[exec]]\nname = \"evrexec:udp\"\nsockaddr = \"tcp:127.0.0.1:5060\"\n")).unwrap_err();
+        assert!(err.to_string().contains("expected udp:IP:PORT"), "{err}");
+        let err = parse(&format!("{base}[[exec]]\nname = \"t\"\n")).unwrap_err();
+        assert!(err.to_string().contains("needs the plugin"), "{err}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::config::{CodeSource, Config, PluginDef, RouteDef};
+use crate::config::{CodeSource, Config, ExecKind, PluginDef, RouteDef};
 use crate::kv::{KvLimits, KvStore};
 use crate::runtime::{
     CallError, CallReport, Event, Export, HostError, LoadError, Origin, PluginSpec, PluginVersion, Reply, Request,
@@ -42,6 +42,8 @@ pub enum DispatchError {
     PluginNotFound(String),
     #[error("a plugin named `{0}` is already loaded")]
     PluginExists(String),
+    #[error("plugin `{plugin}` is in use by {by}")]
+    InUse { plugin: String, by: String },
     #[error("command `{command}` of plugin `{plugin}` is already offered by `{other}`")]
     CommandConflict { command: String, plugin: String, other: String },
     #[error(transparent)]
@@ -57,9 +59,27 @@ pub struct Slot {
     code: Mutex<CodeSource>,
     stats: Arc<Stats>,
     reloads: AtomicU64,
+    /// Woken when the current version is replaced or the plugin unloaded,
+    /// so long-running exec tasks move to the new version.
+    pub swapped: tokio::sync::Notify,
 }
 
 impl Slot {
+    fn new(name: &str, version: Arc<PluginVersion>, code: CodeSource, stats: Arc<Stats>) -> Slot {
+        Slot {
+            name: name.to_string(),
+            current: ArcSwap::new(version),
+            code: Mutex::new(code),
+            stats,
+            reloads: AtomicU64::new(0),
+            swapped: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
     pub fn current(&self) -> Arc<PluginVersion> {
         self.current.load_full()
     }
@@ -74,12 +94,23 @@ struct Handler {
     slot: Arc<Slot>,
 }
 
+/// An export some part of the configuration relies on, besides routes
+/// (which need `route`): exec tasks need `task`.
+#[derive(Clone, Debug)]
+pub struct Need {
+    pub plugin: String,
+    pub export: Export,
+    /// What needs it, for the error: "exec task `evrexec:timer`".
+    pub by: String,
+}
+
 #[derive(Default)]
 struct Table {
     plugins: BTreeMap<String, Arc<Slot>>,
     routes: BTreeMap<String, Vec<Handler>>,
     commands: BTreeMap<String, Arc<Slot>>,
     route_defs: Vec<RouteDef>,
+    needs: Vec<Need>,
 }
 
 /// Built-in API commands, answered by the host itself.
@@ -91,28 +122,48 @@ const BUILTINS: [(&str, &str, &str); 4] = [
 ];
 
 impl Table {
-    /// Binds routes and commands to slots; refuses a route whose plugin
-    /// lacks the `route` export and two plugins offering one command.
-    fn build(plugins: BTreeMap<String, Arc<Slot>>, route_defs: Vec<RouteDef>) -> Result<Table, DispatchError> {
-        let mut routes: BTreeMap<String, Vec<Handler>> = BTreeMap::new();
-        for def in &route_defs {
-            let slot = plugins.get(&def.plugin).ok_or_else(|| DispatchError::PluginNotFound(def.plugin.clone()))?;
-            if !slot.current().has_export(Export::Route) {
+    /// Binds routes and commands to slots. Refuses a route or need whose
+    /// plugin lacks the export, and two plugins offering one command.
+    /// `candidate` stands in for one plugin's current version, so that a
+    /// reload is checked before anything is swapped.
+    fn build(
+        plugins: BTreeMap<String, Arc<Slot>>,
+        route_defs: Vec<RouteDef>,
+        needs: Vec<Need>,
+        candidate: Option<(&str, &Arc<PluginVersion>)>,
+    ) -> Result<Table, DispatchError> {
+        let version = |slot: &Slot| match candidate {
+            Some((name, v)) if name == slot.name => v.clone(),
+            _ => slot.current(),
+        };
+        let route_needs = route_defs.iter().map(|def| Need {
+            plugin: def.plugin.clone(),
+            export: Export::Route,
+            by: format!("route `{}`", def.name),
+        });
+        for need in route_needs.chain(needs.iter().cloned()) {
+            let slot = plugins.get(&need.plugin).ok_or_else(|| DispatchError::PluginNotFound(need.plugin.clone()))?;
+            if !version(slot).has_export(need.export) {
                 return Err(LoadError::MissingExport {
-                    plugin: def.plugin.clone(),
-                    export: Export::Route.interface(),
-                    needed_by: format!("route `{}`", def.name),
+                    plugin: need.plugin.clone(),
+                    export: need.export.interface(),
+                    needed_by: need.by.clone(),
                 }
                 .into());
             }
-            routes.entry(def.name.clone()).or_default().push(Handler { priority: def.priority, slot: slot.clone() });
+        }
+        let mut routes: BTreeMap<String, Vec<Handler>> = BTreeMap::new();
+        for def in &route_defs {
+            if let Some(slot) = plugins.get(&def.plugin) {
+                routes.entry(def.name.clone()).or_default().push(Handler { priority: def.priority, slot: slot.clone() });
+            }
         }
         for handlers in routes.values_mut() {
             handlers.sort_by_key(|h| h.priority);
         }
         let mut commands: BTreeMap<String, Arc<Slot>> = BTreeMap::new();
         for slot in plugins.values() {
-            for info in slot.current().commands() {
+            for info in version(slot).commands() {
                 let taken_by = if BUILTINS.iter().any(|(n, _, _)| *n == info.name) {
                     Some("evrhost (built-in)".to_string())
                 } else {
@@ -128,7 +179,7 @@ impl Table {
                 commands.insert(info.name.clone(), slot.clone());
             }
         }
-        Ok(Table { plugins, routes, commands, route_defs })
+        Ok(Table { plugins, routes, commands, route_defs, needs })
     }
 }
 
@@ -182,8 +233,9 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Loads every configured plugin and binds the routes. Must run inside
-    /// a tokio runtime (it starts the event delivery task).
+    /// Loads every configured plugin and binds the routes; exec tasks need
+    /// their plugin's `task` export. Must run inside a tokio runtime (it
+    /// starts the event delivery task).
     pub async fn start(runtime: Arc<Runtime>, config: &Config) -> Result<Arc<Dispatcher>, DispatchError> {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let dispatcher = Arc::new_cyclic(|me: &Weak<Dispatcher>| Dispatcher {
@@ -202,16 +254,19 @@ impl Dispatcher {
         for def in &config.plugins {
             let stats = Arc::new(Stats::default());
             let version = dispatcher.load_version(def, stats.clone()).await?;
-            let slot = Slot {
-                name: def.spec.name.clone(),
-                current: ArcSwap::new(version),
-                code: Mutex::new(def.code.clone()),
-                stats,
-                reloads: AtomicU64::new(0),
-            };
-            plugins.insert(def.spec.name.clone(), Arc::new(slot));
+            plugins.insert(def.spec.name.clone(), Arc::new(Slot::new(&def.spec.name, version, def.code.clone(), stats)));
         }
-        dispatcher.table.store(Arc::new(Table::build(plugins, config.routes.clone())?));
+        let needs = config
+            .exec
+            .iter()
+            .filter_map(|e| match &e.kind {
+                ExecKind::Task { plugin, .. } => {
+                    Some(Need { plugin: plugin.clone(), export: Export::Task, by: format!("exec task `{}`", e.name) })
+                }
+                ExecKind::Udp(_) => None,
+            })
+            .collect();
+        dispatcher.table.store(Arc::new(Table::build(plugins, config.routes.clone(), needs, None)?));
         Ok(dispatcher)
     }
 
@@ -328,6 +383,14 @@ impl Dispatcher {
         self.table.load().plugins.get(name).map(|s| s.current())
     }
 
+    pub fn slot(&self, name: &str) -> Option<Arc<Slot>> {
+        self.table.load().plugins.get(name).cloned()
+    }
+
+    pub fn slots(&self) -> Vec<Arc<Slot>> {
+        self.table.load().plugins.values().cloned().collect()
+    }
+
     pub fn plugins(&self) -> Vec<PluginInfo> {
         self.table
             .load()
@@ -379,29 +442,13 @@ impl Dispatcher {
         let new = self.load_version(&def, slot.stats.clone()).await.inspect_err(|e| {
             tracing::error!(plugin = %name, error = %e, "reload refused; the old version serves on");
         })?;
-        // Check the whole table against the new version before swapping.
-        let bound: Vec<&RouteDef> = table.route_defs.iter().filter(|r| r.plugin == name).collect();
-        if let Some(route) = bound.first() {
-            if !new.has_export(Export::Route) {
-                let e = LoadError::MissingExport {
-                    plugin: name.to_string(),
-                    export: Export::Route.interface(),
-                    needed_by: format!("route `{}`", route.name),
-                };
-                tracing::error!(plugin = %name, error = %e, "reload refused; the old version serves on");
-                return Err(e.into());
-            }
-        }
-        let previous = slot.current.swap(new.clone());
-        let rebuilt = Table::build(table.plugins.clone(), table.route_defs.clone());
-        match rebuilt {
-            Ok(rebuilt) => self.table.store(Arc::new(rebuilt)),
-            Err(e) => {
-                slot.current.store(previous);
-                tracing::error!(plugin = %name, error = %e, "reload refused; the old version serves on");
-                return Err(e);
-            }
-        }
+        // The whole table is checked against the new version first: what
+        // routes and tasks need, and command names.
+        let rebuilt = Table::build(table.plugins.clone(), table.route_defs.clone(), table.needs.clone(), Some((name, &new)))
+            .inspect_err(|e| tracing::error!(plugin = %name, error = %e, "reload refused; the old version serves on"))?;
+        slot.current.store(new.clone());
+        self.table.store(Arc::new(rebuilt));
+        slot.swapped.notify_waiters();
         *slot.code.lock().unwrap_or_else(|p| p.into_inner()) = code;
         slot.reloads.fetch_add(1, Relaxed);
         tracing::info!(
@@ -424,16 +471,9 @@ impl Dispatcher {
         }
         let stats = Arc::new(Stats::default());
         let version = self.load_version(&def, stats.clone()).await?;
-        let slot = Slot {
-            name: name.clone(),
-            current: ArcSwap::new(version.clone()),
-            code: Mutex::new(def.code.clone()),
-            stats,
-            reloads: AtomicU64::new(0),
-        };
         let mut plugins = table.plugins.clone();
-        plugins.insert(name.clone(), Arc::new(slot));
-        self.table.store(Arc::new(Table::build(plugins, table.route_defs.clone())?));
+        plugins.insert(name.clone(), Arc::new(Slot::new(&name, version.clone(), def.code.clone(), stats)));
+        self.table.store(Arc::new(Table::build(plugins, table.route_defs.clone(), table.needs.clone(), None)?));
         tracing::info!(plugin = %name, source = %def.code.describe(), "plugin loaded");
         Ok(version)
     }
@@ -446,11 +486,17 @@ impl Dispatcher {
         if !table.plugins.contains_key(name) {
             return Err(DispatchError::PluginNotFound(name.to_string()));
         }
+        if let Some(need) = table.needs.iter().find(|n| n.plugin == name) {
+            return Err(DispatchError::InUse { plugin: name.to_string(), by: need.by.clone() });
+        }
         let mut plugins = table.plugins.clone();
-        plugins.remove(name);
+        let removed = plugins.remove(name);
         let (dropped, kept): (Vec<RouteDef>, Vec<RouteDef>) =
             table.route_defs.iter().cloned().partition(|r| r.plugin == name);
-        self.table.store(Arc::new(Table::build(plugins, kept)?));
+        self.table.store(Arc::new(Table::build(plugins, kept, table.needs.clone(), None)?));
+        if let Some(slot) = removed {
+            slot.swapped.notify_waiters();
+        }
         self.subscriptions.lock().unwrap_or_else(|p| p.into_inner()).retain(|s| s.plugin != name);
         let routes: Vec<String> = dropped.into_iter().map(|r| r.name).collect();
         tracing::info!(plugin = %name, routes = ?routes, "plugin unloaded");

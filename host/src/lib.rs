@@ -7,10 +7,13 @@
 //! - [`runtime`]: wasmtime, compiled-code cache, plugin versions and pools.
 //! - [`dispatcher`]: routes and commands to plugins; load, reload, unload.
 //! - [`config`]: the TOML configuration, checked before anything runs.
-//! - [`frontend`]: wire protocols (JSON-RPC 2.0 over HTTP).
+//! - [`exec`]: exec tasks, as Kamailio's evrexec runs them.
+//! - [`frontend`]: wire protocols (UDP, JSON-RPC 2.0 over HTTP and UNIX
+//!   sockets, Prometheus metrics).
 
 pub mod config;
 pub mod dispatcher;
+pub mod exec;
 pub mod frontend;
 pub mod kv;
 pub mod runtime;

@@ -9,9 +9,11 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
-use evrhost::config::{Config, PluginDef, RouteDef, RpcSettings, DEFAULT_RPC_LISTEN};
+use evrhost::config::{Config, ExecKind, PluginDef, RouteDef, RpcSettings, DEFAULT_RPC_LISTEN};
 use evrhost::dispatcher::Dispatcher;
-use evrhost::frontend::{client::RpcClient, http};
+use evrhost::exec;
+use evrhost::frontend::metrics::Registry;
+use evrhost::frontend::{client::RpcClient, http, udp, unix};
 use evrhost::runtime::{Export, Isolation, Origin, Runtime};
 
 #[derive(Parser)]
@@ -135,7 +137,8 @@ fn single(def: PluginDef, routes: Vec<RouteDef>) -> Config {
     let mut config = Config::parse("", "(command line)", Path::new(".")).expect("an empty config is valid");
     config.plugins = vec![def];
     config.routes = routes;
-    config.rpc = RpcSettings { listen: None, token: None };
+    config.rpc = RpcSettings { listen: None, unix: None, token: None };
+    config.exec = Vec::new();
     config
 }
 
@@ -154,29 +157,48 @@ async fn run(path: Option<&Path>, listen: Option<std::net::SocketAddr>) -> anyho
         config.rpc.listen = listen;
     }
     let d = start(&config).await?;
-    let listener = match config.rpc.listen {
-        Some(addr) => Some(http::bind(addr).await?),
-        None => None,
-    };
-    let rpc_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
-    let server = listener.map(|l| tokio::spawn(http::serve(l, d.clone(), config.rpc.token.clone())));
+    let registry = Arc::new(Registry::default());
+    let mut background = Vec::new();
+
+    for exec in &config.exec {
+        if let ExecKind::Udp(def) = &exec.kind {
+            let socket = udp::bind(def)?;
+            let (endpoint, tasks) = udp::start(&exec.name, def, socket, d.clone())?;
+            tracing::info!(route = %exec.name, workers = def.workers, "UDP on udp:{}", endpoint.addr);
+            registry.add_udp(endpoint);
+            background.extend(tasks);
+        }
+    }
+    if let Some(addr) = config.rpc.listen {
+        let listener = http::bind(addr).await?;
+        let addr = listener.local_addr().unwrap_or(addr);
+        background.push(tokio::spawn(http::serve(listener, d.clone(), registry.clone(), config.rpc.token.clone())));
+        tracing::info!("JSON-RPC on http://{addr}/RPC, metrics on http://{addr}/metrics");
+        tracing::info!("try: evrhost rpc -a {addr} evrexec.run evrexec:test mydata");
+    }
+    if let Some(path) = &config.rpc.unix {
+        background.push(tokio::spawn(unix::serve(unix::bind(path)?, d.clone())));
+        tracing::info!("JSON-RPC on unix:{}", path.display());
+    }
+    let tasks = exec::Tasks::start(&d, &config.exec);
 
     let plugins: Vec<String> = d.plugins().into_iter().map(|p| format!("{} ({})", p.name, p.source)).collect();
     let routes: Vec<String> = d.routes().into_iter().map(|r| r.name).collect();
     tracing::info!(config = %origin, "evrhost {} serving", env!("CARGO_PKG_VERSION"));
     tracing::info!("plugins: {}", plugins.join(", "));
     tracing::info!("routes: {}", routes.join(", "));
-    match rpc_addr {
-        Some(addr) => tracing::info!(
-            "JSON-RPC on http://{addr}/RPC; try: evrhost rpc -a {addr} evrexec.run evrexec:test mydata"
-        ),
-        None => tracing::info!("JSON-RPC disabled (rpc.listen = \"\")"),
+    if !tasks.is_empty() {
+        tracing::info!("exec tasks: {} workers", tasks.len());
     }
     tracing::info!(ms = started.elapsed().as_secs_f64() * 1e3, "ready");
 
     wait_for_shutdown(&d).await?;
-    if let Some(server) = server {
-        server.abort();
+    tasks.stop().await;
+    for task in background {
+        task.abort();
+    }
+    if let Some(path) = &config.rpc.unix {
+        let _ = std::fs::remove_file(path);
     }
     tracing::info!("evrhost stopped");
     Ok(ExitCode::SUCCESS)

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::jsonrpc;
+use super::metrics::Registry;
 use crate::dispatcher::Dispatcher;
 
 /// A request body over this is refused with 413.
@@ -26,7 +27,7 @@ pub const MAX_BODY: usize = 1 << 20;
 const MAX_CONNECTIONS: usize = 1024;
 
 /// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, d: Arc<Dispatcher>, token: Option<String>) {
+pub async fn serve(listener: TcpListener, d: Arc<Dispatcher>, metrics: Arc<Registry>, token: Option<String>) {
     let token: Option<Arc<str>> = token.map(Into::into);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -41,11 +42,11 @@ pub async fn serve(listener: TcpListener, d: Arc<Dispatcher>, token: Option<Stri
             }
         };
         let _ = stream.set_nodelay(true);
-        let (d, token) = (d.clone(), token.clone());
+        let (d, metrics, token) = (d.clone(), metrics.clone(), token.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let (d, token) = (d.clone(), token.clone());
-                async move { Ok::<_, Infallible>(respond(&d, token.as_deref(), req).await) }
+                let (d, metrics, token) = (d.clone(), metrics.clone(), token.clone());
+                async move { Ok::<_, Infallible>(respond(&d, &metrics, token.as_deref(), req).await) }
             });
             let conn = http1::Builder::new().timer(TokioTimer::new()).keep_alive(true).serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
@@ -70,7 +71,7 @@ fn authorized(token: Option<&str>, req: &Request<Incoming>) -> bool {
     given.is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0, |acc, (a, b)| acc | (a ^ b)) == 0)
 }
 
-async fn respond(d: &Arc<Dispatcher>, token: Option<&str>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(d: &Arc<Dispatcher>, metrics: &Registry, token: Option<&str>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     const JSON: &str = "application/json";
     if !authorized(token, &req) {
         return reply(StatusCode::UNAUTHORIZED, JSON, r#"{"jsonrpc":"2.0","error":{"code":401,"message":"Unauthorized"},"id":null}"#);
@@ -93,6 +94,7 @@ async fn respond(d: &Arc<Dispatcher>, token: Option<&str>, req: Request<Incoming
             }
         }
         (&Method::GET, "/health") => reply(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics.render(d)),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "POST JSON-RPC 2.0 to /RPC\n"),
     }
 }

@@ -48,18 +48,28 @@ pub const METHODS: [(&str, &str); 14] = [
     ("system.methodHelp", "METHOD — the usage of one method"),
 ];
 
-/// Answers one JSON-RPC document: a request or a batch. `None` when there
-/// is nothing to send back (only notifications).
+/// Answers one JSON-RPC document given as bytes. `None` when there is
+/// nothing to send back (only notifications).
 pub async fn handle(d: &Arc<Dispatcher>, body: &[u8]) -> Option<Vec<u8>> {
-    let doc: Value = match serde_json::from_slice(body) {
-        Ok(doc) => doc,
-        Err(e) => return Some(encode(&failure(Value::Null, RpcError::new(-32700, format!("Parse error: {e}"))))),
+    let response = match serde_json::from_slice(body) {
+        Ok(doc) => handle_value(d, doc).await?,
+        Err(e) => parse_error(&e.to_string()),
     };
+    Some(encode(&response))
+}
+
+/// The response to a document that is not JSON.
+pub fn parse_error(detail: &str) -> Value {
+    failure(Value::Null, RpcError::new(-32700, format!("Parse error: {detail}")))
+}
+
+/// Answers one parsed document: a request or a batch.
+pub async fn handle_value(d: &Arc<Dispatcher>, doc: Value) -> Option<Value> {
     match doc {
-        Value::Array(items) if items.is_empty() || items.len() > MAX_BATCH => Some(encode(&failure(
+        Value::Array(items) if items.is_empty() || items.len() > MAX_BATCH => Some(failure(
             Value::Null,
             RpcError::new(-32600, format!("Invalid Request: a batch holds 1 to {MAX_BATCH} requests")),
-        ))),
+        )),
         Value::Array(items) => {
             let mut out = Vec::new();
             for item in items {
@@ -67,9 +77,9 @@ pub async fn handle(d: &Arc<Dispatcher>, body: &[u8]) -> Option<Vec<u8>> {
                     out.push(response);
                 }
             }
-            (!out.is_empty()).then(|| encode(&Value::Array(out)))
+            (!out.is_empty()).then_some(Value::Array(out))
         }
-        single => handle_one(d, single).await.map(|r| encode(&r)),
+        single => handle_one(d, single).await,
     }
 }
 

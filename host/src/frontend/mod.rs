@@ -4,3 +4,6 @@
 pub mod client;
 pub mod http;
 pub mod jsonrpc;
+pub mod metrics;
+pub mod udp;
+pub mod unix;

@@ -2,7 +2,10 @@
 //! capabilities first: a denied call returns `host-error::denied`, it never
 //! traps and is never silently ignored.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use wasmtime::component::Linker;
+use wasmtime::StoreContextMut;
 
 use super::bindings::evrhost::plugin::{commands, events, host, kv, types};
 use super::bindings::{Event, HostError, Level};
@@ -42,6 +45,40 @@ pub(crate) fn emit_log(state: &mut HostState, level: Level, message: &str) {
     }
 }
 
+fn sleep_allowed(state: &HostState) -> Result<(), HostError> {
+    if !state.call.is_task {
+        return Err(HostError::Denied("only exec tasks may sleep".into()));
+    }
+    if !state.plugin.spec.capabilities.sleep {
+        return Err(denied("sleep"));
+    }
+    Ok(())
+}
+
+/// Defines `host.sleep` over bindgen's definition, because it needs the
+/// store: an exec task runs in slices between sleeps, and each slice gets
+/// the plugin's whole fuel budget and deadline afresh when the sleep ends.
+/// A task that never sleeps is stopped like any call; one that sleeps
+/// between bounded slices may run forever.
+pub(crate) fn add_sleep(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let mut host = linker.instance("evrhost:plugin/host@0.1.0")?;
+    host.func_wrap_async("sleep", |mut store: StoreContextMut<'_, HostState>, (ms,): (u32,)| {
+        Box::new(async move {
+            if let Err(e) = sleep_allowed(store.data()) {
+                return Ok((Err(e),));
+            }
+            tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
+            let (fuel, ticks) = (store.data().plugin.spec.limits.fuel, store.data().plugin.deadline_ticks);
+            store.set_fuel(fuel)?;
+            store.set_epoch_deadline(ticks);
+            Ok((Ok::<(), HostError>(()),))
+        })
+    })?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
 fn denied(capability: &str) -> HostError {
     HostError::Denied(format!("this plugin is not granted the `{capability}` capability"))
 }
@@ -74,15 +111,11 @@ impl host::Host for HostState {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
     }
 
-    async fn sleep(&mut self, ms: u32) -> Result<(), HostError> {
-        if !self.call.is_task {
-            return Err(HostError::Denied("only exec tasks may sleep".into()));
-        }
-        if !self.plugin.spec.capabilities.sleep {
-            return Err(denied("sleep"));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(u64::from(ms))).await;
-        Ok(())
+    /// Never reached: `add_sleep` shadows this definition with one that
+    /// can renew the store's fuel and deadline. It refuses like that one.
+    async fn sleep(&mut self, _ms: u32) -> Result<(), HostError> {
+        sleep_allowed(self)?;
+        Err(HostError::Failed("sleep is served by the store-aware definition".into()))
     }
 }
 

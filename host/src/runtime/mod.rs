@@ -80,6 +80,7 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         bindings::Plugin::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        imports::add_sleep(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let cache = ComponentCache::new(&engine, cache_dir);
         let ticker = engine::Ticker::start(&engine, settings.tick).map_err(RuntimeError::Ticker)?;
         Ok(Arc::new(Runtime { engine, linker, cache, settings, _ticker: ticker }))
@@ -148,8 +149,10 @@ impl Runtime {
         let indices =
             ExportIndices::new(&pre).map_err(|message| LoadError::Invalid { plugin: name.clone(), message })?;
         let spec = Arc::new(spec);
-        let ctx = Arc::new(PluginCtx { spec: spec.clone(), kv, services });
-        let pool = Pool::new(pre, indices.clone(), ctx, self.settings.tick, stats.clone());
+        let tick = self.settings.tick.as_nanos().max(1);
+        let deadline_ticks = u64::try_from(spec.limits.deadline.as_nanos().div_ceil(tick)).unwrap_or(u64::MAX).max(1);
+        let ctx = Arc::new(PluginCtx { spec: spec.clone(), kv, services, deadline_ticks });
+        let pool = Pool::new(pre, indices.clone(), ctx, stats.clone());
         let warm = match spec.limits.isolation {
             Isolation::Reuse => spec.limits.min_instances.max(1),
             // Instantiated once to prove it can be, then dropped: per-call

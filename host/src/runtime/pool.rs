@@ -69,22 +69,15 @@ pub(crate) struct Pool {
     pre: InstancePre<HostState>,
     indices: ExportIndices,
     ctx: Arc<PluginCtx>,
-    tick: Duration,
     idle: Mutex<Vec<Worker>>,
     permits: Semaphore,
     stats: Arc<Stats>,
 }
 
 impl Pool {
-    pub fn new(
-        pre: InstancePre<HostState>,
-        indices: ExportIndices,
-        ctx: Arc<PluginCtx>,
-        tick: Duration,
-        stats: Arc<Stats>,
-    ) -> Self {
+    pub fn new(pre: InstancePre<HostState>, indices: ExportIndices, ctx: Arc<PluginCtx>, stats: Arc<Stats>) -> Self {
         let max = ctx.spec.limits.max_instances.max(1);
-        Pool { pre, indices, ctx, tick, idle: Mutex::new(Vec::new()), permits: Semaphore::new(max), stats }
+        Pool { pre, indices, ctx, idle: Mutex::new(Vec::new()), permits: Semaphore::new(max), stats }
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Worker>> {
@@ -128,14 +121,8 @@ impl Pool {
             Some(worker) => worker,
             None => self.instantiate().await?,
         };
-        worker.begin(target, depth, is_task, limits.fuel, self.deadline_ticks())?;
+        worker.begin(target, depth, is_task, limits.fuel, self.ctx.deadline_ticks)?;
         Ok(Lease { pool: self, worker: Some(worker), started, _permit: permit })
-    }
-
-    fn deadline_ticks(&self) -> u64 {
-        let tick = self.tick.as_nanos().max(1);
-        let deadline = self.ctx.spec.limits.deadline.as_nanos();
-        u64::try_from(deadline.div_ceil(tick)).unwrap_or(u64::MAX).max(1)
     }
 
     async fn instantiate(&self) -> Result<Worker, Cause> {
@@ -168,7 +155,7 @@ impl Pool {
         store.epoch_deadline_trap();
         let host = |e: wasmtime::Error| Cause::Host { message: chain(&e) };
         store.set_fuel(spec.limits.fuel).map_err(host)?;
-        store.set_epoch_deadline(self.deadline_ticks());
+        store.set_epoch_deadline(self.ctx.deadline_ticks);
         let instance: Instance = match self.pre.instantiate_async(&mut store).await {
             Ok(instance) => instance,
             Err(e) => {

@@ -17,6 +17,8 @@ pub struct PluginCtx {
     pub spec: Arc<PluginSpec>,
     pub kv: Arc<KvSpace>,
     pub services: Arc<dyn Services>,
+    /// The call deadline in epoch ticks.
+    pub deadline_ticks: u64,
 }
 
 /// What the current call is; reset before each call.

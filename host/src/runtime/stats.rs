@@ -6,8 +6,14 @@ use std::time::Duration;
 
 use super::error::Cause;
 
+/// Upper bounds of the latency histogram's buckets, in microseconds; one
+/// more bucket counts everything slower.
+pub const LATENCY_BUCKETS_US: [u64; 16] =
+    [10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 10_000_000];
+
 #[derive(Default)]
 pub struct Stats {
+    latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     calls: AtomicU64,
     errors: [AtomicU64; Cause::KINDS.len()],
     busy_ns: AtomicU64,
@@ -22,15 +28,28 @@ pub struct StatsSnapshot {
     pub calls: u64,
     pub errors: std::collections::BTreeMap<&'static str, u64>,
     pub busy_us: u64,
+    /// Upper bounds (µs) of the buckets holding the 50th, 90th and 99th
+    /// percentile call; `null` past the last bucket.
+    pub latency_us: Percentiles,
     pub fuel: u64,
     pub instantiated: u64,
     pub discarded: u64,
     pub log_lines_dropped: u64,
 }
 
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Percentiles {
+    pub p50: Option<u64>,
+    pub p90: Option<u64>,
+    pub p99: Option<u64>,
+}
+
 impl Stats {
     pub(crate) fn record(&self, elapsed: Duration, fuel: u64, cause: Option<&Cause>) {
         self.calls.fetch_add(1, Relaxed);
+        let us = elapsed.as_micros();
+        let bucket = LATENCY_BUCKETS_US.iter().position(|b| us <= u128::from(*b)).unwrap_or(LATENCY_BUCKETS_US.len());
+        self.latency[bucket].fetch_add(1, Relaxed);
         self.busy_ns.fetch_add(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX), Relaxed);
         self.fuel.fetch_add(fuel, Relaxed);
         if let Some(cause) = cause {
@@ -56,20 +75,72 @@ impl Stats {
         self.log_dropped.fetch_add(n as u64, Relaxed);
     }
 
+    /// Calls per latency bucket (see `LATENCY_BUCKETS_US`), not cumulative.
+    pub fn latency_buckets(&self) -> [u64; LATENCY_BUCKETS_US.len() + 1] {
+        std::array::from_fn(|i| self.latency[i].load(Relaxed))
+    }
+
+    /// Errors by cause kind, every kind listed.
+    pub fn errors(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Cause::KINDS.iter().zip(&self.errors).map(|(k, n)| (*k, n.load(Relaxed)))
+    }
+
+    fn percentiles(&self) -> Percentiles {
+        let buckets = self.latency_buckets();
+        let total: u64 = buckets.iter().sum();
+        let at = |q: f64| -> Option<u64> {
+            if total == 0 {
+                return None;
+            }
+            let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for (i, n) in buckets.iter().enumerate() {
+                seen += n;
+                if seen >= rank {
+                    return LATENCY_BUCKETS_US.get(i).copied();
+                }
+            }
+            None
+        };
+        Percentiles { p50: at(0.5), p90: at(0.9), p99: at(0.99) }
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Relaxed)
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
+            latency_us: self.percentiles(),
             calls: self.calls.load(Relaxed),
-            errors: Cause::KINDS
-                .iter()
-                .zip(&self.errors)
-                .map(|(k, n)| (*k, n.load(Relaxed)))
-                .filter(|(_, n)| *n > 0)
-                .collect(),
+            errors: self.errors().filter(|(_, n)| *n > 0).collect(),
             busy_us: self.busy_ns.load(Relaxed) / 1000,
             fuel: self.fuel.load(Relaxed),
             instantiated: self.instantiated.load(Relaxed),
             discarded: self.discarded.load(Relaxed),
             log_lines_dropped: self.log_dropped.load(Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_come_from_the_buckets() {
+        let stats = Stats::default();
+        for _ in 0..90 {
+            stats.record(Duration::from_micros(8), 1, None);
+        }
+        for _ in 0..9 {
+            stats.record(Duration::from_micros(400), 1, None);
+        }
+        stats.record(Duration::from_secs(20), 1, Some(&Cause::StackOverflow));
+        let s = stats.snapshot();
+        assert_eq!((s.latency_us.p50, s.latency_us.p90, s.latency_us.p99), (Some(10), Some(10), Some(500)));
+        assert_eq!(s.calls, 100);
+        assert_eq!(s.errors.get("stack"), Some(&1));
+        assert_eq!(stats.latency_buckets()[LATENCY_BUCKETS_US.len()], 1);
     }
 }

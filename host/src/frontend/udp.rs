@@ -1,0 +1,198 @@
+//! UDP front-end: evrexec's `sockaddr` tasks. Each datagram is one call of
+//! the route with its data and its source (`origin = udp(peer)`); the
+//! reply's data, when the handler gives some, goes back to the source.
+//!
+//! Kamailio's evrexec reads one datagram per `recvfrom` and runs the route
+//! in that same process, so a slow route stalls the socket and a flood is
+//! lost in the kernel. Here a receiver thread reads batches with
+//! recvmmsg(2) and hands datagrams to `workers` async tasks through a
+//! bounded queue:
+//! - when the queue is full, datagrams are dropped and counted (the
+//!   `dropped` metric, and a warning at most once a second): the receiver
+//!   never blocks on slow handlers and memory never grows without bound;
+//! - with one worker, datagrams are handled in arrival order, as evrexec
+//!   does; with more, concurrently (no order between them);
+//! - buffers hold 65,536 bytes, more than the largest UDP payload, so no
+//!   datagram is cut.
+
+use std::io::{self, IoSliceMut};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+use crate::config::UdpDef;
+use crate::dispatcher::Dispatcher;
+use crate::runtime::{Origin, Peer};
+
+/// Datagrams read per recvmmsg call.
+const BATCH: usize = 32;
+/// Larger than any UDP payload (65,507 bytes over IPv4, 65,527 over IPv6).
+const BUFFER: usize = 65_536;
+
+#[derive(Default, Debug)]
+pub struct UdpStats {
+    pub received: AtomicU64,
+    /// Dropped because the queue was full.
+    pub dropped: AtomicU64,
+    /// Calls that failed (the cause is logged and counted per plugin).
+    pub failed: AtomicU64,
+    pub replies: AtomicU64,
+    pub reply_errors: AtomicU64,
+}
+
+/// One UDP socket as the metrics and RPC see it.
+pub struct UdpEndpoint {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub stats: Arc<UdpStats>,
+}
+
+/// Binds `def.addr` (non-blocking) with the configured receive buffer.
+pub fn bind(def: &UdpDef) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let context = |e: io::Error| io::Error::new(e.kind(), format!("udp:{}: {e}", def.addr));
+    let socket = Socket::new(Domain::for_address(def.addr), Type::DGRAM, Some(Protocol::UDP)).map_err(context)?;
+    if let Some(size) = def.recv_buffer {
+        socket.set_recv_buffer_size(size).map_err(context)?;
+    }
+    socket.set_nonblocking(true).map_err(context)?;
+    socket.bind(&def.addr.into()).map_err(context)?;
+    Ok(socket.into())
+}
+
+struct Datagram {
+    data: Vec<u8>,
+    peer: SocketAddr,
+}
+
+/// Serves `route` on `socket`: the receiver thread ends once the returned
+/// worker tasks are aborted (it sees the queue closed).
+pub fn start(
+    route: &str,
+    def: &UdpDef,
+    socket: std::net::UdpSocket,
+    d: Arc<Dispatcher>,
+) -> io::Result<(UdpEndpoint, Vec<JoinHandle<()>>)> {
+    let addr = socket.local_addr().unwrap_or(def.addr);
+    // Replies go out through a clone of the socket registered with tokio.
+    let sender = Arc::new(UdpSocket::from_std(socket.try_clone()?)?);
+    let stats = Arc::new(UdpStats::default());
+    let (tx, rx) = async_channel::bounded::<Datagram>(def.queue);
+    let mut tasks = Vec::new();
+    for _ in 0..def.workers {
+        let (rx, sender, stats, d, route) = (rx.clone(), sender.clone(), stats.clone(), d.clone(), route.to_string());
+        let reply = def.reply;
+        tasks.push(tokio::spawn(async move {
+            while let Ok(datagram) = rx.recv().await {
+                handle(&d, &route, &sender, &stats, reply, datagram).await;
+            }
+        }));
+    }
+    let (name, receiver_stats) = (route.to_string(), stats.clone());
+    std::thread::Builder::new().name("evrhost-udp".into()).spawn(move || {
+        if let Err(e) = receive(&socket, &tx, &receiver_stats, &name) {
+            tracing::error!(route = %name, %addr, error = %e, "UDP receiver stopped");
+        }
+    })?;
+    Ok((UdpEndpoint { name: route.to_string(), addr, stats }, tasks))
+}
+
+async fn handle(d: &Dispatcher, route: &str, socket: &UdpSocket, stats: &UdpStats, reply: bool, datagram: Datagram) {
+    let peer = datagram.peer;
+    let origin = Origin::Udp(Peer { ip: peer.ip().to_canonical().to_string(), port: peer.port() });
+    match d.run_route(route, datagram.data, Vec::new(), origin).await {
+        Ok(outcome) => {
+            if let (true, Some(data)) = (reply, outcome.reply.data) {
+                match socket.send_to(&data, peer).await {
+                    Ok(_) => stats.replies.fetch_add(1, Relaxed),
+                    Err(e) => {
+                        tracing::debug!(route, %peer, error = %e, "reply datagram not sent");
+                        stats.reply_errors.fetch_add(1, Relaxed)
+                    }
+                };
+            }
+        }
+        Err(e) => {
+            stats.failed.fetch_add(1, Relaxed);
+            tracing::debug!(route, %peer, error = %e, "datagram not handled");
+        }
+    }
+}
+
+fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
+    }
+    addr.as_sockaddr_in6().map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
+}
+
+/// The receiver thread: waits for the socket with poll(2) (waking every
+/// 250 ms to notice shutdown), then drains it in recvmmsg batches.
+fn receive(
+    socket: &std::net::UdpSocket,
+    tx: &async_channel::Sender<Datagram>,
+    stats: &UdpStats,
+    route: &str,
+) -> io::Result<()> {
+    let fd = socket.as_raw_fd();
+    let mut buffers: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; BUFFER]).collect();
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut received: Vec<(usize, Option<SocketAddr>)> = Vec::with_capacity(BATCH);
+    let (mut dropped_since, mut last_warning) = (0u64, Instant::now());
+    while !tx.is_closed() {
+        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(250u16)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
+        loop {
+            // The slices borrow the buffers only inside this block.
+            let batch = {
+                let mut slices: Vec<[IoSliceMut<'_>; 1]> = buffers.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+                recvmmsg(fd, &mut headers, slices.iter_mut(), MsgFlags::MSG_DONTWAIT, None).map(|results| {
+                    received.clear();
+                    received.extend(results.map(|msg| (msg.bytes, msg.address.as_ref().and_then(to_std))));
+                })
+            };
+            match batch {
+                Ok(()) => {}
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    // ICMP errors caused by earlier replies and the like.
+                    tracing::debug!(route, error = %e, "recvmmsg");
+                    break;
+                }
+            }
+            stats.received.fetch_add(received.len() as u64, Relaxed);
+            for (i, (len, peer)) in received.iter().enumerate() {
+                let (Some(buffer), Some(peer)) = (buffers.get(i), peer) else { continue };
+                let data = buffer[..(*len).min(BUFFER)].to_vec();
+                match tx.try_send(Datagram { data, peer: *peer }) {
+                    Ok(()) => {}
+                    Err(async_channel::TrySendError::Full(_)) => {
+                        stats.dropped.fetch_add(1, Relaxed);
+                        dropped_since += 1;
+                    }
+                    Err(async_channel::TrySendError::Closed(_)) => return Ok(()),
+                }
+            }
+            if dropped_since > 0 && last_warning.elapsed() >= Duration::from_secs(1) {
+                tracing::warn!(route, dropped = dropped_since, "UDP queue full: datagrams dropped");
+                (dropped_since, last_warning) = (0, Instant::now());
+            }
+            if received.len() < BATCH {
+                break;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! JSON-RPC over a UNIX stream socket: request documents back to back (any
+//! whitespace between them), each answered with one response document and
+//! a newline. No token: the socket file's permissions guard it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::http::MAX_BODY;
+use super::jsonrpc;
+use crate::dispatcher::Dispatcher;
+
+/// Binds `path`, replacing a stale socket left by an earlier run (but never
+/// a file that is not a socket).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    UnixListener::bind(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))
+}
+
+pub async fn serve(listener: UnixListener, d: Arc<Dispatcher>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(connection(stream, d.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "rpc unix accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(mut stream: UnixStream, d: Arc<Dispatcher>) {
+    let mut buffer: Vec<u8> = Vec::with_capacity(4096);
+    loop {
+        let mut requests = Vec::new();
+        let mut consumed = 0;
+        let mut values = serde_json::Deserializer::from_slice(&buffer).into_iter::<Value>();
+        let malformed = loop {
+            match values.next() {
+                Some(Ok(v)) => {
+                    requests.push(v);
+                    consumed = values.byte_offset();
+                }
+                Some(Err(e)) if e.is_eof() => break None,
+                Some(Err(e)) => break Some(e),
+                None => break None,
+            }
+        };
+        buffer.drain(..consumed);
+        for request in requests {
+            if let Some(response) = jsonrpc::handle_value(&d, request).await {
+                if write(&mut stream, &response).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if let Some(e) = malformed {
+            // Past a syntax error the stream cannot be resynchronised.
+            let response = jsonrpc::parse_error(&e.to_string());
+            let _ = write(&mut stream, &response).await;
+            return;
+        }
+        if buffer.len() > MAX_BODY {
+            let response = jsonrpc::parse_error(&format!("a document over {MAX_BODY} bytes"));
+            let _ = write(&mut stream, &response).await;
+            return;
+        }
+        match stream.read_buf(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn write(stream: &mut UnixStream, response: &Value) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(response).unwrap_or_default();
+    bytes.push(b'\n');
+    stream.write_all(&bytes).await
+}
