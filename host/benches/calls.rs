@@ -831,6 +831,12 @@ fn main() {
         return;
     }
     let started = Instant::now();
+    // Other work on the machine skews every figure (the throughput ones
+    // most): say how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into());
     let mut results = Results {
         rows: Vec::new(),
         spread: Spread(Vec::new()),
@@ -853,7 +859,9 @@ fn main() {
 
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!();
-    println!("evrhost benchmark ({cores} cores; medians; {PAYLOAD}-byte payload; wasmtime 48.0.8)");
+    println!(
+        "evrhost benchmark ({cores} cores; medians; {PAYLOAD}-byte payload; wasmtime 48.0.8; load avg {load} at start)"
+    );
     println!(
         "{:<30} {:>12} {:>12} {:>7}   {:<18} result",
         "case", "evrhost", "baseline", "ratio", "target"

@@ -453,7 +453,7 @@ impl Dispatcher {
         slot.reloads.fetch_add(1, Relaxed);
         tracing::info!(
             plugin = %name,
-            hash = &new.hash[..16],
+            hash = %&new.hash[..16],
             cache = ?new.cache,
             ms = started.elapsed().as_secs_f64() * 1e3,
             "plugin reloaded"

@@ -86,7 +86,7 @@ impl Worker {
             // Armed before the version is read, so a swap is never missed.
             let swapped = slot.swapped.notified();
             let version = slot.current();
-            tracing::info!(task = %self.name, worker = %self.worker, plugin = %self.plugin, hash = &version.hash[..16], "task starting");
+            tracing::info!(task = %self.name, worker = %self.worker, plugin = %self.plugin, hash = %&version.hash[..16], "task starting");
             let started = Instant::now();
             let outcome = tokio::select! {
                 (result, _) = version.run_task(&self.name, &self.worker) => Some(result),
@@ -108,7 +108,7 @@ impl Worker {
                     tracing::error!(
                         task = %self.name,
                         worker = %self.worker,
-                        cause = e.cause.kind(),
+                        cause = %e.cause.kind(),
                         retry_ms = backoff.as_millis() as u64,
                         "task failed: {e}; restarting"
                     );

@@ -10,6 +10,10 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_evrhost");
 
+/// The components built from `plugins/`; `{NAME}` in a test's config
+/// stands for one's path.
+pub const PLUGINS: [&str; 7] = ["echo", "counter", "hostile", "timer", "xlog", "kvcount", "sipoptions"];
+
 /// A component built from `plugins/` by the host's build script.
 pub fn plugin(name: &str) -> PathBuf {
     Path::new(env!("EVRHOST_PLUGINS_DIR")).join(format!("{name}.wasm"))
@@ -19,6 +23,12 @@ pub fn plugin(name: &str) -> PathBuf {
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local addr").port()
+}
+
+/// A loopback UDP port nobody uses right now.
+pub fn free_udp_port() -> u16 {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral UDP port");
+    socket.local_addr().expect("local addr").port()
 }
 
 /// Runs `evrhost ARGS…` to completion.
@@ -40,13 +50,17 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts `evrhost run -c` on `config` (with `{PORT}` replaced by a free
-    /// port and `{echo}`, `{counter}`, … by the plugins' paths) and waits
-    /// until it answers.
+    /// port, `{UDP}` by a free UDP port, `{DIR}` by the daemon's directory
+    /// and `{echo}`, `{counter}`, … by the plugins' paths) and waits until
+    /// it answers.
     pub async fn start(config: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
-        let mut text = config.replace("{PORT}", &port.to_string());
-        for name in ["echo", "counter", "hostile", "timer"] {
+        let mut text = config
+            .replace("{PORT}", &port.to_string())
+            .replace("{UDP}", &free_udp_port().to_string())
+            .replace("{DIR}", &dir.path().display().to_string());
+        for name in PLUGINS {
             text = text.replace(&format!("{{{name}}}"), &plugin(name).display().to_string());
         }
         let path = dir.path().join("evrhost.toml");
@@ -87,6 +101,35 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("evrhost.log")).unwrap_or_default()
+    }
+
+    /// The config as the daemon got it.
+    pub fn config(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("evrhost.toml")).unwrap_or_default()
+    }
+
+    /// Waits up to `within` for a log line containing every one of `parts`.
+    pub async fn wait_for_log(&self, parts: &[&str], within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return line.to_string();
+            }
+            assert!(Instant::now() < deadline, "no log line with {parts:?} within {within:?}:\n{log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The UDP address of the config's `sockaddr = "udp:…"` number `n`.
+    pub fn udp_addr(&self, n: usize) -> SocketAddr {
+        let config = self.config();
+        let sockaddr = config
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("sockaddr = \"udp:"))
+            .nth(n)
+            .unwrap_or_else(|| panic!("no sockaddr number {n} in the config"));
+        evrhost::config::parse_sockaddr(&format!("udp:{}", sockaddr.trim_end_matches('"'))).expect("sockaddr")
     }
 
     pub fn is_running(&mut self) -> bool {

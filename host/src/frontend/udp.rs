@@ -113,7 +113,7 @@ async fn handle(d: &Dispatcher, route: &str, socket: &UdpSocket, stats: &UdpStat
                 match socket.send_to(&data, peer).await {
                     Ok(_) => stats.replies.fetch_add(1, Relaxed),
                     Err(e) => {
-                        tracing::debug!(route, %peer, error = %e, "reply datagram not sent");
+                        tracing::debug!(route = %route, %peer, error = %e, "reply datagram not sent");
                         stats.reply_errors.fetch_add(1, Relaxed)
                     }
                 };
@@ -121,7 +121,7 @@ async fn handle(d: &Dispatcher, route: &str, socket: &UdpSocket, stats: &UdpStat
         }
         Err(e) => {
             stats.failed.fetch_add(1, Relaxed);
-            tracing::debug!(route, %peer, error = %e, "datagram not handled");
+            tracing::debug!(route = %route, %peer, error = %e, "datagram not handled");
         }
     }
 }
@@ -131,6 +131,21 @@ fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
         return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
     }
     addr.as_sockaddr_in6().map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
+}
+
+/// Warns of dropped datagrams at most once a second.
+struct DropWarning {
+    since: u64,
+    last: Option<Instant>,
+}
+
+impl DropWarning {
+    fn warn(&mut self, route: &str) {
+        if self.since > 0 && self.last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            tracing::warn!(route = %route, dropped = self.since, "UDP queue full: datagrams dropped");
+            (self.since, self.last) = (0, Some(Instant::now()));
+        }
+    }
 }
 
 /// The receiver thread: waits for the socket with poll(2) (waking every
@@ -145,8 +160,9 @@ fn receive(
     let mut buffers: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; BUFFER]).collect();
     let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut received: Vec<(usize, Option<SocketAddr>)> = Vec::with_capacity(BATCH);
-    let (mut dropped_since, mut last_warning) = (0u64, Instant::now());
+    let mut drops = DropWarning { since: 0, last: None };
     while !tx.is_closed() {
+        drops.warn(route);
         let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(250u16)) {
             Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
@@ -168,7 +184,7 @@ fn receive(
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
                     // ICMP errors caused by earlier replies and the like.
-                    tracing::debug!(route, error = %e, "recvmmsg");
+                    tracing::debug!(route = %route, error = %e, "recvmmsg");
                     break;
                 }
             }
@@ -180,15 +196,12 @@ fn receive(
                     Ok(()) => {}
                     Err(async_channel::TrySendError::Full(_)) => {
                         stats.dropped.fetch_add(1, Relaxed);
-                        dropped_since += 1;
+                        drops.since += 1;
                     }
                     Err(async_channel::TrySendError::Closed(_)) => return Ok(()),
                 }
             }
-            if dropped_since > 0 && last_warning.elapsed() >= Duration::from_secs(1) {
-                tracing::warn!(route, dropped = dropped_since, "UDP queue full: datagrams dropped");
-                (dropped_since, last_warning) = (0, Instant::now());
-            }
+            drops.warn(route);
             if received.len() < BATCH {
                 break;
             }

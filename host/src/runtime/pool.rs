@@ -239,7 +239,7 @@ impl Lease<'_> {
             Some(cause) if cause.poisons_instance() => tracing::warn!(
                 plugin = %pool.ctx.spec.name,
                 route = %data.call.target,
-                cause = cause.kind(),
+                cause = %cause.kind(),
                 "call failed: {cause}; instance discarded"
             ),
             Some(cause) => tracing::debug!(plugin = %pool.ctx.spec.name, route = %data.call.target, "call failed: {cause}"),
