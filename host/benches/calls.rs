@@ -402,7 +402,6 @@ fn in_process(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
     // 1. Reused instance: runtime path, dispatcher path, bare.
     {
         let req = request("echo");
-        let data = vec![0x5a; PAYLOAD];
         let breq = bare_request();
         let mut w = rt.block_on(bare.worker())?;
         let v = &echo_v;
@@ -413,7 +412,7 @@ fn in_process(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
                 }
                 _ => failed(),
             },
-            1 => match d.run_route("echo", data.clone(), vec![], Origin::Cli).await {
+            1 => match d.run_route(&req).await {
                 Ok(out) if out.reply.handled => {
                     std::hint::black_box(out);
                 }
@@ -567,14 +566,11 @@ fn in_process(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
                         split[0].clone()
                     };
                     rt.spawn(async move {
-                        let data = vec![0x5a; PAYLOAD];
                         let req = request("echo");
                         let mut n = 0u64;
                         while !stop.load(Ordering::Relaxed) {
                             let ok = if mode == 0 {
-                                d.run_route("echo", data.clone(), vec![], Origin::Cli)
-                                    .await
-                                    .is_ok_and(|out| out.reply.handled)
+                                d.run_route(&req).await.is_ok_and(|out| out.reply.handled)
                             } else {
                                 v.handle(&req, 0).await.0.is_ok_and(|reply| reply.handled)
                             };

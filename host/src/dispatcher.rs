@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use crate::config::{CodeSource, Config, ExecKind, PluginDef, RouteDef};
 use crate::kv::{KvLimits, KvStore};
 use crate::runtime::{
-    CallError, CallReport, Event, Export, HostError, LoadError, Origin, PluginSpec, PluginVersion, Reply, Request,
+    CallError, CallReport, Event, Export, HostError, LoadError, PluginSpec, PluginVersion, Reply, Request,
     Runtime, Services, Stats, StatsSnapshot,
 };
 
@@ -46,15 +46,17 @@ pub enum DispatchError {
     InUse { plugin: String, by: String },
     #[error("command `{command}` of plugin `{plugin}` is already offered by `{other}`")]
     CommandConflict { command: String, plugin: String, other: String },
+    /// Boxed: a failed call is the rare case, and a small `Result` keeps
+    /// the hot path's moves cheap.
     #[error(transparent)]
-    Call(#[from] CallError),
+    Call(Box<CallError>),
     #[error(transparent)]
     Load(#[from] LoadError),
 }
 
 /// A plugin's place in the dispatcher; outlives its versions.
 pub struct Slot {
-    pub name: String,
+    pub name: Arc<str>,
     current: ArcSwap<PluginVersion>,
     code: Mutex<CodeSource>,
     stats: Arc<Stats>,
@@ -67,7 +69,7 @@ pub struct Slot {
 impl Slot {
     fn new(name: &str, version: Arc<PluginVersion>, code: CodeSource, stats: Arc<Stats>) -> Slot {
         Slot {
-            name: name.to_string(),
+            name: name.into(),
             current: ArcSwap::new(version),
             code: Mutex::new(code),
             stats,
@@ -133,7 +135,7 @@ impl Table {
         candidate: Option<(&str, &Arc<PluginVersion>)>,
     ) -> Result<Table, DispatchError> {
         let version = |slot: &Slot| match candidate {
-            Some((name, v)) if name == slot.name => v.clone(),
+            Some((name, v)) if *name == *slot.name => v.clone(),
             _ => slot.current(),
         };
         let route_needs = route_defs.iter().map(|def| Need {
@@ -167,12 +169,12 @@ impl Table {
                 let taken_by = if BUILTINS.iter().any(|(n, _, _)| *n == info.name) {
                     Some("evrhost (built-in)".to_string())
                 } else {
-                    commands.get(&info.name).map(|other| other.name.clone())
+                    commands.get(&info.name).map(|other| other.name.to_string())
                 };
                 if let Some(other) = taken_by {
                     return Err(DispatchError::CommandConflict {
                         command: info.name.clone(),
-                        plugin: slot.name.clone(),
+                        plugin: slot.name.to_string(),
                         other,
                     });
                 }
@@ -187,7 +189,7 @@ impl Table {
 #[derive(Debug)]
 pub struct RouteOutcome {
     pub reply: Reply,
-    pub plugin: String,
+    pub plugin: Arc<str>,
     pub report: CallReport,
 }
 
@@ -290,39 +292,49 @@ impl Dispatcher {
         &self.runtime
     }
 
-    /// Runs a route: its handlers in priority order until one replies
-    /// `handled`. A handler that fails is logged and the next one runs; the
-    /// error is returned only when no handler replied at all.
-    pub async fn run_route(
-        &self,
-        route: &str,
-        data: Vec<u8>,
-        params: Vec<(String, String)>,
-        origin: Origin,
-    ) -> Result<RouteOutcome, DispatchError> {
-        let table = self.table.load_full();
-        let handlers = table.routes.get(route).ok_or_else(|| DispatchError::RouteNotFound(route.to_string()))?;
-        let request = Request { route: route.to_string(), data, params, origin };
+    /// Runs the route `request.route`: its handlers in priority order until
+    /// one replies `handled`. A handler that fails is logged and the next
+    /// one runs; the error is returned only when no handler replied at all.
+    pub async fn run_route(&self, request: &Request) -> Result<RouteOutcome, DispatchError> {
+        let route = request.route.as_str();
+        let handlers: Vec<Arc<Slot>> = {
+            // A guard, not an Arc: no shared count to bounce between cores.
+            let table = self.table.load();
+            let handlers = table.routes.get(route).ok_or_else(|| DispatchError::RouteNotFound(route.to_string()))?;
+            if let [only] = handlers.as_slice() {
+                let slot = only.slot.clone();
+                drop(table);
+                return Self::run_one(&slot, request).await;
+            }
+            handlers.iter().map(|h| h.slot.clone()).collect()
+        };
         let mut declined: Option<RouteOutcome> = None;
         let mut failed: Option<CallError> = None;
-        for handler in handlers {
-            let version = handler.slot.current();
-            let (result, report) = version.handle(&request, 0).await;
+        for slot in &handlers {
+            let (result, report) = slot.current().handle(request, 0).await;
             match result {
-                Ok(reply) if reply.handled => return Ok(RouteOutcome { reply, plugin: handler.slot.name.clone(), report }),
-                Ok(reply) => declined = Some(RouteOutcome { reply, plugin: handler.slot.name.clone(), report }),
+                Ok(reply) if reply.handled => return Ok(RouteOutcome { reply, plugin: slot.name.clone(), report }),
+                Ok(reply) => declined = Some(RouteOutcome { reply, plugin: slot.name.clone(), report }),
                 Err(e) => {
-                    if handlers.len() > 1 {
-                        tracing::warn!(error = %e, "route handler failed; trying the next");
-                    }
+                    tracing::warn!(error = %e, "route handler failed; trying the next");
                     failed = Some(e);
                 }
             }
         }
         match (declined, failed) {
             (Some(outcome), _) => Ok(outcome),
-            (None, Some(e)) => Err(e.into()),
+            (None, Some(e)) => Err(DispatchError::Call(Box::new(e))),
             (None, None) => Err(DispatchError::RouteNotFound(route.to_string())),
+        }
+    }
+
+    /// A route with one handler, the common case: its reply, handled or not.
+    async fn run_one(slot: &Arc<Slot>, request: &Request) -> Result<RouteOutcome, DispatchError> {
+        let version = slot.current();
+        let (result, report) = version.handle(request, 0).await;
+        match result {
+            Ok(reply) => Ok(RouteOutcome { reply, plugin: slot.name.clone(), report }),
+            Err(e) => Err(DispatchError::Call(Box::new(e))),
         }
     }
 
@@ -339,7 +351,7 @@ impl Dispatcher {
             .cloned()
             .ok_or_else(|| DispatchError::CommandNotFound(command.to_string()))?;
         let (result, _) = slot.current().execute(command, args, depth).await;
-        Ok(result?)
+        result.map_err(|e| DispatchError::Call(Box::new(e)))
     }
 
     fn builtin(&self, command: &str) -> Option<String> {
@@ -399,7 +411,7 @@ impl Dispatcher {
             .map(|slot| {
                 let v = slot.current();
                 PluginInfo {
-                    name: slot.name.clone(),
+                    name: slot.name.to_string(),
                     tenant: v.spec.tenant.clone(),
                     source: v.spec.source.clone(),
                     hash: v.hash[..16].to_string(),
@@ -423,7 +435,7 @@ impl Dispatcher {
             .iter()
             .map(|(name, handlers)| RouteInfo {
                 name: name.clone(),
-                handlers: handlers.iter().map(|h| (h.slot.name.clone(), h.priority)).collect(),
+                handlers: handlers.iter().map(|h| (h.slot.name.to_string(), h.priority)).collect(),
             })
             .collect()
     }

@@ -14,7 +14,7 @@ use evrhost::dispatcher::Dispatcher;
 use evrhost::exec;
 use evrhost::frontend::metrics::Registry;
 use evrhost::frontend::{client::RpcClient, http, udp, unix};
-use evrhost::runtime::{Export, Isolation, Origin, Runtime};
+use evrhost::runtime::{Export, Isolation, Origin, Request, Runtime};
 
 #[derive(Parser)]
 #[command(name = "evrhost", version, about = "Runs sandboxed WebAssembly components as event-route handlers")]
@@ -230,7 +230,8 @@ async fn call(def: PluginDef, route: &str, data: String, params: Vec<(String, St
     let name = def.spec.name.clone();
     let config = single(def, vec![RouteDef { name: route.to_string(), plugin: name, priority: 0 }]);
     let d = start(&config).await?;
-    match d.run_route(route, data.into_bytes(), params, Origin::Cli).await {
+    let request = Request { route: route.to_string(), data: data.into_bytes(), params, origin: Origin::Cli };
+    match d.run_route(&request).await {
         Ok(outcome) => {
             let r = &outcome.reply;
             println!("handled: {}", r.handled);

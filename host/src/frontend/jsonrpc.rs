@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::PluginDef;
 use crate::dispatcher::{DispatchError, Dispatcher};
-use crate::runtime::Origin;
+use crate::runtime::{Origin, Request};
 
 /// Requests in one batch; more is refused as a whole.
 const MAX_BATCH: usize = 1000;
@@ -154,7 +154,8 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
         "evrexec.run" => {
             let Some(name) = p.text(0) else { return Err(RpcError::new(500, "Invalid parameters")) };
             let data = p.text(1).unwrap_or_default();
-            match d.run_route(&name, data.into_bytes(), Vec::new(), Origin::Rpc).await {
+            let request = Request { route: name, data: data.into_bytes(), params: Vec::new(), origin: Origin::Rpc };
+            match d.run_route(&request).await {
                 Ok(_) => Ok(json!({})),
                 Err(e @ DispatchError::RouteNotFound(_)) => Err(RpcError::new(500, e.to_string())),
                 Err(e) => Err(RpcError::new(500, e.to_string())),
@@ -171,7 +172,8 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
                     .collect(),
                 Some(_) => return Err(RpcError::new(-32602, "Invalid params: params (object) expected at position 2")),
             };
-            let outcome = d.run_route(&name, data.into_bytes(), params, Origin::Rpc).await.map_err(dispatch_error)?;
+            let request = Request { route: name, data: data.into_bytes(), params, origin: Origin::Rpc };
+            let outcome = d.run_route(&request).await.map_err(dispatch_error)?;
             let r = &outcome.reply;
             let params: Map<String, Value> = r.params.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
             Ok(json!({
@@ -179,7 +181,7 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
                 "retval": r.retval,
                 "params": params,
                 "data": r.data.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
-                "plugin": outcome.plugin,
+                "plugin": &*outcome.plugin,
                 "fuel": outcome.report.fuel,
                 "time_us": outcome.report.elapsed.as_micros() as u64,
             }))

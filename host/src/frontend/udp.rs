@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::UdpDef;
 use crate::dispatcher::Dispatcher;
-use crate::runtime::{Origin, Peer};
+use crate::runtime::{Origin, Peer, Request};
 
 /// Datagrams read per recvmmsg call.
 const BATCH: usize = 32;
@@ -107,7 +107,8 @@ pub fn start(
 async fn handle(d: &Dispatcher, route: &str, socket: &UdpSocket, stats: &UdpStats, reply: bool, datagram: Datagram) {
     let peer = datagram.peer;
     let origin = Origin::Udp(Peer { ip: peer.ip().to_canonical().to_string(), port: peer.port() });
-    match d.run_route(route, datagram.data, Vec::new(), origin).await {
+    let request = Request { route: route.to_string(), data: datagram.data, params: Vec::new(), origin };
+    match d.run_route(&request).await {
         Ok(outcome) => {
             if let (true, Some(data)) = (reply, outcome.reply.data) {
                 match socket.send_to(&data, peer).await {

@@ -6,6 +6,7 @@
 
 mod bindings;
 pub mod cache;
+mod clock;
 mod engine;
 pub mod error;
 mod imports;
@@ -75,6 +76,7 @@ fn check_header(name: &str, source: &str, wasm: &[u8]) -> Result<(), LoadError> 
 
 impl Runtime {
     pub fn new(settings: EngineSettings, cache_dir: Option<PathBuf>) -> Result<Arc<Runtime>, RuntimeError> {
+        clock::calibrate_in_background();
         let engine = engine::build(&settings).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;

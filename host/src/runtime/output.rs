@@ -4,6 +4,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -14,6 +15,9 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 #[derive(Clone)]
 pub struct OutputCapture {
     inner: Arc<Mutex<Captured>>,
+    /// Set by a write, cleared by `take`: most calls print nothing, and
+    /// then `take` costs one load instead of a lock.
+    written: Arc<AtomicBool>,
 }
 
 struct Captured {
@@ -24,7 +28,10 @@ struct Captured {
 
 impl OutputCapture {
     pub fn new(cap: usize) -> Self {
-        OutputCapture { inner: Arc::new(Mutex::new(Captured { buf: Vec::new(), cap, dropped: 0 })) }
+        OutputCapture {
+            inner: Arc::new(Mutex::new(Captured { buf: Vec::new(), cap, dropped: 0 })),
+            written: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     fn append(&self, bytes: &[u8]) {
@@ -33,11 +40,17 @@ impl OutputCapture {
         let kept = bytes.len().min(room);
         c.buf.extend_from_slice(&bytes[..kept]);
         c.dropped += bytes.len() - kept;
+        self.written.store(true, Ordering::Release);
     }
 
     /// Takes what was written since the last call: the text, and how many
     /// bytes were dropped over the cap.
     pub fn take(&self) -> (String, usize) {
+        // A plain load first: the common case (nothing printed) then costs
+        // no atomic write.
+        if !self.written.load(Ordering::Relaxed) || !self.written.swap(false, Ordering::Acquire) {
+            return (String::new(), 0);
+        }
         let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if c.buf.is_empty() && c.dropped == 0 {
             return (String::new(), 0);

@@ -3,9 +3,10 @@
 //! Invariants:
 //! - A worker (a store plus its instance) is idle in the pool or owned by
 //!   exactly one `Lease`, never both.
-//! - At most `max_instances` workers exist: a lease holds a semaphore permit
-//!   from before its worker is taken or made until after it is returned or
-//!   dropped.
+//! - At most `max_instances` workers are leased at once: `in_use` counts
+//!   leases, under the same lock as the idle list, from before a lease's
+//!   worker is taken or made until after it is returned or dropped; a call
+//!   that finds the pool full waits (at most its deadline) to be notified.
 //! - A worker returns to the pool only in `reuse` isolation and only when
 //!   its call ended without poisoning it (`Cause::poisons_instance`): a trap,
 //!   exhausted fuel, a missed deadline or a memory-cap hit leaves the
@@ -18,9 +19,11 @@
 //!   flight on the old version ends, its pool is dropped.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::sync::{Semaphore, SemaphorePermit};
+use super::clock::{self, Stamp};
+
+use tokio::sync::Notify;
 use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
@@ -69,24 +72,56 @@ pub(crate) struct Pool {
     pre: InstancePre<HostState>,
     indices: ExportIndices,
     ctx: Arc<PluginCtx>,
-    idle: Mutex<Vec<Worker>>,
-    permits: Semaphore,
+    state: Mutex<PoolState>,
+    /// Woken when a lease ends, for calls waiting on a full pool.
+    freed: Notify,
     stats: Arc<Stats>,
+}
+
+struct PoolState {
+    idle: Vec<Worker>,
+    in_use: usize,
 }
 
 impl Pool {
     pub fn new(pre: InstancePre<HostState>, indices: ExportIndices, ctx: Arc<PluginCtx>, stats: Arc<Stats>) -> Self {
-        let max = ctx.spec.limits.max_instances.max(1);
-        Pool { pre, indices, ctx, idle: Mutex::new(Vec::new()), permits: Semaphore::new(max), stats }
+        let state = Mutex::new(PoolState { idle: Vec::new(), in_use: 0 });
+        Pool { pre, indices, ctx, state, freed: Notify::new(), stats }
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Worker>> {
-        // Pushing or popping a Vec cannot be left half-done by a panic.
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        // Each update under the lock is a push, a pop or a counter step: a
+        // panic cannot leave it half-done.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn idle_count(&self) -> usize {
-        self.idle().len()
+        self.state().idle.len()
+    }
+
+    /// Takes a lease slot if one is free: an idle worker in `reuse`
+    /// isolation, or the right to make one.
+    fn try_take(&self) -> Option<Option<Worker>> {
+        let mut state = self.state();
+        if state.in_use >= self.ctx.spec.limits.max_instances.max(1) {
+            return None;
+        }
+        state.in_use += 1;
+        Some(match self.ctx.spec.limits.isolation {
+            Isolation::Reuse => state.idle.pop(),
+            Isolation::PerCall => None,
+        })
+    }
+
+    /// Ends a lease; `worker` goes back to the idle list.
+    fn give_back(&self, worker: Option<Worker>) {
+        let mut state = self.state();
+        state.in_use -= 1;
+        if let Some(worker) = worker {
+            state.idle.push(worker);
+        }
+        drop(state);
+        self.freed.notify_one();
     }
 
     /// Makes `n` instances ahead of traffic; in per-call isolation they
@@ -95,7 +130,7 @@ impl Pool {
         for _ in 0..n {
             let worker = self.instantiate().await?;
             if isolation == Isolation::Reuse {
-                self.idle().push(worker);
+                self.state().idle.push(worker);
             }
         }
         Ok(())
@@ -105,24 +140,33 @@ impl Pool {
     /// it for a call of `target`.
     pub async fn acquire(&self, target: &str, depth: u32, is_task: bool) -> Result<Lease<'_>, Cause> {
         let limits = &self.ctx.spec.limits;
-        let started = Instant::now();
-        let permit = match self.permits.try_acquire() {
-            Ok(permit) => permit,
-            Err(_) => match tokio::time::timeout(limits.deadline, self.permits.acquire()).await {
-                Ok(Ok(permit)) => permit,
-                _ => return Err(Cause::Busy { waited: started.elapsed() }),
-            },
+        let started = clock::now();
+        let taken = match self.try_take() {
+            Some(taken) => taken,
+            None => {
+                let give_up = tokio::time::Instant::now() + limits.deadline;
+                loop {
+                    // Armed before the retry, so a lease ending in between
+                    // is not missed.
+                    let freed = self.freed.notified();
+                    if let Some(taken) = self.try_take() {
+                        break taken;
+                    }
+                    if tokio::time::timeout_at(give_up, freed).await.is_err() {
+                        return Err(Cause::Busy { waited: started.elapsed() });
+                    }
+                }
+            }
         };
-        let reused = match limits.isolation {
-            Isolation::Reuse => self.idle().pop(),
-            Isolation::PerCall => None,
-        };
-        let mut worker = match reused {
+        // From here the lease owns the slot: dropping it gives it back.
+        let mut lease = Lease { pool: self, worker: None, finished: false, started };
+        let mut worker = match taken {
             Some(worker) => worker,
             None => self.instantiate().await?,
         };
         worker.begin(target, depth, is_task, limits.fuel, self.ctx.deadline_ticks)?;
-        Ok(Lease { pool: self, worker: Some(worker), started, _permit: permit })
+        lease.worker = Some(worker);
+        Ok(lease)
     }
 
     async fn instantiate(&self) -> Result<Worker, Cause> {
@@ -175,7 +219,11 @@ impl Worker {
         self.store.set_epoch_deadline(ticks);
         let data = self.store.data_mut();
         data.limiter.refused = None;
-        data.call = CallCtx { target: target.to_string(), depth, is_task, ..Default::default() };
+        // The target's buffer is reused: this runs on every call.
+        let call = &mut data.call;
+        call.target.clear();
+        call.target.push_str(target);
+        (call.depth, call.is_task, call.log_lines, call.log_dropped) = (depth, is_task, 0, 0);
         Ok(())
     }
 
@@ -202,12 +250,13 @@ impl Worker {
     }
 }
 
-/// One call's hold on one instance.
+/// One call's hold on one instance (and on one of the pool's slots).
 pub(crate) struct Lease<'p> {
     pool: &'p Pool,
     worker: Option<Worker>,
-    started: Instant,
-    _permit: SemaphorePermit<'p>,
+    /// Set by `finish`; until then the worker is mid-call.
+    finished: bool,
+    started: Stamp,
 }
 
 impl Lease<'_> {
@@ -221,7 +270,8 @@ impl Lease<'_> {
     pub fn finish<T>(mut self, outcome: Result<T, Failure>) -> (Result<T, Cause>, CallReport) {
         let elapsed = self.started.elapsed();
         let Some(mut worker) = self.worker.take() else {
-            let cause = Cause::Host { message: "lease finished twice".into() };
+            // `acquire` returns a lease only with its worker in place.
+            let cause = Cause::Host { message: "lease without an instance".into() };
             return (Err(cause), CallReport { elapsed, fuel: 0 });
         };
         let pool = self.pool;
@@ -267,17 +317,26 @@ impl Lease<'_> {
         if poisoned {
             pool.stats.discarded();
         } else if limits.isolation == Isolation::Reuse {
-            pool.idle().push(worker);
+            self.worker = Some(worker);
         }
+        self.finished = true;
         (result, CallReport { elapsed, fuel })
     }
 }
 
 impl Drop for Lease<'_> {
+    /// Gives the slot back, with the worker if `finish` kept it. A lease
+    /// dropped before `finish` (its call was cancelled) loses its worker.
     fn drop(&mut self) {
-        if self.worker.take().is_some() {
-            self.pool.stats.discarded();
-        }
+        let worker = match self.worker.take() {
+            Some(worker) if self.finished => Some(worker),
+            Some(_) => {
+                self.pool.stats.discarded();
+                None
+            }
+            None => None,
+        };
+        self.pool.give_back(worker);
     }
 }
 

@@ -13,8 +13,8 @@ pub const LATENCY_BUCKETS_US: [u64; 16] =
 
 #[derive(Default)]
 pub struct Stats {
+    /// Calls per latency bucket; their sum is the number of calls.
     latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
-    calls: AtomicU64,
     errors: [AtomicU64; Cause::KINDS.len()],
     busy_ns: AtomicU64,
     fuel: AtomicU64,
@@ -46,7 +46,6 @@ pub struct Percentiles {
 
 impl Stats {
     pub(crate) fn record(&self, elapsed: Duration, fuel: u64, cause: Option<&Cause>) {
-        self.calls.fetch_add(1, Relaxed);
         let us = elapsed.as_micros();
         let bucket = LATENCY_BUCKETS_US.iter().position(|b| us <= u128::from(*b)).unwrap_or(LATENCY_BUCKETS_US.len());
         self.latency[bucket].fetch_add(1, Relaxed);
@@ -106,13 +105,13 @@ impl Stats {
     }
 
     pub fn calls(&self) -> u64 {
-        self.calls.load(Relaxed)
+        self.latency.iter().map(|n| n.load(Relaxed)).sum()
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             latency_us: self.percentiles(),
-            calls: self.calls.load(Relaxed),
+            calls: self.calls(),
             errors: self.errors().filter(|(_, n)| *n > 0).collect(),
             busy_us: self.busy_ns.load(Relaxed) / 1000,
             fuel: self.fuel.load(Relaxed),
