@@ -7,7 +7,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PLUGINS: [&str; 7] = ["echo", "counter", "hostile", "timer", "xlog", "kvcount", "sipoptions"];
+const PLUGINS: [&str; 8] = ["echo", "counter", "hostile", "timer", "xlog", "kvcount", "sipoptions", "listener"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));

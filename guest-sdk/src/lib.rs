@@ -288,6 +288,11 @@ pub mod events {
     pub fn unsubscribe(name: &str, subclass: Option<&str>) -> Result<bool, HostError> {
         events::unsubscribe(name, subclass)
     }
+    /// A mod_event_socket filter command: `add Unique-ID 1234`,
+    /// `add Event-Subclass /^acme::/`, `add Caller -spam`, `delete all`.
+    pub fn filter(command: &str) -> Result<String, HostError> {
+        events::filter(command)
+    }
 }
 
 /// A value from the plugin's `[plugin.config]` table.

@@ -112,6 +112,7 @@ impl PluginDef {
             capabilities: Capabilities::all(),
             config: BTreeMap::new(),
             preopens: Vec::new(),
+            profiling: false,
         };
         Ok(PluginDef { spec, code })
     }
@@ -156,6 +157,8 @@ pub struct UdpDef {
     pub recv_buffer: Option<usize>,
     /// Send the reply's data back to the source.
     pub reply: bool,
+    /// E_PROFILING_PROC records for each datagram.
+    pub profiling: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -174,11 +177,80 @@ pub struct Config {
     pub engine: EngineSettings,
     /// None: no compiled-code cache.
     pub cache_dir: Option<PathBuf>,
-    pub tenants: HashMap<String, KvLimits>,
+    pub tenants: HashMap<String, Tenant>,
     pub plugins: Vec<PluginDef>,
     pub routes: Vec<RouteDef>,
     pub exec: Vec<ExecDef>,
     pub rpc: RpcSettings,
+    pub events: EventsSettings,
+}
+
+/// A tenant: its kv limits and which events its plugins may fire and
+/// subscribe to.
+#[derive(Clone, Debug)]
+pub struct Tenant {
+    pub kv: KvLimits,
+    pub fire: EventAcl,
+    pub subscribe: EventAcl,
+}
+
+impl Tenant {
+    /// The default tenant may fire and subscribe to anything.
+    fn default_tenant() -> Tenant {
+        Tenant { kv: KvLimits::default(), fire: EventAcl::new(vec!["ALL".into()]), subscribe: EventAcl::new(vec!["ALL".into()]) }
+    }
+
+    /// A named tenant, unless configured otherwise, only its own CUSTOM
+    /// subclasses: `CUSTOM:<tenant>::…`.
+    fn named(name: &str) -> Tenant {
+        let own = EventAcl::new(vec![format!("CUSTOM:{name}::")]);
+        Tenant { kv: KvLimits::default(), fire: own.clone(), subscribe: own }
+    }
+}
+
+/// Event names a tenant may use: `ALL`, an exact `NAME`, or
+/// `CUSTOM:PREFIX` for CUSTOM events whose subclass starts with PREFIX.
+#[derive(Clone, Debug)]
+pub struct EventAcl {
+    entries: Vec<String>,
+}
+
+impl EventAcl {
+    pub fn new(entries: Vec<String>) -> EventAcl {
+        EventAcl { entries }
+    }
+
+    /// Whether `name` (with `subclass`) is allowed. Subscribing to `ALL`,
+    /// or to CUSTOM without a subclass, needs `ALL`.
+    pub fn allows(&self, name: &str, subclass: Option<&str>) -> bool {
+        self.entries.iter().any(|e| {
+            e == "ALL"
+                || (e == name && name != "CUSTOM" && name != "ALL")
+                || match (e.strip_prefix("CUSTOM:"), subclass) {
+                    (Some(prefix), Some(sub)) => name == "CUSTOM" && sub.starts_with(prefix),
+                    _ => false,
+                }
+        })
+    }
+}
+
+/// `[events]`.
+#[derive(Clone, Debug)]
+pub struct EventsSettings {
+    /// HEARTBEAT every so often; None never.
+    pub heartbeat: Option<Duration>,
+    /// E_CORE_LOG for log lines at this level and above; None off.
+    pub log: Option<tracing::Level>,
+    /// E_CORE_SHM_THRESHOLD when the daemon's resident memory passes
+    /// `shm_threshold` percent of this; None off.
+    pub shm_limit_bytes: Option<u64>,
+    pub shm_threshold: u8,
+    /// The default of every plugin's `pkg_threshold`.
+    pub pkg_threshold: u8,
+    /// Events waiting per subscriber; past this they are dropped and counted.
+    pub queue: usize,
+    /// External subscribers from the start: (event, socket).
+    pub subscribe: Vec<(String, String)>,
 }
 
 // ---- the file's shape -------------------------------------------------------
@@ -198,6 +270,28 @@ struct File {
     exec: Vec<ExecSection>,
     #[serde(default)]
     rpc: RpcSection,
+    #[serde(default)]
+    events: EventsSection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EventsSection {
+    heartbeat_s: Option<u64>,
+    log: Option<Spanned<String>>,
+    shm_limit_mb: Option<u64>,
+    shm_threshold: Option<Spanned<u8>>,
+    pkg_threshold: Option<Spanned<u8>>,
+    queue: Option<Spanned<usize>>,
+    #[serde(default)]
+    subscribe: Vec<SubscribeSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribeSection {
+    event: String,
+    socket: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -214,6 +308,8 @@ struct ExecSection {
     reply: Option<bool>,
     restart_min_ms: Option<Spanned<u64>>,
     restart_max_ms: Option<u64>,
+    #[serde(default)]
+    profiling: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -234,6 +330,8 @@ struct TenantSection {
     kv_max_keys: Option<usize>,
     kv_max_key_bytes: Option<usize>,
     kv_max_value_bytes: Option<usize>,
+    events_fire: Option<Vec<String>>,
+    events_subscribe: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -260,6 +358,13 @@ struct PluginSection {
     max_log_line_bytes: Option<usize>,
     max_log_lines: Option<usize>,
     max_event_bytes: Option<usize>,
+    /// Percent of memory_mb; E_CORE_PKG_THRESHOLD when an instance passes it.
+    pkg_threshold: Option<Spanned<u8>>,
+    /// Idle instances above min_instances live this long.
+    idle_ms: Option<u64>,
+    /// E_PROFILING_SCRIPT records for each route call.
+    #[serde(default)]
+    profiling: bool,
     capabilities: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     preopen: Vec<PreopenSection>,
@@ -371,27 +476,35 @@ impl Config {
         };
 
         let mut tenants = HashMap::new();
-        tenants.insert("default".to_string(), KvLimits::default());
+        tenants.insert("default".to_string(), Tenant::default_tenant());
         for t in &raw.tenant {
             let name = t.name.get_ref();
             if !valid_name(name) {
                 return Err(ck.at(&t.name, "tenant.name", "use 1-64 letters, digits, `_`, `-` or `.`"));
             }
             let d = KvLimits::default();
-            let limits = KvLimits {
+            let kv = KvLimits {
                 max_keys: t.kv_max_keys.unwrap_or(d.max_keys),
                 max_key_bytes: t.kv_max_key_bytes.unwrap_or(d.max_key_bytes),
                 max_value_bytes: t.kv_max_value_bytes.unwrap_or(d.max_value_bytes),
             };
-            if tenants.insert(name.clone(), limits).is_some() && name != "default" {
+            let fallback = if name == "default" { Tenant::default_tenant() } else { Tenant::named(name) };
+            let tenant = Tenant {
+                kv,
+                fire: t.events_fire.clone().map_or(fallback.fire, EventAcl::new),
+                subscribe: t.events_subscribe.clone().map_or(fallback.subscribe, EventAcl::new),
+            };
+            if tenants.insert(name.clone(), tenant).is_some() && name != "default" {
                 return Err(ck.at(&t.name, "tenant.name", format!("tenant `{name}` is defined twice")));
             }
         }
 
+        let events = check_events(&ck, &raw.events)?;
+
         let mut plugins = Vec::new();
         let mut names = HashSet::new();
         for p in &raw.plugin {
-            plugins.push(check_plugin(&ck, p, base, &tenants, &engine, &mut names)?);
+            plugins.push(check_plugin(&ck, p, base, &tenants, &engine, &events, &mut names)?);
         }
 
         let mut routes = Vec::new();
@@ -435,8 +548,44 @@ impl Config {
             }
         }
 
-        Ok(Config { engine, cache_dir, tenants, plugins, routes, exec, rpc })
+        Ok(Config { engine, cache_dir, tenants, plugins, routes, exec, rpc, events })
     }
+}
+
+fn check_events(ck: &Checker, e: &EventsSection) -> Result<EventsSettings, ConfigError> {
+    let percent = |v: &Option<Spanned<u8>>, key: &str, default: u8| match v {
+        Some(p) if *p.get_ref() > 100 => Err(ck.at(p, key, "a percentage, 0 to 100")),
+        Some(p) => Ok(*p.get_ref()),
+        None => Ok(default),
+    };
+    let log = match &e.log {
+        None => None,
+        Some(level) if level.get_ref() == "off" || level.get_ref().is_empty() => None,
+        Some(level) => Some(
+            level
+                .get_ref()
+                .parse::<tracing::Level>()
+                .map_err(|_| ck.at(level, "events.log", "one of off, error, warn, info, debug, trace"))?,
+        ),
+    };
+    let mut subscribe = Vec::new();
+    for s in &e.subscribe {
+        crate::bus::Target::parse(s.socket.get_ref()).map_err(|m| ck.at(&s.socket, "events.subscribe.socket", m))?;
+        subscribe.push((s.event.clone(), s.socket.get_ref().clone()));
+    }
+    Ok(EventsSettings {
+        heartbeat: match e.heartbeat_s {
+            Some(0) => None,
+            Some(s) => Some(Duration::from_secs(s)),
+            None => Some(Duration::from_secs(20)),
+        },
+        log,
+        shm_limit_bytes: e.shm_limit_mb.filter(|mb| *mb > 0).map(|mb| mb << 20),
+        shm_threshold: percent(&e.shm_threshold, "events.shm_threshold", 80)?,
+        pkg_threshold: percent(&e.pkg_threshold, "events.pkg_threshold", 0)?,
+        queue: ck.positive(&e.queue, "events.queue")?.unwrap_or(1024),
+        subscribe,
+    })
 }
 
 /// `udp:IP:PORT`, with IPv6 as `udp:[::1]:5060` or, as Kamailio writes
@@ -477,7 +626,14 @@ fn check_exec(ck: &Checker, e: &ExecSection, plugins: &HashSet<String>, routes: 
                 Some(q) => *q.get_ref(),
                 None => 8192,
             };
-            ExecKind::Udp(UdpDef { addr, workers, queue, recv_buffer: e.recv_buffer, reply: e.reply.unwrap_or(true) })
+            ExecKind::Udp(UdpDef {
+                addr,
+                workers,
+                queue,
+                recv_buffer: e.recv_buffer,
+                reply: e.reply.unwrap_or(true),
+                profiling: e.profiling,
+            })
         }
         None => {
             let Some(plugin) = &e.plugin else {
@@ -503,8 +659,9 @@ fn check_plugin(
     ck: &Checker,
     p: &PluginSection,
     base: &Path,
-    tenants: &HashMap<String, KvLimits>,
+    tenants: &HashMap<String, Tenant>,
     engine: &EngineSettings,
+    events: &EventsSettings,
     names: &mut HashSet<String>,
 ) -> Result<PluginDef, ConfigError> {
     let name = p.name.get_ref();
@@ -539,6 +696,12 @@ fn check_plugin(
         max_log_line_bytes: p.max_log_line_bytes.unwrap_or(d.max_log_line_bytes).max(16),
         max_log_lines_per_call: p.max_log_lines.unwrap_or(d.max_log_lines_per_call),
         max_event_bytes: p.max_event_bytes.unwrap_or(d.max_event_bytes),
+        pkg_threshold_pct: match &p.pkg_threshold {
+            Some(t) if *t.get_ref() > 100 => return Err(ck.at(t, "plugin.pkg_threshold", "a percentage, 0 to 100")),
+            Some(t) => *t.get_ref(),
+            None => events.pkg_threshold,
+        },
+        idle_after: p.idle_ms.map_or(d.idle_after, Duration::from_millis),
     };
     if let Some(m) = &p.memory_mb {
         if limits.memory_bytes > engine.max_memory_bytes {
@@ -609,6 +772,7 @@ fn check_plugin(
         capabilities,
         config,
         preopens,
+        profiling: p.profiling,
     };
     Ok(PluginDef { spec, code })
 }

@@ -15,21 +15,18 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use tokio::sync::mpsc;
 
-use crate::config::{CodeSource, Config, ExecKind, PluginDef, RouteDef};
-use crate::kv::{KvLimits, KvStore};
+use crate::bus::{self, Bus, Caller, Profiler, Target};
+use crate::config::{CodeSource, Config, ExecKind, PluginDef, RouteDef, Tenant};
+use crate::kv::KvStore;
 use crate::runtime::{
     CallError, CallReport, Event, Export, HostError, LoadError, PluginSpec, PluginVersion, Reply, Request,
     Runtime, Services, Stats, StatsSnapshot,
 };
-
-/// Events fired by plugins wait here for delivery; past this, `fire` fails.
-const EVENT_QUEUE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
@@ -216,20 +213,13 @@ pub struct RouteInfo {
     pub handlers: Vec<(String, i32)>,
 }
 
-struct Subscription {
-    plugin: String,
-    name: String,
-    subclass: Option<String>,
-}
-
 pub struct Dispatcher {
     runtime: Arc<Runtime>,
     kv: KvStore,
-    tenants: HashMap<String, KvLimits>,
+    tenants: HashMap<String, Tenant>,
     table: ArcSwap<Table>,
     admin: tokio::sync::Mutex<()>,
-    subscriptions: Mutex<Vec<Subscription>>,
-    events: mpsc::Sender<Event>,
+    bus: Arc<Bus>,
     link: Arc<dyn Services>,
     started: Instant,
 }
@@ -239,23 +229,23 @@ impl Dispatcher {
     /// their plugin's `task` export. Must run inside a tokio runtime (it
     /// starts the event delivery task).
     pub async fn start(runtime: Arc<Runtime>, config: &Config) -> Result<Arc<Dispatcher>, DispatchError> {
-        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let bus = Bus::new(config.events.queue);
         let dispatcher = Arc::new_cyclic(|me: &Weak<Dispatcher>| Dispatcher {
             runtime,
             kv: KvStore::default(),
             tenants: config.tenants.clone(),
             table: ArcSwap::from_pointee(Table::default()),
             admin: tokio::sync::Mutex::new(()),
-            subscriptions: Mutex::new(Vec::new()),
-            events: tx,
+            bus: bus.clone(),
             link: Arc::new(Link(me.clone())),
             started: Instant::now(),
         });
-        tokio::spawn(deliver_events(Arc::downgrade(&dispatcher), rx));
+        bus.attach(Arc::downgrade(&dispatcher));
         let mut plugins = BTreeMap::new();
         for def in &config.plugins {
             let stats = Arc::new(Stats::default());
-            let version = dispatcher.load_version(def, stats.clone()).await?;
+            let version = dispatcher.load_version(def, stats.clone()).await.inspect_err(|e| dispatcher.plugin_event("PLUGIN_FAIL", &def.spec.name, &e.to_string()))?;
+            dispatcher.plugin_event("PLUGIN_LOAD", &def.spec.name, &version.hash[..16]);
             plugins.insert(def.spec.name.clone(), Arc::new(Slot::new(&def.spec.name, version, def.code.clone(), stats)));
         }
         let needs = config
@@ -279,7 +269,7 @@ impl Dispatcher {
             path: def.code.describe(),
             source,
         })?;
-        let limits = self.tenants.get(&def.spec.tenant).copied().unwrap_or_default();
+        let limits = self.tenants.get(&def.spec.tenant).map(|t| t.kv).unwrap_or_default();
         let kv = self.kv.space(&def.spec.tenant, limits);
         self.runtime.load(def.spec.clone(), wasm, kv, self.link.clone(), stats).await
     }
@@ -290,6 +280,29 @@ impl Dispatcher {
 
     pub fn runtime(&self) -> &Arc<Runtime> {
         &self.runtime
+    }
+
+    pub fn bus(&self) -> &Arc<Bus> {
+        &self.bus
+    }
+
+    /// PLUGIN_LOAD, PLUGIN_RELOAD or PLUGIN_FAIL.
+    fn plugin_event(&self, name: &str, plugin: &str, detail: &str) {
+        let detail_header = if name == "PLUGIN_FAIL" { "Error" } else { "Plugin-Hash" };
+        self.bus.raise(
+            name,
+            vec![("Plugin", plugin.to_string()), (detail_header, detail.to_string())],
+            &Caller::host("plugin admin"),
+        );
+    }
+
+    /// Periodic work: idle instances past their time are dropped (pools
+    /// scale down) and expired subscriptions removed.
+    pub fn housekeeping(&self) {
+        for slot in self.slots() {
+            slot.current().shrink_idle();
+        }
+        self.bus.housekeeping();
     }
 
     /// Runs the route `request.route`: its handlers in priority order until
@@ -304,7 +317,7 @@ impl Dispatcher {
             if let [only] = handlers.as_slice() {
                 let slot = only.slot.clone();
                 drop(table);
-                return Self::run_one(&slot, request).await;
+                return self.run_one(&slot, request).await;
             }
             handlers.iter().map(|h| h.slot.clone()).collect()
         };
@@ -329,9 +342,23 @@ impl Dispatcher {
     }
 
     /// A route with one handler, the common case: its reply, handled or not.
-    async fn run_one(slot: &Arc<Slot>, request: &Request) -> Result<RouteOutcome, DispatchError> {
+    async fn run_one(&self, slot: &Arc<Slot>, request: &Request) -> Result<RouteOutcome, DispatchError> {
         let version = slot.current();
-        let (result, report) = version.handle(request, 0).await;
+        let (result, report) = if version.spec.profiling {
+            let mut profiler = Profiler::start(&self.bus, "E_PROFILING_SCRIPT", &request.route);
+            profiler.enter(&request.route, &slot.name, 0);
+            let outcome = version.handle(request, 0).await;
+            let status = match &outcome.0 {
+                Ok(reply) if reply.handled => 1,
+                Ok(_) => 0,
+                Err(_) => -1,
+            };
+            profiler.exit(&request.route, &slot.name, 0, status);
+            profiler.end(&request.route, status);
+            outcome
+        } else {
+            version.handle(request, 0).await
+        };
         match result {
             Ok(reply) => Ok(RouteOutcome { reply, plugin: slot.name.clone(), report }),
             Err(e) => Err(DispatchError::Call(Box::new(e))),
@@ -453,16 +480,21 @@ impl Dispatcher {
         let def = PluginDef { spec: PluginSpec { source: code.describe(), ..(*old.spec).clone() }, code: code.clone() };
         let new = self.load_version(&def, slot.stats.clone()).await.inspect_err(|e| {
             tracing::error!(plugin = %name, error = %e, "reload refused; the old version serves on");
+            self.plugin_event("PLUGIN_FAIL", name, &e.to_string());
         })?;
         // The whole table is checked against the new version first: what
         // routes and tasks need, and command names.
         let rebuilt = Table::build(table.plugins.clone(), table.route_defs.clone(), table.needs.clone(), Some((name, &new)))
-            .inspect_err(|e| tracing::error!(plugin = %name, error = %e, "reload refused; the old version serves on"))?;
+            .inspect_err(|e| {
+                tracing::error!(plugin = %name, error = %e, "reload refused; the old version serves on");
+                self.plugin_event("PLUGIN_FAIL", name, &e.to_string());
+            })?;
         slot.current.store(new.clone());
         self.table.store(Arc::new(rebuilt));
         slot.swapped.notify_waiters();
         *slot.code.lock().unwrap_or_else(|p| p.into_inner()) = code;
         slot.reloads.fetch_add(1, Relaxed);
+        self.plugin_event("PLUGIN_RELOAD", name, &new.hash[..16]);
         tracing::info!(
             plugin = %name,
             hash = %&new.hash[..16],
@@ -482,7 +514,11 @@ impl Dispatcher {
             return Err(DispatchError::PluginExists(name));
         }
         let stats = Arc::new(Stats::default());
-        let version = self.load_version(&def, stats.clone()).await?;
+        let version = self
+            .load_version(&def, stats.clone())
+            .await
+            .inspect_err(|e| self.plugin_event("PLUGIN_FAIL", &name, &e.to_string()))?;
+        self.plugin_event("PLUGIN_LOAD", &name, &version.hash[..16]);
         let mut plugins = table.plugins.clone();
         plugins.insert(name.clone(), Arc::new(Slot::new(&name, version.clone(), def.code.clone(), stats)));
         self.table.store(Arc::new(Table::build(plugins, table.route_defs.clone(), table.needs.clone(), None)?));
@@ -509,36 +545,15 @@ impl Dispatcher {
         if let Some(slot) = removed {
             slot.swapped.notify_waiters();
         }
-        self.subscriptions.lock().unwrap_or_else(|p| p.into_inner()).retain(|s| s.plugin != name);
+        self.bus.remove(&Target::Plugin(name.to_string()));
         let routes: Vec<String> = dropped.into_iter().map(|r| r.name).collect();
         tracing::info!(plugin = %name, routes = ?routes, "plugin unloaded");
         Ok(routes)
     }
 
-    fn subscribers(&self, event: &Event) -> Vec<String> {
-        let subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
-        let mut plugins: Vec<String> = subs
-            .iter()
-            .filter(|s| s.name == event.name || s.name == "ALL")
-            .filter(|s| s.subclass.is_none() || s.subclass == event.subclass)
-            .map(|s| s.plugin.clone())
-            .collect();
-        plugins.dedup();
-        plugins
-    }
-}
-
-
-/// Delivers fired events to subscribed plugins, one at a time, in order.
-async fn deliver_events(dispatcher: Weak<Dispatcher>, mut rx: mpsc::Receiver<Event>) {
-    while let Some(event) = rx.recv().await {
-        let Some(d) = dispatcher.upgrade() else { return };
-        for plugin in d.subscribers(&event) {
-            let Some(version) = d.plugin(&plugin) else { continue };
-            if let (Err(e), _) = version.on_event(&event).await {
-                tracing::warn!(error = %e, "event delivery failed");
-            }
-        }
+    fn tenant(&self, plugin: &str) -> Option<Tenant> {
+        let version = self.plugin(plugin)?;
+        self.tenants.get(&version.spec.tenant).cloned()
     }
 }
 
@@ -561,19 +576,23 @@ impl Services for Link {
         })
     }
 
-    fn fire(&self, plugin: &str, route: &str, mut event: Event) -> Result<(), HostError> {
+    fn fire(&self, plugin: &str, route: &str, event: Event) -> Result<(), HostError> {
         let d = self.get()?;
-        if event.name.is_empty() {
-            return Err(HostError::Invalid("an event needs a name".into()));
+        if event.name.is_empty() || event.name.contains(char::is_whitespace) {
+            return Err(HostError::Invalid("an event needs a name without spaces".into()));
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |t| t.as_micros());
-        event.headers.push(("Event-Date-Timestamp".into(), now.to_string()));
-        event.headers.push(("Event-Calling-Plugin".into(), plugin.to_string()));
-        event.headers.push(("Event-Calling-Route".into(), route.to_string()));
-        d.events.try_send(event).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => HostError::Failed("the event queue is full; event dropped".into()),
-            mpsc::error::TrySendError::Closed(_) => HostError::Failed("evrhost is shutting down".into()),
-        })
+        if event.name == "CUSTOM" && event.subclass.as_deref().is_none_or(str::is_empty) {
+            return Err(HostError::Invalid("a CUSTOM event needs a subclass".into()));
+        }
+        if bus::reserved(&event.name) {
+            return Err(HostError::Denied(format!("`{}` is raised by evrhost only", event.name)));
+        }
+        let tenant = d.tenant(plugin).ok_or_else(|| HostError::Failed("the plugin is not loaded".into()))?;
+        if !tenant.fire.allows(&event.name, event.subclass.as_deref()) {
+            return Err(HostError::Denied(format!("the tenant may not fire {}", describe(&event.name, event.subclass.as_deref()))));
+        }
+        d.bus.fire(event, &Caller { file: plugin.to_string(), function: route.to_string(), line: 0 });
+        Ok(())
     }
 
     fn subscribe(&self, plugin: &str, name: &str, subclass: Option<&str>) -> Result<(), HostError> {
@@ -587,19 +606,34 @@ impl Services for Link {
                 Export::Subscriber.interface()
             )));
         }
-        let mut subs = d.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
-        let exists = subs.iter().any(|s| s.plugin == plugin && s.name == name && s.subclass.as_deref() == subclass);
-        if !exists {
-            subs.push(Subscription { plugin: plugin.into(), name: name.into(), subclass: subclass.map(Into::into) });
+        let tenant = d.tenant(plugin).ok_or_else(|| HostError::Failed("the plugin is not loaded".into()))?;
+        if !tenant.subscribe.allows(name, subclass) {
+            return Err(HostError::Denied(format!("the tenant may not subscribe to {}", describe(name, subclass))));
         }
+        d.bus.subscribe(Target::Plugin(plugin.to_string()), name, subclass, None);
         Ok(())
     }
 
     fn unsubscribe(&self, plugin: &str, name: &str, subclass: Option<&str>) -> Result<bool, HostError> {
         let d = self.get()?;
-        let mut subs = d.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
-        let before = subs.len();
-        subs.retain(|s| !(s.plugin == plugin && s.name == name && s.subclass.as_deref() == subclass));
-        Ok(subs.len() != before)
+        Ok(d.bus.unsubscribe(&Target::Plugin(plugin.to_string()), name, subclass))
+    }
+
+    fn filter(&self, plugin: &str, command: &str) -> Result<String, HostError> {
+        let d = self.get()?;
+        d.bus.filter(&Target::Plugin(plugin.to_string()), command).map_err(HostError::Invalid)
+    }
+
+    fn raise(&self, event: Event) {
+        if let Ok(d) = self.get() {
+            d.bus.fire(event, &Caller::host("runtime"));
+        }
+    }
+}
+
+fn describe(name: &str, subclass: Option<&str>) -> String {
+    match subclass {
+        Some(sub) => format!("`{name}` `{sub}`"),
+        None => format!("`{name}`"),
     }
 }

@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use evrhost::config::{Config, ExecKind, PluginDef, RouteDef, RpcSettings, DEFAULT_RPC_LISTEN};
 use evrhost::dispatcher::Dispatcher;
-use evrhost::exec;
+use evrhost::bus::Target;
+use evrhost::{exec, housekeeping};
 use evrhost::frontend::metrics::Registry;
 use evrhost::frontend::{client::RpcClient, http, udp, unix};
 use evrhost::runtime::{Export, Isolation, Origin, Request, Runtime};
@@ -87,7 +88,11 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    {
+        use tracing_subscriber::prelude::*;
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+        tracing_subscriber::registry().with(fmt).with(evrhost::bus::log_layer::BusLayer).init();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -158,7 +163,17 @@ async fn run(path: Option<&Path>, listen: Option<std::net::SocketAddr>) -> anyho
     }
     let d = start(&config).await?;
     let registry = Arc::new(Registry::default());
-    let mut background = Vec::new();
+    let mut background = vec![housekeeping::spawn(d.clone(), config.events.clone())];
+    if let Some(level) = config.events.log {
+        evrhost::bus::log_layer::enable(Arc::downgrade(d.bus()), level);
+    }
+    for (event, socket) in &config.events.subscribe {
+        // Checked when the config was read.
+        if let Ok(target) = Target::parse(socket) {
+            let (name, subclass) = evrhost::bus::split_event(event);
+            d.bus().subscribe(target, name, subclass, None);
+        }
+    }
 
     for exec in &config.exec {
         if let ExecKind::Udp(def) = &exec.kind {

@@ -42,16 +42,20 @@ pub async fn serve(listener: TcpListener, d: Arc<Dispatcher>, metrics: Arc<Regis
             }
         };
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok();
         let (d, metrics, token) = (d.clone(), metrics.clone(), token.clone());
         tokio::spawn(async move {
+            let d_for_conn = d.clone();
             let service = service_fn(move |req| {
                 let (d, metrics, token) = (d.clone(), metrics.clone(), token.clone());
                 async move { Ok::<_, Infallible>(respond(&d, &metrics, token.as_deref(), req).await) }
             });
+            let bus = d_for_conn.bus().clone();
             let conn = http1::Builder::new().timer(TokioTimer::new()).keep_alive(true).serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "rpc connection ended with an error");
             }
+            crate::bus::sink::tcp_disconnect(&bus, local, Some(peer), "tcp");
             drop(permit);
         });
     }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
+use crate::bus::{split_event, Target};
 use crate::config::PluginDef;
 use crate::dispatcher::{DispatchError, Dispatcher};
 use crate::runtime::{Origin, Request};
@@ -31,11 +32,16 @@ impl RpcError {
 }
 
 /// Every method, with its usage, for `system.listMethods` and the docs.
-pub const METHODS: [(&str, &str); 14] = [
+pub const METHODS: [(&str, &str); 19] = [
     ("evrexec.run", "NAME [DATA] — run an event route; {} on success (Kamailio)"),
     ("route.run", "NAME [DATA] [PARAMS] — run a route; the reply, plugin, fuel and time"),
     ("api.run", "COMMAND [ARGS…] — run an API command (built-in or a plugin's)"),
     ("api.list", "— the API commands"),
+    ("api.bgrun", "COMMAND [ARGS…] — run a command in the background: its Job-UUID now, a BACKGROUND_JOB event later"),
+    ("event.subscribe", "EVENT SOCKET [EXPIRE] — OpenSIPS's event_subscribe: udp:IP:PORT or tcp:IP:PORT[/METHOD]; EVENT is NAME, ALL or CUSTOM:SUBCLASS; EXPIRE seconds (3600)"),
+    ("event.unsubscribe", "EVENT SOCKET — drop a subscription"),
+    ("event.list", "— subscribers: events, filters, queued, delivered, overflow, failed"),
+    ("event.filter", "SOCKET COMMAND… — a mod_event_socket filter command for a subscriber"),
     ("plugin.list", "— the loaded plugins"),
     ("plugin.stats", "[NAME] — calls, errors by cause, time and fuel"),
     ("plugin.load", "NAME PATH — load a plugin with default limits"),
@@ -198,6 +204,74 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
                 .map(|(name, usage, description)| json!({"name": name, "usage": usage, "description": description}))
                 .collect(),
         )),
+        "api.bgrun" => {
+            let command = p.required(0, "command")?;
+            let args: Vec<String> = (1..p.0.len()).filter_map(|i| p.text(i)).collect();
+            let job = uuid::Uuid::new_v4().to_string();
+            let (d, reply_job) = (d.clone(), job.clone());
+            tokio::spawn(async move {
+                let args = args.join(" ");
+                let (ok, output) = match d.run_command(&command, &args, 0).await {
+                    Ok(text) => (true, text),
+                    Err(e) => (false, format!("-ERR {e}")),
+                };
+                let mut headers = vec![
+                    ("Job-UUID".to_string(), job),
+                    ("Job-Command".to_string(), command),
+                    ("Job-Successful".to_string(), ok.to_string()),
+                ];
+                if !args.is_empty() {
+                    headers.push(("Job-Command-Arg".to_string(), args));
+                }
+                let event = crate::runtime::Event { name: "BACKGROUND_JOB".into(), subclass: None, headers, body: Some(output) };
+                d.bus().fire(event, &crate::bus::Caller::host("api.bgrun"));
+            });
+            Ok(json!({"job_uuid": reply_job}))
+        }
+        "event.subscribe" => {
+            let event = p.required(0, "event")?;
+            let socket = p.required(1, "socket")?;
+            let expire = match p.0.get(2) {
+                None | Some(Value::Null) => 3600,
+                Some(v) => v
+                    .as_i64()
+                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                    .ok_or_else(|| RpcError::new(-32602, "Invalid params: expire must be a number"))?,
+            };
+            if expire < 0 {
+                return Err(RpcError::new(-32602, "Negative expire value"));
+            }
+            let target = Target::parse(&socket).map_err(|_| RpcError::new(400, "Bad parameter value"))?;
+            let (name, subclass) = split_event(&event);
+            if name.is_empty() {
+                return Err(RpcError::new(400, "Bad parameter value"));
+            }
+            // OpenSIPS: an expire of 0 removes the subscription.
+            if expire == 0 {
+                d.bus().unsubscribe(&target, name, subclass);
+            } else {
+                d.bus().subscribe(target, name, subclass, Some(std::time::Duration::from_secs(expire as u64)));
+            }
+            Ok(Value::String("OK".into()))
+        }
+        "event.unsubscribe" => {
+            let event = p.required(0, "event")?;
+            let socket = p.required(1, "socket")?;
+            let target = Target::parse(&socket).map_err(|_| RpcError::new(400, "Bad parameter value"))?;
+            let (name, subclass) = split_event(&event);
+            if d.bus().unsubscribe(&target, name, subclass) {
+                Ok(Value::String("OK".into()))
+            } else {
+                Err(RpcError::new(404, format!("{socket} is not subscribed to {event}")))
+            }
+        }
+        "event.list" => Ok(serde_json::to_value(d.bus().list()).unwrap_or(Value::Null)),
+        "event.filter" => {
+            let socket = p.required(0, "socket")?;
+            let target = Target::parse(&socket).map_err(|_| RpcError::new(400, "Bad parameter value"))?;
+            let command: Vec<String> = (1..p.0.len()).filter_map(|i| p.text(i)).collect();
+            d.bus().filter(&target, &command.join(" ")).map(Value::String).map_err(|e| RpcError::new(400, e))
+        }
         "plugin.list" => Ok(serde_json::to_value(d.plugins()).unwrap_or(Value::Null)),
         "plugin.stats" => {
             let only = p.text(0);

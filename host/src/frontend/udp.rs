@@ -27,6 +27,7 @@ use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
+use crate::bus::Profiler;
 use crate::config::UdpDef;
 use crate::dispatcher::Dispatcher;
 use crate::runtime::{Origin, Peer, Request};
@@ -88,10 +89,21 @@ pub fn start(
     let mut tasks = Vec::new();
     for _ in 0..def.workers {
         let (rx, sender, stats, d, route) = (rx.clone(), sender.clone(), stats.clone(), d.clone(), route.to_string());
-        let reply = def.reply;
+        let (reply, profiling) = (def.reply, def.profiling.then(|| format!("UDP receiver udp:{addr}")));
         tasks.push(tokio::spawn(async move {
             while let Ok(datagram) = rx.recv().await {
-                handle(&d, &route, &sender, &stats, reply, datagram).await;
+                match &profiling {
+                    None => {
+                        handle(&d, &route, &sender, &stats, reply, datagram).await;
+                    }
+                    Some(name) => {
+                        let mut profiler = Profiler::start(d.bus(), "E_PROFILING_PROC", name);
+                        profiler.enter("udp datagram", "udp", 0);
+                        let status = handle(&d, &route, &sender, &stats, reply, datagram).await;
+                        profiler.exit("udp datagram", "udp", 0, status);
+                        profiler.end(name, status);
+                    }
+                }
             }
         }));
     }
@@ -104,7 +116,9 @@ pub fn start(
     Ok((UdpEndpoint { name: route.to_string(), addr, stats }, tasks))
 }
 
-async fn handle(d: &Dispatcher, route: &str, socket: &UdpSocket, stats: &UdpStats, reply: bool, datagram: Datagram) {
+/// Runs the route for one datagram; the status is 0, or -1 when the call
+/// failed (for profiling records).
+async fn handle(d: &Dispatcher, route: &str, socket: &UdpSocket, stats: &UdpStats, reply: bool, datagram: Datagram) -> i64 {
     let peer = datagram.peer;
     let origin = Origin::Udp(Peer { ip: peer.ip().to_canonical().to_string(), port: peer.port() });
     let request = Request { route: route.to_string(), data: datagram.data, params: Vec::new(), origin };
@@ -119,10 +133,12 @@ async fn handle(d: &Dispatcher, route: &str, socket: &UdpSocket, stats: &UdpStat
                     }
                 };
             }
+            0
         }
         Err(e) => {
             stats.failed.fetch_add(1, Relaxed);
             tracing::debug!(route = %route, %peer, error = %e, "datagram not handled");
+            -1
         }
     }
 }

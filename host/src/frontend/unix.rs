@@ -30,7 +30,11 @@ pub async fn serve(listener: UnixListener, d: Arc<Dispatcher>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(connection(stream, d.clone()));
+                let d = d.clone();
+                tokio::spawn(async move {
+                    connection(stream, d.clone()).await;
+                    crate::bus::sink::tcp_disconnect(d.bus(), None, None, "unix");
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "rpc unix accept failed");

@@ -185,6 +185,13 @@ impl events::Host for HostState {
         }
         self.plugin.services.unsubscribe(&self.plugin.spec.name, &name, subclass.as_deref())
     }
+
+    async fn filter(&mut self, command: String) -> Result<String, HostError> {
+        if !self.plugin.spec.capabilities.events {
+            return Err(denied("events"));
+        }
+        self.plugin.services.filter(&self.plugin.spec.name, &command)
+    }
 }
 
 impl commands::Host for HostState {

@@ -43,6 +43,12 @@ pub struct Limits {
     pub max_log_lines_per_call: usize,
     /// Cap on an event a plugin fires: name, headers and body, in bytes.
     pub max_event_bytes: usize,
+    /// E_CORE_PKG_THRESHOLD when an instance's memory passes this percent
+    /// of `memory_bytes`; 0 never.
+    pub pkg_threshold_pct: u8,
+    /// Idle instances above `min_instances` are dropped after this long
+    /// (E_CORE_PROC_AUTO_SCALE `down`).
+    pub idle_after: Duration,
 }
 
 impl Default for Limits {
@@ -59,6 +65,8 @@ impl Default for Limits {
             max_log_line_bytes: 4096,
             max_log_lines_per_call: 100,
             max_event_bytes: 64 << 10,
+            pkg_threshold_pct: 0,
+            idle_after: Duration::from_secs(30),
         }
     }
 }

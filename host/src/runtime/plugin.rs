@@ -27,6 +27,8 @@ pub struct PluginSpec {
     /// The `[plugin.config]` table, read through the `config` import.
     pub config: BTreeMap<String, String>,
     pub preopens: Vec<Preopen>,
+    /// E_PROFILING_SCRIPT records for each route call.
+    pub profiling: bool,
 }
 
 /// The four export interfaces a plugin may have.
@@ -153,6 +155,11 @@ impl PluginVersion {
 
     pub fn idle_instances(&self) -> usize {
         self.pool.idle_count()
+    }
+
+    /// Drops instances idle longer than `idle_after`, down to the minimum.
+    pub fn shrink_idle(&self) {
+        self.pool.shrink_idle();
     }
 
     fn error(&self, what: &'static str, target: &str, cause: Cause) -> CallError {

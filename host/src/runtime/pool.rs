@@ -51,6 +51,7 @@ pub(crate) struct WorkerExports {
 pub(crate) struct Worker {
     store: Store<HostState>,
     exports: WorkerExports,
+    last_used: std::time::Instant,
 }
 
 /// How a call went wrong before it is classified.
@@ -81,11 +82,13 @@ pub(crate) struct Pool {
 struct PoolState {
     idle: Vec<Worker>,
     in_use: usize,
+    /// Instances alive in `reuse` isolation: idle, or leased with one.
+    live: usize,
 }
 
 impl Pool {
     pub fn new(pre: InstancePre<HostState>, indices: ExportIndices, ctx: Arc<PluginCtx>, stats: Arc<Stats>) -> Self {
-        let state = Mutex::new(PoolState { idle: Vec::new(), in_use: 0 });
+        let state = Mutex::new(PoolState { idle: Vec::new(), in_use: 0, live: 0 });
         Pool { pre, indices, ctx, state, freed: Notify::new(), stats }
     }
 
@@ -113,6 +116,57 @@ impl Pool {
         })
     }
 
+    /// A new instance beyond the ones warmed at load: the pool scaled up.
+    fn grew(&self) {
+        let (live, load) = {
+            let mut state = self.state();
+            state.live += 1;
+            (state.live, state.in_use)
+        };
+        self.auto_scale("up", live, load);
+    }
+
+    fn auto_scale(&self, direction: &str, live: usize, in_use: usize) {
+        let max = self.ctx.spec.limits.max_instances.max(1);
+        let event = super::Event {
+            name: "E_CORE_PROC_AUTO_SCALE".into(),
+            subclass: None,
+            headers: vec![
+                ("group_type".into(), "plugin".into()),
+                ("group_filter".into(), self.ctx.spec.name.clone()),
+                ("group_load".into(), (in_use * 100 / max).to_string()),
+                ("scale".into(), direction.into()),
+                ("process_id".into(), live.to_string()),
+                ("pid".into(), std::process::id().to_string()),
+            ],
+            body: None,
+        };
+        self.ctx.services.raise(event);
+    }
+
+    /// Drops instances idle longer than `idle_after`, oldest first, while
+    /// more than `min_instances` are alive.
+    pub fn shrink_idle(&self) {
+        let limits = &self.ctx.spec.limits;
+        let mut dropped = Vec::new();
+        let (mut live, in_use) = {
+            let mut state = self.state();
+            // The idle list is a stack: the least recently used are first.
+            while state.live > limits.min_instances
+                && state.idle.first().is_some_and(|w| w.last_used.elapsed() >= limits.idle_after)
+            {
+                dropped.push(state.idle.remove(0));
+                state.live -= 1;
+            }
+            (state.live + dropped.len(), state.in_use)
+        };
+        for worker in dropped {
+            drop(worker);
+            live -= 1;
+            self.auto_scale("down", live, in_use);
+        }
+    }
+
     /// Ends a lease; `worker` goes back to the idle list.
     fn give_back(&self, worker: Option<Worker>) {
         let mut state = self.state();
@@ -130,7 +184,9 @@ impl Pool {
         for _ in 0..n {
             let worker = self.instantiate().await?;
             if isolation == Isolation::Reuse {
-                self.state().idle.push(worker);
+                let mut state = self.state();
+                state.idle.push(worker);
+                state.live += 1;
             }
         }
         Ok(())
@@ -162,7 +218,13 @@ impl Pool {
         let mut lease = Lease { pool: self, worker: None, finished: false, started };
         let mut worker = match taken {
             Some(worker) => worker,
-            None => self.instantiate().await?,
+            None => {
+                let worker = self.instantiate().await?;
+                if limits.isolation == Isolation::Reuse {
+                    self.grew();
+                }
+                worker
+            }
         };
         worker.begin(target, depth, is_task, limits.fuel, self.ctx.deadline_ticks)?;
         lease.worker = Some(worker);
@@ -188,7 +250,13 @@ impl Pool {
         let state = HostState {
             wasi: wasi.build(),
             table: Default::default(),
-            limiter: MemoryLimiter { cap: spec.limits.memory_bytes, refused: None },
+            limiter: MemoryLimiter {
+                cap: spec.limits.memory_bytes,
+                refused: None,
+                size: 0,
+                threshold: spec.limits.memory_bytes / 100 * usize::from(spec.limits.pkg_threshold_pct),
+                crossed: false,
+            },
             plugin: self.ctx.clone(),
             call: CallCtx { target: "(instantiation)".into(), ..Default::default() },
             stdout,
@@ -209,7 +277,7 @@ impl Pool {
         };
         let exports = self.indices.load(&mut store, &instance).map_err(host)?;
         self.stats.instantiated();
-        Ok(Worker { store, exports })
+        Ok(Worker { store, exports, last_used: std::time::Instant::now() })
     }
 }
 
@@ -247,6 +315,45 @@ impl Worker {
             );
         }
         err
+    }
+}
+
+impl Pool {
+    /// E_CORE_THRESHOLD, with OpenSIPS's parameters.
+    fn raise_threshold(&self, target: &str, elapsed: Duration, threshold: Duration) {
+        let spec = &self.ctx.spec;
+        self.ctx.services.raise(super::Event {
+            name: "E_CORE_THRESHOLD".into(),
+            subclass: None,
+            headers: vec![
+                ("source".into(), format!("plugin {} route {target}", spec.name)),
+                ("time".into(), elapsed.as_micros().to_string()),
+                ("extra".into(), format!("threshold {} us", threshold.as_micros())),
+                ("plugin".into(), spec.name.clone()),
+                ("route".into(), target.to_string()),
+            ],
+            body: None,
+        });
+    }
+
+    /// E_CORE_PKG_THRESHOLD: an instance's linear memory passed the
+    /// configured share of its cap.
+    fn raise_pkg_threshold(&self, used: usize) {
+        let spec = &self.ctx.spec;
+        let size = spec.limits.memory_bytes.max(1);
+        self.ctx.services.raise(super::Event {
+            name: "E_CORE_PKG_THRESHOLD".into(),
+            subclass: None,
+            headers: vec![
+                ("usage".into(), (used * 100 / size).to_string()),
+                ("threshold".into(), spec.limits.pkg_threshold_pct.to_string()),
+                ("used".into(), used.to_string()),
+                ("size".into(), size.to_string()),
+                ("pid".into(), std::process::id().to_string()),
+                ("plugin".into(), spec.name.clone()),
+            ],
+            body: None,
+        });
     }
 }
 
@@ -312,11 +419,21 @@ impl Lease<'_> {
                 threshold_us = warn.as_micros() as u64,
                 "call slower than its threshold"
             );
+            pool.raise_threshold(&data.call.target, elapsed, warn);
         }
+        if data.limiter.crossed {
+            pool.raise_pkg_threshold(data.limiter.size);
+        }
+        worker.store.data_mut().limiter.crossed = false;
         let poisoned = result.as_ref().err().is_some_and(Cause::poisons_instance);
         if poisoned {
             pool.stats.discarded();
+            if limits.isolation == Isolation::Reuse {
+                let mut state = pool.state();
+                state.live = state.live.saturating_sub(1);
+            }
         } else if limits.isolation == Isolation::Reuse {
+            worker.last_used = std::time::Instant::now();
             self.worker = Some(worker);
         }
         self.finished = true;
@@ -332,6 +449,10 @@ impl Drop for Lease<'_> {
             Some(worker) if self.finished => Some(worker),
             Some(_) => {
                 self.pool.stats.discarded();
+                if self.pool.ctx.spec.limits.isolation == Isolation::Reuse {
+                    let mut state = self.pool.state();
+                    state.live = state.live.saturating_sub(1);
+                }
                 None
             }
             None => None,

@@ -12,4 +12,8 @@ pub trait Services: Send + Sync + 'static {
     fn fire(&self, plugin: &str, route: &str, event: Event) -> Result<(), HostError>;
     fn subscribe(&self, plugin: &str, name: &str, subclass: Option<&str>) -> Result<(), HostError>;
     fn unsubscribe(&self, plugin: &str, name: &str, subclass: Option<&str>) -> Result<bool, HostError>;
+    fn filter(&self, plugin: &str, command: &str) -> Result<String, HostError>;
+    /// Raises an event of the host's own (thresholds, pool scaling, …):
+    /// no capability check, never fails the caller.
+    fn raise(&self, event: Event);
 }

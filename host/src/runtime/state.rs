@@ -56,6 +56,12 @@ pub struct MemoryLimiter {
     pub cap: usize,
     /// The size a refused `memory.grow` asked for, during the current call.
     pub refused: Option<usize>,
+    /// Linear memory now, as the last growth left it.
+    pub size: usize,
+    /// Bytes past which growth is reported (E_CORE_PKG_THRESHOLD); 0 never.
+    pub threshold: usize,
+    /// Set when a growth crossed `threshold`; taken after the call.
+    pub crossed: bool,
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -64,6 +70,10 @@ impl ResourceLimiter for MemoryLimiter {
             self.refused = Some(desired);
             wasmtime::bail!("memory cap of {} bytes exceeded (asked for {desired})", self.cap);
         }
+        if self.threshold > 0 && self.size <= self.threshold && desired > self.threshold {
+            self.crossed = true;
+        }
+        self.size = desired;
         Ok(true)
     }
 

@@ -44,6 +44,21 @@ impl Route for Hostile {
                 Ok(Reply::handled().retval("flooded"))
             }
             "fail" => Err("hostile plugin refuses".into()),
+            // Slow but well-behaved: busy for `data` milliseconds.
+            "spin" => {
+                let ms: u64 = req.data_str().trim().parse().unwrap_or(10);
+                let until = evrhost_sdk::now_us() + ms * 1000;
+                while evrhost_sdk::now_us() < until {
+                    std::hint::spin_loop();
+                }
+                Ok(Reply::handled().retval("spun"))
+            }
+            // Hungry but well-behaved: touches `data` MiB, then frees it.
+            "grow" => {
+                let mib: usize = req.data_str().trim().parse().unwrap_or(8);
+                let block = std::hint::black_box(vec![1u8; mib << 20]);
+                Ok(Reply::handled().retval(block.len().to_string()))
+            }
             other => Err(format!("unknown hostile route {other}")),
         }
     }

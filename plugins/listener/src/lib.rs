@@ -1,0 +1,88 @@
+//! Subscribes, filters and fires events on request, and counts what it
+//! receives: the event bus seen from a plugin.
+//!
+//! Routes (the request's data says what):
+//! - `subscribe`: `NAME [SUBCLASS]`;
+//! - `filter`: a mod_event_socket filter command, e.g. `add User alice`;
+//! - `fire`: `SUBCLASS [KEY=VALUE;…]`, a CUSTOM event.
+//!
+//! Commands: `<id>.count NAME` (events received with that name, or
+//! `CUSTOM:SUBCLASS`), `<id>.last NAME` (the last one's headers), where
+//! `<id>` is the `[plugin.config] id` (default `listener`), so that two
+//! listeners can share a tenant.
+
+use evrhost_sdk::{config, events, export, kv, log, Api, CommandInfo, Event, Reply, Request, Route, Subscriber};
+
+struct Listener;
+
+fn id() -> String {
+    config("id").unwrap_or_else(|| "listener".into())
+}
+
+fn key_of(event: &Event) -> String {
+    match &event.subclass {
+        Some(sub) => format!("CUSTOM:{sub}"),
+        None => event.name.clone(),
+    }
+}
+
+impl Route for Listener {
+    fn handle(req: Request) -> Result<Reply, String> {
+        let data = req.data_str().trim().to_string();
+        let result = match req.route.as_str() {
+            "subscribe" => {
+                let (name, subclass) = data.split_once(' ').map_or((data.as_str(), None), |(n, s)| (n, Some(s.trim())));
+                events::subscribe(name, subclass).map(|()| "subscribed".to_string())
+            }
+            "filter" => events::filter(&data),
+            "fire" => {
+                let (subclass, pairs) = data.split_once(' ').unwrap_or((data.as_str(), ""));
+                let mut event = Event::custom(subclass);
+                for pair in pairs.split(';').filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    event = event.header(k.trim(), v.trim());
+                }
+                events::fire(&event).map(|()| "fired".to_string())
+            }
+            other => return Err(format!("unknown route {other}")),
+        };
+        result.map(|text| Reply::handled().retval(text)).map_err(|e| e.to_string())
+    }
+}
+
+impl Subscriber for Listener {
+    fn on_event(event: Event) {
+        let id = id();
+        let key = key_of(&event);
+        let _ = kv::incr(&format!("{id}:count:{key}"), 1);
+        let headers: Vec<String> = event.headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = kv::set(&format!("{id}:last:{key}"), headers.join("\n"));
+        if event.name != "E_CORE_LOG" {
+            log::info(&format!("{id} got {key}"));
+        }
+    }
+}
+
+impl Api for Listener {
+    fn commands() -> Vec<CommandInfo> {
+        let id = id();
+        vec![
+            CommandInfo::new(&format!("{id}.count"), "NAME", "events received with NAME (or CUSTOM:SUBCLASS)"),
+            CommandInfo::new(&format!("{id}.last"), "NAME", "the headers of the last such event"),
+        ]
+    }
+
+    fn execute(command: String, args: String) -> Result<String, String> {
+        let id = id();
+        let name = args.trim();
+        if command == format!("{id}.count") {
+            return Ok(kv::get_string(&format!("{id}:count:{name}")).map_err(|e| e.to_string())?.unwrap_or_else(|| "0".into()));
+        }
+        if command == format!("{id}.last") {
+            return Ok(kv::get_string(&format!("{id}:last:{name}")).map_err(|e| e.to_string())?.unwrap_or_default());
+        }
+        Err(format!("unknown command {command}"))
+    }
+}
+
+export!(Listener: route, api, subscriber);
