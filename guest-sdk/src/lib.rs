@@ -13,7 +13,7 @@
 //! impl Route for Hits {
 //!     fn handle(req: Request) -> Result<Reply, String> {
 //!         let key = req.data_str();
-//!         let n = kv::incr(&key, 1).map_err(|e| e.to_string())?;
+//!         let n = kv::incr(&key, 1).map_err(|e| e.message())?;
 //!         log::info(&format!("{key} seen {n} times"));
 //!         Ok(Reply::handled().retval(n.to_string()))
 //!     }
@@ -216,6 +216,19 @@ impl Event {
     /// The value of a header (ASCII case-insensitive).
     pub fn get(&self, name: &str) -> Option<&str> {
         header(&self.headers, name)
+    }
+}
+
+impl HostError {
+    /// What went wrong, for people: `denied: …`, `invalid: …`. (The
+    /// `Display` that wit-bindgen derives prints the variant's `Debug`.)
+    pub fn message(&self) -> String {
+        match self {
+            HostError::Denied(m) => format!("denied: {m}"),
+            HostError::Invalid(m) => format!("invalid: {m}"),
+            HostError::NotFound(m) => format!("not found: {m}"),
+            HostError::Failed(m) => format!("failed: {m}"),
+        }
     }
 }
 

@@ -54,8 +54,11 @@ pub(super) async fn to_udp(addr: SocketAddr, sub: Weak<Subscriber>, mut rx: mpsc
         }
     };
     while let Some(event) = rx.recv().await {
-        // Non-blocking and no retry, as event_datagram.
-        let ok = socket.try_send_to(&notification(&event, None), addr).is_ok();
+        // No retry, as event_datagram; a momentarily full local send
+        // buffer is waited for (briefly: this task is the peer's alone).
+        let payload = notification(&event, None);
+        let send = socket.send_to(&payload, addr);
+        let ok = matches!(tokio::time::timeout(Duration::from_millis(100), send).await, Ok(Ok(_)));
         count(&sub, ok);
     }
 }

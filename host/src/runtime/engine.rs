@@ -1,7 +1,7 @@
 //! The one wasmtime engine every plugin shares, and the epoch ticker that
 //! enforces call deadlines.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -54,16 +54,21 @@ pub fn build(settings: &EngineSettings) -> wasmtime::Result<Engine> {
 /// Advances the engine's epoch once per tick. It counts ticks from a fixed
 /// start and catches up after a late wake-up, so a deadline of N ticks is
 /// N ticks of wall time, not N sleeps (a naive sleep loop drifts ~20%).
+///
+/// It also publishes the tick count, so a call's deadline can be checked
+/// against wall time while the call yields (see `pool`).
 pub struct Ticker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    pub ticks: Arc<AtomicU64>,
 }
 
 impl Ticker {
     pub fn start(engine: &Engine, tick: Duration) -> std::io::Result<Ticker> {
         let stop = Arc::new(AtomicBool::new(false));
+        let ticks = Arc::new(AtomicU64::new(0));
         let weak = engine.weak();
-        let flag = stop.clone();
+        let (flag, published) = (stop.clone(), ticks.clone());
         let thread = std::thread::Builder::new().name("evrhost-epoch".into()).spawn(move || {
             let start = Instant::now();
             let mut ticks: u128 = 0;
@@ -75,9 +80,10 @@ impl Ticker {
                     engine.increment_epoch();
                     ticks += 1;
                 }
+                published.store(u64::try_from(ticks).unwrap_or(u64::MAX), Ordering::Release);
             }
         })?;
-        Ok(Ticker { stop, thread: Some(thread) })
+        Ok(Ticker { stop, thread: Some(thread), ticks })
     }
 }
 

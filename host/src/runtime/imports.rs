@@ -69,9 +69,11 @@ pub(crate) fn add_sleep(linker: &mut Linker<HostState>) -> wasmtime::Result<()> 
                 return Ok((Err(e),));
             }
             tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
-            let (fuel, ticks) = (store.data().plugin.spec.limits.fuel, store.data().plugin.deadline_ticks);
+            let fuel = store.data().plugin.spec.limits.fuel;
             store.set_fuel(fuel)?;
-            store.set_epoch_deadline(ticks);
+            let data = store.data_mut();
+            data.call.deadline_tick = data.plugin.deadline_from_now();
+            store.set_epoch_deadline(1);
             Ok((Ok::<(), HostError>(()),))
         })
     })?;

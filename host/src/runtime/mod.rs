@@ -52,7 +52,7 @@ pub struct Runtime {
     linker: Linker<HostState>,
     cache: ComponentCache,
     settings: EngineSettings,
-    _ticker: engine::Ticker,
+    ticker: engine::Ticker,
 }
 
 /// What a component imports and exports, by interface name.
@@ -85,7 +85,7 @@ impl Runtime {
         imports::add_sleep(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let cache = ComponentCache::new(&engine, cache_dir);
         let ticker = engine::Ticker::start(&engine, settings.tick).map_err(RuntimeError::Ticker)?;
-        Ok(Arc::new(Runtime { engine, linker, cache, settings, _ticker: ticker }))
+        Ok(Arc::new(Runtime { engine, linker, cache, settings, ticker }))
     }
 
     pub fn settings(&self) -> &EngineSettings {
@@ -153,7 +153,8 @@ impl Runtime {
         let spec = Arc::new(spec);
         let tick = self.settings.tick.as_nanos().max(1);
         let deadline_ticks = u64::try_from(spec.limits.deadline.as_nanos().div_ceil(tick)).unwrap_or(u64::MAX).max(1);
-        let ctx = Arc::new(PluginCtx { spec: spec.clone(), kv, services, deadline_ticks });
+        let ticks = self.ticker.ticks.clone();
+        let ctx = Arc::new(PluginCtx { spec: spec.clone(), kv, services, deadline_ticks, ticks });
         let pool = Pool::new(pre, indices.clone(), ctx, stats.clone());
         let warm = match spec.limits.isolation {
             Isolation::Reuse => spec.limits.min_instances.max(1),

@@ -25,7 +25,7 @@ use super::clock::{self, Stamp};
 
 use tokio::sync::Notify;
 use wasmtime::component::{Instance, InstancePre};
-use wasmtime::{Store, Trap};
+use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::bindings::{api, route, subscriber, task, Level};
@@ -226,7 +226,7 @@ impl Pool {
                 worker
             }
         };
-        worker.begin(target, depth, is_task, limits.fuel, self.ctx.deadline_ticks)?;
+        worker.begin(target, depth, is_task, limits.fuel)?;
         lease.worker = Some(worker);
         Ok(lease)
     }
@@ -264,10 +264,23 @@ impl Pool {
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
+        // On every epoch tick a running call yields to the executor, so a
+        // long guest call never holds a worker thread from other tasks;
+        // past its deadline it is interrupted (`Trap::Interrupt`). The
+        // deadline is a tick count from the ticker, not a count of these
+        // callbacks, so time spent yielded counts too.
+        store.epoch_deadline_callback(|ctx| {
+            let data = ctx.data();
+            if data.plugin.ticks.load(std::sync::atomic::Ordering::Acquire) >= data.call.deadline_tick {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
         let host = |e: wasmtime::Error| Cause::Host { message: chain(&e) };
         store.set_fuel(spec.limits.fuel).map_err(host)?;
-        store.set_epoch_deadline(self.ctx.deadline_ticks);
+        store.data_mut().call.deadline_tick = self.ctx.deadline_from_now();
+        store.set_epoch_deadline(1);
         let instance: Instance = match self.pre.instantiate_async(&mut store).await {
             Ok(instance) => instance,
             Err(e) => {
@@ -282,10 +295,11 @@ impl Pool {
 }
 
 impl Worker {
-    fn begin(&mut self, target: &str, depth: u32, is_task: bool, fuel: u64, ticks: u64) -> Result<(), Cause> {
+    fn begin(&mut self, target: &str, depth: u32, is_task: bool, fuel: u64) -> Result<(), Cause> {
         self.store.set_fuel(fuel).map_err(|e| Cause::Host { message: chain(&e) })?;
-        self.store.set_epoch_deadline(ticks);
+        self.store.set_epoch_deadline(1);
         let data = self.store.data_mut();
+        data.call.deadline_tick = data.plugin.deadline_from_now();
         data.limiter.refused = None;
         // The target's buffer is reused: this runs on every call.
         let call = &mut data.call;

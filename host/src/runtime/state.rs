@@ -19,6 +19,15 @@ pub struct PluginCtx {
     pub services: Arc<dyn Services>,
     /// The call deadline in epoch ticks.
     pub deadline_ticks: u64,
+    /// Epoch ticks so far, as the ticker publishes them.
+    pub ticks: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl PluginCtx {
+    /// The tick at which a call (or a task's slice) starting now must end.
+    pub fn deadline_from_now(&self) -> u64 {
+        self.ticks.load(std::sync::atomic::Ordering::Acquire).saturating_add(self.deadline_ticks)
+    }
 }
 
 /// What the current call is; reset before each call.
@@ -30,6 +39,8 @@ pub struct CallCtx {
     pub depth: u32,
     /// Exec tasks may sleep; nothing else may.
     pub is_task: bool,
+    /// The epoch tick past which the call is interrupted.
+    pub deadline_tick: u64,
     pub log_lines: usize,
     pub log_dropped: usize,
 }

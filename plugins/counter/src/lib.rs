@@ -14,7 +14,7 @@ fn key_of(raw: &str) -> String {
 
 impl Route for Counter {
     fn handle(req: Request) -> Result<Reply, String> {
-        let n = kv::incr(&key_of(&req.data_str()), 1).map_err(|e| e.to_string())?;
+        let n = kv::incr(&key_of(&req.data_str()), 1).map_err(|e| e.message())?;
         Ok(Reply::handled().retval(n.to_string()))
     }
 }
@@ -29,11 +29,11 @@ impl Api for Counter {
 
     fn execute(command: String, args: String) -> Result<String, String> {
         let key = key_of(&args);
-        let count = kv::get_string(&key).map_err(|e| e.to_string())?.unwrap_or_else(|| "0".into());
+        let count = kv::get_string(&key).map_err(|e| e.message())?.unwrap_or_else(|| "0".into());
         match command.as_str() {
             "counter.get" => Ok(count),
             "counter.reset" => {
-                kv::delete(&key).map_err(|e| e.to_string())?;
+                kv::delete(&key).map_err(|e| e.message())?;
                 Ok(count)
             }
             other => Err(format!("unknown command {other}")),

@@ -24,7 +24,7 @@ impl Route for KvCount {
             if key.is_empty() {
                 continue;
             }
-            kv::incr(&counter(key), 1).map_err(|e| format!("counting `{key}`: {e}"))?;
+            kv::incr(&counter(key), 1).map_err(|e| format!("counting `{key}`: {}", e.message()))?;
             counted += 1;
         }
         Ok(Reply::handled().retval(counted.to_string()))
@@ -39,7 +39,7 @@ impl Api for KvCount {
     fn execute(command: String, args: String) -> Result<String, String> {
         match command.as_str() {
             "kvcount.get" => Ok(kv::get_string(&counter(args.trim()))
-                .map_err(|e| e.to_string())?
+                .map_err(|e| e.message())?
                 .unwrap_or_else(|| "0".into())),
             other => Err(format!("unknown command {other}")),
         }

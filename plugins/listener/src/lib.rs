@@ -1,10 +1,12 @@
 //! Subscribes, filters and fires events on request, and counts what it
 //! receives: the event bus seen from a plugin.
 //!
-//! Routes (the request's data says what):
+//! Routes, by the last dot-separated part of their name (`subscribe`,
+//! `watcher.subscribe`, …); the request's data says what:
 //! - `subscribe`: `NAME [SUBCLASS]`;
 //! - `filter`: a mod_event_socket filter command, e.g. `add User alice`;
-//! - `fire`: `SUBCLASS [KEY=VALUE;…]`, a CUSTOM event.
+//! - `fire`: `SUBCLASS [KEY=VALUE;…]`, a CUSTOM event;
+//! - `burst`: `N SUBCLASS BYTES`, N CUSTOM events with a BYTES-long header.
 //!
 //! Commands: `<id>.count NAME` (events received with that name, or
 //! `CUSTOM:SUBCLASS`), `<id>.last NAME` (the last one's headers), where
@@ -29,7 +31,8 @@ fn key_of(event: &Event) -> String {
 impl Route for Listener {
     fn handle(req: Request) -> Result<Reply, String> {
         let data = req.data_str().trim().to_string();
-        let result = match req.route.as_str() {
+        let action = req.route.rsplit('.').next().unwrap_or_default();
+        let result = match action {
             "subscribe" => {
                 let (name, subclass) = data.split_once(' ').map_or((data.as_str(), None), |(n, s)| (n, Some(s.trim())));
                 events::subscribe(name, subclass).map(|()| "subscribed".to_string())
@@ -44,9 +47,24 @@ impl Route for Listener {
                 }
                 events::fire(&event).map(|()| "fired".to_string())
             }
+            "burst" => {
+                let mut words = data.split_whitespace();
+                let n: usize = words.next().and_then(|w| w.parse().ok()).unwrap_or(1);
+                let subclass = words.next().unwrap_or("burst");
+                let bytes: usize = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+                let padding = "p".repeat(bytes);
+                let mut fired = 0;
+                for i in 0..n {
+                    let event = Event::custom(subclass).header("N", i.to_string()).header("Padding", padding.as_str());
+                    if events::fire(&event).is_ok() {
+                        fired += 1;
+                    }
+                }
+                Ok(fired.to_string())
+            }
             other => return Err(format!("unknown route {other}")),
         };
-        result.map(|text| Reply::handled().retval(text)).map_err(|e| e.to_string())
+        result.map(|text| Reply::handled().retval(text)).map_err(|e| e.message())
     }
 }
 
@@ -76,10 +94,10 @@ impl Api for Listener {
         let id = id();
         let name = args.trim();
         if command == format!("{id}.count") {
-            return Ok(kv::get_string(&format!("{id}:count:{name}")).map_err(|e| e.to_string())?.unwrap_or_else(|| "0".into()));
+            return Ok(kv::get_string(&format!("{id}:count:{name}")).map_err(|e| e.message())?.unwrap_or_else(|| "0".into()));
         }
         if command == format!("{id}.last") {
-            return Ok(kv::get_string(&format!("{id}:last:{name}")).map_err(|e| e.to_string())?.unwrap_or_default());
+            return Ok(kv::get_string(&format!("{id}:last:{name}")).map_err(|e| e.message())?.unwrap_or_default());
         }
         Err(format!("unknown command {command}"))
     }

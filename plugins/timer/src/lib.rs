@@ -15,7 +15,7 @@ impl Task for Timer {
         loop {
             log::info(&format!("worker {worker}: x is {x}"));
             x += 1;
-            sleep(Duration::from_millis(interval)).map_err(|e| e.to_string())?;
+            sleep(Duration::from_millis(interval)).map_err(|e| e.message())?;
         }
     }
 }
