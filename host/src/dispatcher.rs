@@ -344,7 +344,7 @@ impl Dispatcher {
     /// A route with one handler, the common case: its reply, handled or not.
     async fn run_one(&self, slot: &Arc<Slot>, request: &Request) -> Result<RouteOutcome, DispatchError> {
         let version = slot.current();
-        let (result, report) = if version.spec.profiling {
+        let (result, report) = if version.spec.profiling && self.bus.wanted("E_PROFILING_SCRIPT") {
             let mut profiler = Profiler::start(&self.bus, "E_PROFILING_SCRIPT", &request.route);
             profiler.enter(&request.route, &slot.name, 0);
             let outcome = version.handle(request, 0).await;

@@ -177,6 +177,8 @@ pub struct Bus {
     queue: usize,
     dispatcher: OnceLock<Weak<Dispatcher>>,
     fired: AtomicU64,
+    /// (second, local, GMT) of the last event's dates.
+    dates: Mutex<(u64, String, String)>,
 }
 
 impl Bus {
@@ -192,6 +194,7 @@ impl Bus {
             queue: queue.max(1),
             dispatcher: OnceLock::new(),
             fired: AtomicU64::new(0),
+            dates: Mutex::new((0, String::new(), String::new())),
         })
     }
 
@@ -212,12 +215,14 @@ impl Bus {
     /// that wants it.
     pub fn fire(&self, mut event: Event, caller: &Caller) {
         let subscribers = self.subscribers.load();
-        event.headers.retain(|(k, _)| !STANDARD.iter().any(|s| s.eq_ignore_ascii_case(k)));
-        let now = SystemTime::now();
-        let micros = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros());
-        let local: chrono::DateTime<chrono::Local> = now.into();
-        let utc: chrono::DateTime<chrono::Utc> = now.into();
         let sequence = self.sequence.fetch_add(1, Relaxed) + 1;
+        self.fired.fetch_add(1, Relaxed);
+        if subscribers.is_empty() {
+            return;
+        }
+        event.headers.retain(|(k, _)| !STANDARD.iter().any(|s| s.eq_ignore_ascii_case(k)));
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let (local, gmt) = self.dates(now.as_secs());
         let h = &mut event.headers;
         h.push(("Event-Name".into(), event.name.clone()));
         if let Some(subclass) = &event.subclass {
@@ -225,17 +230,13 @@ impl Bus {
         }
         h.push(("Core-UUID".into(), self.core_uuid.clone()));
         h.push(("Hostname".into(), self.hostname.clone()));
-        h.push(("Event-Date-Local".into(), local.format("%Y-%m-%d %H:%M:%S").to_string()));
-        h.push(("Event-Date-GMT".into(), utc.format("%a, %d %b %Y %H:%M:%S GMT").to_string()));
-        h.push(("Event-Date-Timestamp".into(), micros.to_string()));
+        h.push(("Event-Date-Local".into(), local));
+        h.push(("Event-Date-GMT".into(), gmt));
+        h.push(("Event-Date-Timestamp".into(), now.as_micros().to_string()));
         h.push(("Event-Calling-File".into(), caller.file.clone()));
         h.push(("Event-Calling-Function".into(), caller.function.clone()));
         h.push(("Event-Calling-Line-Number".into(), caller.line.to_string()));
         h.push(("Event-Sequence".into(), sequence.to_string()));
-        self.fired.fetch_add(1, Relaxed);
-        if subscribers.is_empty() {
-            return;
-        }
         let event = Arc::new(event);
         let now = Instant::now();
         for sub in subscribers.iter() {
@@ -246,6 +247,24 @@ impl Bus {
                 sub.overflow.fetch_add(1, Relaxed);
             }
         }
+    }
+
+    /// Event-Date-Local and Event-Date-GMT for a second since the epoch.
+    /// Formatting them (and finding the local zone) costs microseconds, so
+    /// they are made once a second.
+    fn dates(&self, secs: u64) -> (String, String) {
+        let mut cache = lock(&self.dates);
+        if cache.0 != secs || cache.1.is_empty() {
+            let at = UNIX_EPOCH + Duration::from_secs(secs);
+            let local: chrono::DateTime<chrono::Local> = at.into();
+            let utc: chrono::DateTime<chrono::Utc> = at.into();
+            *cache = (
+                secs,
+                local.format("%Y-%m-%d %H:%M:%S").to_string(),
+                utc.format("%a, %d %b %Y %H:%M:%S GMT").to_string(),
+            );
+        }
+        (cache.1.clone(), cache.2.clone())
     }
 
     /// Raises an event of the host's own. `params` come first, in order.

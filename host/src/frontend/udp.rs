@@ -92,7 +92,7 @@ pub fn start(
         let (reply, profiling) = (def.reply, def.profiling.then(|| format!("UDP receiver udp:{addr}")));
         tasks.push(tokio::spawn(async move {
             while let Ok(datagram) = rx.recv().await {
-                match &profiling {
+                match profiling.as_ref().filter(|_| d.bus().wanted("E_PROFILING_PROC")) {
                     None => {
                         handle(&d, &route, &sender, &stats, reply, datagram).await;
                     }
