@@ -14,7 +14,14 @@
 //!    bisect). The baseline is a null receiver in this process: a thread
 //!    on its own socket (same receive buffer) that reads recvmmsg(2)
 //!    batches of 32 and only counts. The two searches run interleaved,
-//!    trial by trial, so a noisy neighbour hits both alike.
+//!    trial by trial, so a noisy neighbour hits both alike. A trial counts
+//!    at the rate its generator reached: on a small machine the generator
+//!    shares the cores with the receiver and may fall short of the target,
+//!    and a figure marked ≥ means nothing was lost at the most it could
+//!    offer. Each trial line gives the CPU per datagram of the receiver
+//!    (by thread), the generator and the softirqs (loopback delivery), and
+//!    what other processes used: a trial where they took over 15% of a
+//!    core is run again.
 //! 2. RPC round trip: 20,000 sequential `evrexec.run` calls of a route
 //!    bound to echo over one keep-alive connection, against the same
 //!    client talking to a minimal hyper HTTP/1.1 server in this process
@@ -76,6 +83,10 @@ const SEARCH_BUDGET: Duration = Duration::from_secs(40);
 /// A trial whose generator reached less than this share of the target
 /// rate is generator-bound: the rate was not really offered.
 const GENERATOR_SHARE: f64 = 0.95;
+/// A trial during which other processes used more than this share of a
+/// core is noisy: it is run again, at most NOISY_RETRIES times a search.
+const NOISE_SHARE: f64 = 0.15;
+const NOISY_RETRIES: usize = 3;
 
 const RPC_WARMUP: usize = 2_000;
 const RPC_CALLS: usize = 20_000;
@@ -572,6 +583,13 @@ struct Trial {
     /// CPU seconds used by everything on the machine but the daemon and
     /// this bench (other work skews the figures).
     others: f64,
+    /// CPU seconds in interrupts and softirqs, machine-wide: mostly the
+    /// loopback delivery of the datagrams.
+    softirq: f64,
+    /// From the first datagram until the count was read for the last time.
+    wall: Duration,
+    /// Noisy, and run again.
+    retried: bool,
 }
 
 impl Trial {
@@ -588,6 +606,10 @@ impl Trial {
 
     fn ok(&self) -> bool {
         self.loss() < MAX_LOSS
+    }
+
+    fn noisy(&self) -> bool {
+        self.others > NOISE_SHARE * self.wall.as_secs_f64()
     }
 
     /// Receiver CPU per datagram counted, in µs.
@@ -625,15 +647,20 @@ impl Trial {
             .map(|(n, s)| format!("{n} {s:.2}"))
             .collect();
         line.push_str(&format!(
-            " | cpu s: {} ({:.1} µs/dgram), gen {:.2} ({:.1} µs/dgram), others {:.2}",
+            " | cpu s: {} ({:.1} µs/dgram), gen {:.2} ({:.1} µs/dgram), softirq {:.2} ({:.1} µs/dgram), others {:.2}",
             cpu.join(" "),
             self.cpu_per_datagram(),
             self.sent.cpu,
             self.sent.cpu / self.sent.count.max(1) as f64 * 1e6,
+            self.softirq,
+            self.softirq / self.sent.count.max(1) as f64 * 1e6,
             self.others,
         ));
         if self.sent.stalls > 0 {
             line.push_str(&format!(" ({} send stalls)", self.sent.stalls));
+        }
+        if self.retried {
+            line.push_str(" [noisy: run again]");
         }
         line
     }
@@ -647,33 +674,32 @@ fn process_cpu(pid: u32) -> f64 {
         .map_or(0.0, |(_, s)| s)
 }
 
-/// CPU seconds the machine spent busy (all CPUs, /proc/stat).
-fn machine_busy() -> f64 {
+/// CPU seconds the machine spent (all CPUs, /proc/stat): running tasks
+/// (user, nice, system, steal), and in interrupts and softirqs, which no
+/// task is charged for (loopback packets are delivered in softirqs).
+fn machine_cpu() -> [f64; 2] {
     let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let Some(cpu) = text.lines().next().and_then(|l| l.strip_prefix("cpu ")) else {
-        return 0.0;
+        return [0.0; 2];
     };
     let v: Vec<u64> = cpu
         .split_whitespace()
         .filter_map(|f| f.parse().ok())
         .collect();
     // user nice system idle iowait irq softirq steal (guest time is in user).
-    let busy: u64 = v
-        .iter()
-        .take(8)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, t)| t)
-        .sum();
-    busy as f64 / 100.0
+    let at = |i: usize| v.get(i).copied().unwrap_or(0) as f64 / 100.0;
+    [at(0) + at(1) + at(2) + at(7), at(5) + at(6)]
 }
 
-/// CPU seconds of this process, of the daemon, and of the machine.
-fn cpu_snapshot(daemon: u32) -> [f64; 3] {
+/// CPU seconds of this process, of the daemon, of all tasks, and of
+/// interrupts and softirqs.
+fn cpu_snapshot(daemon: u32) -> [f64; 4] {
+    let [tasks, irq] = machine_cpu();
     [
         process_cpu(std::process::id()),
         process_cpu(daemon),
-        machine_busy(),
+        tasks,
+        irq,
     ]
 }
 
@@ -705,6 +731,7 @@ fn trial(
     let threads = process_threads(receiver);
     let cpu = cpu_snapshot(daemon.pid());
     let payload = key.as_bytes().to_vec();
+    let start = Instant::now();
     let sent = std::thread::scope(|s| {
         std::thread::Builder::new()
             .name("udp-generator".into())
@@ -750,6 +777,9 @@ fn trial(
         probe,
         cpu: by_name,
         others: (d[2] - d[0] - d[1]).max(0.0),
+        softirq: d[3],
+        wall: start.elapsed(),
+        retried: false,
     })
 }
 
@@ -766,6 +796,7 @@ struct Search {
     /// lost nothing at the most the generator could offer.
     generator_bound: bool,
     bisections: usize,
+    retries: usize,
     trials: Vec<Trial>,
 }
 
@@ -777,6 +808,7 @@ impl Search {
             hi: None,
             generator_bound: false,
             bisections: 0,
+            retries: 0,
             trials: Vec::new(),
         }
     }
@@ -786,7 +818,14 @@ impl Search {
         self.lo.unwrap_or(0.0)
     }
 
-    fn record(&mut self, t: Trial) {
+    fn record(&mut self, mut t: Trial) {
+        if t.noisy() && self.retries < NOISY_RETRIES {
+            // Kept for the record; `next` stays: the same rate again.
+            self.retries += 1;
+            t.retried = true;
+            self.trials.push(t);
+            return;
+        }
         let reached = t.achieved().min(t.rate);
         let short = reached < GENERATOR_SHARE * t.rate;
         let mut saturated = false;
@@ -1015,9 +1054,10 @@ fn main() {
     println!();
     println!(
         "UDP trials (loss-free: < {}% lost; {} s of datagrams at the target rate, one key each; \
-         kernel drops = Udp RcvbufErrors):",
+         kernel drops = Udp RcvbufErrors; others = CPU-s of other processes, over {:.0}% of a core: run again):",
         MAX_LOSS * 100.0,
-        TRIAL.as_secs_f64()
+        TRIAL.as_secs_f64(),
+        NOISE_SHARE * 100.0
     );
     for t in &trials {
         println!("{t}");
@@ -1086,33 +1126,34 @@ fn run(
                 let Some(t) = search
                     .trials
                     .iter()
-                    .filter(|t| t.ok())
+                    .filter(|t| t.ok() && !t.retried)
                     .max_by(|a, b| a.achieved().total_cmp(&b.achieved()))
                 else {
                     continue;
                 };
-                let gen = t.sent.cpu / t.sent.count.max(1) as f64 * 1e6;
+                let per = |secs: f64| secs / t.sent.count.max(1) as f64 * 1e6;
+                let (gen, irq) = (per(t.sent.cpu), per(t.softirq));
                 let parts: Vec<String> = t
                     .cpu
                     .iter()
                     .map(|(n, s)| format!("{n} {:.2}", s / t.counted.max(1) as f64 * 1e6))
                     .collect();
                 notes.push(format!(
-                    "UDP CPU per datagram at {} ({name}): receiver {:.2} µs ({}), generator {gen:.2} µs; \
-                     {cores} cores / (receiver + generator) = {} ceiling; others used {:.2} CPU-s",
+                    "UDP CPU per datagram at {} ({name}): receiver {:.2} µs ({}), generator {gen:.2} µs, \
+                     softirq {irq:.2} µs; {cores} cores / their sum ≈ {} (where the cores saturate); others used {:.2} CPU-s",
                     fmt_rate(t.achieved()),
                     t.cpu_per_datagram(),
                     parts.join(", "),
-                    fmt_rate(cores as f64 / ((t.cpu_per_datagram() + gen) * 1e-6)),
+                    fmt_rate(cores as f64 / ((t.cpu_per_datagram() + gen + irq) * 1e-6)),
                     t.others,
                 ));
             }
-            // Where the daemon's time went, in its best lossy trial.
+            // What the daemon handled when it lost datagrams.
             if let Some(t) = u
                 .evr
                 .trials
                 .iter()
-                .filter(|t| !t.ok())
+                .filter(|t| !t.ok() && !t.retried)
                 .min_by_key(|t| t.rate as u64)
             {
                 let handled_rate = t.counted as f64 / (t.sent.elapsed + t.settle).as_secs_f64();

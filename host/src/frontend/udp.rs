@@ -7,9 +7,11 @@
 //! lost in the kernel. Here a receiver thread reads batches with
 //! recvmmsg(2) and hands datagrams to `workers` async tasks through a
 //! bounded queue:
-//! - when the queue is full, datagrams are dropped and counted (the
-//!   `dropped` metric, and a warning at most once a second): the receiver
-//!   never blocks on slow handlers and memory never grows without bound;
+//! - a batch travels as one queue item (one wake-up, not 32), but the
+//!   bound counts datagrams: when `queue` datagrams wait, more are dropped
+//!   and counted (the `dropped` metric, and a warning at most once a
+//!   second): the receiver never blocks on slow handlers and memory never
+//!   grows without bound;
 //! - with one worker, datagrams are handled in arrival order, as evrexec
 //!   does; with more, concurrently (no order between them);
 //! - buffers hold 65,536 bytes, more than the largest UDP payload, so no
@@ -73,6 +75,12 @@ struct Datagram {
     peer: SocketAddr,
 }
 
+/// Datagrams waiting for a worker, counted across batches.
+struct Backlog {
+    waiting: std::sync::atomic::AtomicUsize,
+    limit: usize,
+}
+
 /// Serves `route` on `socket`: the receiver thread ends once the returned
 /// worker tasks are aborted (it sees the queue closed).
 pub fn start(
@@ -85,23 +93,33 @@ pub fn start(
     // Replies go out through a clone of the socket registered with tokio.
     let sender = Arc::new(UdpSocket::from_std(socket.try_clone()?)?);
     let stats = Arc::new(UdpStats::default());
-    let (tx, rx) = async_channel::bounded::<Datagram>(def.queue);
+    let backlog = Arc::new(Backlog { waiting: Default::default(), limit: def.queue });
+    // The channel holds batches; `backlog` bounds the datagrams in them.
+    let (tx, rx) = async_channel::bounded::<Vec<Datagram>>(def.queue.div_ceil(BATCH).max(4));
     let mut tasks = Vec::new();
     for _ in 0..def.workers {
-        let (rx, sender, stats, d, route) = (rx.clone(), sender.clone(), stats.clone(), d.clone(), route.to_string());
+        let (rx, sender, stats, d, backlog) = (rx.clone(), sender.clone(), stats.clone(), d.clone(), backlog.clone());
         let (reply, profiling) = (def.reply, def.profiling.then(|| format!("UDP receiver udp:{addr}")));
+        let mut request = Request { route: route.to_string(), data: Vec::new(), params: Vec::new(), origin: Origin::Cli };
         tasks.push(tokio::spawn(async move {
-            while let Ok(datagram) = rx.recv().await {
-                match profiling.as_ref().filter(|_| d.bus().wanted("E_PROFILING_PROC")) {
-                    None => {
-                        handle(&d, &route, &sender, &stats, reply, datagram).await;
-                    }
-                    Some(name) => {
-                        let mut profiler = Profiler::start(d.bus(), "E_PROFILING_PROC", name);
-                        profiler.enter("udp datagram", "udp", 0);
-                        let status = handle(&d, &route, &sender, &stats, reply, datagram).await;
-                        profiler.exit("udp datagram", "udp", 0, status);
-                        profiler.end(name, status);
+            while let Ok(batch) = rx.recv().await {
+                backlog.waiting.fetch_sub(batch.len(), Relaxed);
+                for datagram in batch {
+                    request.origin =
+                        Origin::Udp(Peer { ip: datagram.peer.ip().to_canonical().to_string(), port: datagram.peer.port() });
+                    request.data = datagram.data;
+                    let peer = datagram.peer;
+                    match profiling.as_ref().filter(|_| d.bus().wanted("E_PROFILING_PROC")) {
+                        None => {
+                            handle(&d, &request, peer, &sender, &stats, reply).await;
+                        }
+                        Some(name) => {
+                            let mut profiler = Profiler::start(d.bus(), "E_PROFILING_PROC", name);
+                            profiler.enter("udp datagram", "udp", 0);
+                            let status = handle(&d, &request, peer, &sender, &stats, reply).await;
+                            profiler.exit("udp datagram", "udp", 0, status);
+                            profiler.end(name, status);
+                        }
                     }
                 }
             }
@@ -109,7 +127,7 @@ pub fn start(
     }
     let (name, receiver_stats) = (route.to_string(), stats.clone());
     std::thread::Builder::new().name("evrhost-udp".into()).spawn(move || {
-        if let Err(e) = receive(&socket, &tx, &receiver_stats, &name) {
+        if let Err(e) = receive(&socket, &tx, &backlog, &receiver_stats, &name) {
             tracing::error!(route = %name, %addr, error = %e, "UDP receiver stopped");
         }
     })?;
@@ -118,11 +136,9 @@ pub fn start(
 
 /// Runs the route for one datagram; the status is 0, or -1 when the call
 /// failed (for profiling records).
-async fn handle(d: &Dispatcher, route: &str, socket: &UdpSocket, stats: &UdpStats, reply: bool, datagram: Datagram) -> i64 {
-    let peer = datagram.peer;
-    let origin = Origin::Udp(Peer { ip: peer.ip().to_canonical().to_string(), port: peer.port() });
-    let request = Request { route: route.to_string(), data: datagram.data, params: Vec::new(), origin };
-    match d.run_route(&request).await {
+async fn handle(d: &Dispatcher, request: &Request, peer: SocketAddr, socket: &UdpSocket, stats: &UdpStats, reply: bool) -> i64 {
+    let route = request.route.as_str();
+    match d.run_route(request).await {
         Ok(outcome) => {
             if let (true, Some(data)) = (reply, outcome.reply.data) {
                 match socket.send_to(&data, peer).await {
@@ -169,7 +185,8 @@ impl DropWarning {
 /// 250 ms to notice shutdown), then drains it in recvmmsg batches.
 fn receive(
     socket: &std::net::UdpSocket,
-    tx: &async_channel::Sender<Datagram>,
+    tx: &async_channel::Sender<Vec<Datagram>>,
+    backlog: &Backlog,
     stats: &UdpStats,
     route: &str,
 ) -> io::Result<()> {
@@ -206,17 +223,32 @@ fn receive(
                 }
             }
             stats.received.fetch_add(received.len() as u64, Relaxed);
-            for (i, (len, peer)) in received.iter().enumerate() {
-                let (Some(buffer), Some(peer)) = (buffers.get(i), peer) else { continue };
-                let data = buffer[..(*len).min(BUFFER)].to_vec();
-                match tx.try_send(Datagram { data, peer: *peer }) {
+            let room = backlog.limit.saturating_sub(backlog.waiting.load(Relaxed));
+            let batch: Vec<Datagram> = received
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (len, peer))| {
+                    let (buffer, peer) = (buffers.get(i)?, (*peer)?);
+                    Some(Datagram { data: buffer[..(*len).min(BUFFER)].to_vec(), peer })
+                })
+                .take(room)
+                .collect();
+            let mut lost = received.len() - batch.len();
+            if !batch.is_empty() {
+                let n = batch.len();
+                backlog.waiting.fetch_add(n, Relaxed);
+                match tx.try_send(batch) {
                     Ok(()) => {}
                     Err(async_channel::TrySendError::Full(_)) => {
-                        stats.dropped.fetch_add(1, Relaxed);
-                        drops.since += 1;
+                        backlog.waiting.fetch_sub(n, Relaxed);
+                        lost += n;
                     }
                     Err(async_channel::TrySendError::Closed(_)) => return Ok(()),
                 }
+            }
+            if lost > 0 {
+                stats.dropped.fetch_add(lost as u64, Relaxed);
+                drops.since += lost as u64;
             }
             drops.warn(route);
             if received.len() < BATCH {

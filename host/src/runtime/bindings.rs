@@ -4,10 +4,16 @@
 //! some, so the host never instantiates the world as a whole: it looks up
 //! each export interface on its own (see `plugin::Exports`).
 
+// Host functions are synchronous (cheaper per call) except those that
+// wait: `commands.call` runs another plugin, and `host.sleep` (shadowed in
+// `imports::add_sleep`) suspends a task.
 wasmtime::component::bindgen!({
     world: "plugin",
     path: "../wit",
-    imports: { default: async },
+    imports: {
+        "evrhost:plugin/commands.call": async,
+        "evrhost:plugin/host.sleep": async,
+    },
     exports: { default: async },
 });
 

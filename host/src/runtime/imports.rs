@@ -95,13 +95,13 @@ fn kv_error(e: KvError) -> HostError {
 impl types::Host for HostState {}
 
 impl host::Host for HostState {
-    async fn log(&mut self, level: Level, message: String) {
+    fn log(&mut self, level: Level, message: String) {
         if self.plugin.spec.capabilities.log {
             emit_log(self, level, &message);
         }
     }
 
-    async fn config(&mut self, key: String) -> Option<String> {
+    fn config(&mut self, key: String) -> Option<String> {
         let spec = &self.plugin.spec;
         if !spec.capabilities.config {
             return None;
@@ -109,7 +109,7 @@ impl host::Host for HostState {
         spec.config.get(&key).cloned()
     }
 
-    async fn now(&mut self) -> u64 {
+    fn now(&mut self) -> u64 {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
     }
 
@@ -122,28 +122,28 @@ impl host::Host for HostState {
 }
 
 impl kv::Host for HostState {
-    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, HostError> {
+    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, HostError> {
         if !self.plugin.spec.capabilities.kv {
             return Err(denied("kv"));
         }
         self.plugin.kv.get(&key).map_err(kv_error)
     }
 
-    async fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), HostError> {
+    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), HostError> {
         if !self.plugin.spec.capabilities.kv {
             return Err(denied("kv"));
         }
         self.plugin.kv.set(&key, value).map_err(kv_error)
     }
 
-    async fn delete(&mut self, key: String) -> Result<bool, HostError> {
+    fn delete(&mut self, key: String) -> Result<bool, HostError> {
         if !self.plugin.spec.capabilities.kv {
             return Err(denied("kv"));
         }
         self.plugin.kv.delete(&key).map_err(kv_error)
     }
 
-    async fn incr(&mut self, key: String, delta: i64) -> Result<i64, HostError> {
+    fn incr(&mut self, key: String, delta: i64) -> Result<i64, HostError> {
         if !self.plugin.spec.capabilities.kv {
             return Err(denied("kv"));
         }
@@ -159,7 +159,7 @@ fn event_size(event: &Event) -> usize {
 }
 
 impl events::Host for HostState {
-    async fn fire(&mut self, event: Event) -> Result<(), HostError> {
+    fn fire(&mut self, event: Event) -> Result<(), HostError> {
         let spec = &self.plugin.spec;
         if !spec.capabilities.events {
             return Err(denied("events"));
@@ -174,21 +174,21 @@ impl events::Host for HostState {
         self.plugin.services.fire(&spec.name, &self.call.target, event)
     }
 
-    async fn subscribe(&mut self, name: String, subclass: Option<String>) -> Result<(), HostError> {
+    fn subscribe(&mut self, name: String, subclass: Option<String>) -> Result<(), HostError> {
         if !self.plugin.spec.capabilities.events {
             return Err(denied("events"));
         }
         self.plugin.services.subscribe(&self.plugin.spec.name, &name, subclass.as_deref())
     }
 
-    async fn unsubscribe(&mut self, name: String, subclass: Option<String>) -> Result<bool, HostError> {
+    fn unsubscribe(&mut self, name: String, subclass: Option<String>) -> Result<bool, HostError> {
         if !self.plugin.spec.capabilities.events {
             return Err(denied("events"));
         }
         self.plugin.services.unsubscribe(&self.plugin.spec.name, &name, subclass.as_deref())
     }
 
-    async fn filter(&mut self, command: String) -> Result<String, HostError> {
+    fn filter(&mut self, command: String) -> Result<String, HostError> {
         if !self.plugin.spec.capabilities.events {
             return Err(denied("events"));
         }
