@@ -51,7 +51,8 @@ pub(crate) struct WorkerExports {
 pub(crate) struct Worker {
     store: Store<HostState>,
     exports: WorkerExports,
-    last_used: std::time::Instant,
+    /// The epoch tick of its last call (ticks are cheaper than a clock).
+    last_used: u64,
 }
 
 /// How a call went wrong before it is classified.
@@ -148,12 +149,14 @@ impl Pool {
     /// more than `min_instances` are alive.
     pub fn shrink_idle(&self) {
         let limits = &self.ctx.spec.limits;
+        let now = self.ctx.ticks.load(std::sync::atomic::Ordering::Relaxed);
+        let idle_ticks = self.ctx.idle_ticks;
         let mut dropped = Vec::new();
         let (mut live, in_use) = {
             let mut state = self.state();
             // The idle list is a stack: the least recently used are first.
             while state.live > limits.min_instances
-                && state.idle.first().is_some_and(|w| w.last_used.elapsed() >= limits.idle_after)
+                && state.idle.first().is_some_and(|w| now.saturating_sub(w.last_used) >= idle_ticks)
             {
                 dropped.push(state.idle.remove(0));
                 state.live -= 1;
@@ -264,17 +267,24 @@ impl Pool {
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
-        // On every epoch tick a running call yields to the executor, so a
-        // long guest call never holds a worker thread from other tasks;
-        // past its deadline it is interrupted (`Trap::Interrupt`). The
+        // A call that runs past a tick boundary gets here once per tick.
+        // Past its deadline it is interrupted (`Trap::Interrupt`); the
         // deadline is a tick count from the ticker, not a count of these
-        // callbacks, so time spent yielded counts too.
-        store.epoch_deadline_callback(|ctx| {
-            let data = ctx.data();
-            if data.plugin.ticks.load(std::sync::atomic::Ordering::Acquire) >= data.call.deadline_tick {
+        // callbacks, so time spent yielded counts too. From its second tick
+        // on (it has run at least a tick) it yields to the executor each
+        // tick, so a long guest call never holds a worker thread from other
+        // tasks; a short call that merely straddles a boundary does not pay
+        // for a yield.
+        store.epoch_deadline_callback(|mut ctx| {
+            let call = &mut ctx.data_mut().call;
+            call.ticks_seen += 1;
+            let (deadline, seen) = (call.deadline_tick, call.ticks_seen);
+            if ctx.data().plugin.ticks.load(std::sync::atomic::Ordering::Acquire) >= deadline {
                 Ok(UpdateDeadline::Interrupt)
-            } else {
+            } else if seen >= 2 {
                 Ok(UpdateDeadline::Yield(1))
+            } else {
+                Ok(UpdateDeadline::Continue(1))
             }
         });
         let host = |e: wasmtime::Error| Cause::Host { message: chain(&e) };
@@ -290,7 +300,7 @@ impl Pool {
         };
         let exports = self.indices.load(&mut store, &instance).map_err(host)?;
         self.stats.instantiated();
-        Ok(Worker { store, exports, last_used: std::time::Instant::now() })
+        Ok(Worker { store, exports, last_used: self.ctx.ticks.load(std::sync::atomic::Ordering::Relaxed) })
     }
 }
 
@@ -300,6 +310,7 @@ impl Worker {
         self.store.set_epoch_deadline(1);
         let data = self.store.data_mut();
         data.call.deadline_tick = data.plugin.deadline_from_now();
+        data.call.ticks_seen = 0;
         data.limiter.refused = None;
         // The target's buffer is reused: this runs on every call.
         let call = &mut data.call;
@@ -447,7 +458,7 @@ impl Lease<'_> {
                 state.live = state.live.saturating_sub(1);
             }
         } else if limits.isolation == Isolation::Reuse {
-            worker.last_used = std::time::Instant::now();
+            worker.last_used = pool.ctx.ticks.load(std::sync::atomic::Ordering::Relaxed);
             self.worker = Some(worker);
         }
         self.finished = true;

@@ -21,6 +21,8 @@ pub struct PluginCtx {
     pub deadline_ticks: u64,
     /// Epoch ticks so far, as the ticker publishes them.
     pub ticks: Arc<std::sync::atomic::AtomicU64>,
+    /// `limits.idle_after` in epoch ticks.
+    pub idle_ticks: u64,
 }
 
 impl PluginCtx {
@@ -41,6 +43,8 @@ pub struct CallCtx {
     pub is_task: bool,
     /// The epoch tick past which the call is interrupted.
     pub deadline_tick: u64,
+    /// Epoch ticks the call has run into (see the pool's epoch callback).
+    pub ticks_seen: u32,
     pub log_lines: usize,
     pub log_dropped: usize,
 }
