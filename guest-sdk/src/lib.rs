@@ -80,10 +80,10 @@ use __bindings::imports::evrhost::plugin as wit;
 
 pub use wit::types::{CommandInfo, Event, Headers, HostError, Level, Origin, Peer, Reply, Request};
 
-/// Handles calls of event routes. Export with `export!(T: route)`.
-pub use __bindings::route::exports::evrhost::plugin::route::Guest as Route;
 /// Offers API commands. Export with `export!(T: api)`.
 pub use __bindings::api::exports::evrhost::plugin::api::Guest as Api;
+/// Handles calls of event routes. Export with `export!(T: route)`.
+pub use __bindings::route::exports::evrhost::plugin::route::Guest as Route;
 /// Receives subscribed events. Export with `export!(T: subscriber)`.
 pub use __bindings::subscriber::exports::evrhost::plugin::subscriber::Guest as Subscriber;
 /// Runs as an exec task. Export with `export!(T: task)`.
@@ -147,10 +147,7 @@ macro_rules! __export_one {
 
 /// The value of the first header named `name` (ASCII case-insensitive).
 pub fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
+    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
 }
 
 impl Request {

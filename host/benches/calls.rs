@@ -20,10 +20,7 @@ use evrhost::config::Config;
 use evrhost::dispatcher::Dispatcher;
 use evrhost::runtime::{EngineSettings, Origin, Request, Runtime};
 use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
-use wasmtime::{
-    Config as WasmConfig, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
-    Store,
-};
+use wasmtime::{Config as WasmConfig, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 #[allow(dead_code)]
@@ -59,10 +56,7 @@ struct BareState {
 
 impl WasiView for BareState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
@@ -113,10 +107,7 @@ impl Ticker {
                 }
             }
         });
-        Ticker {
-            stop,
-            thread: Some(thread),
-        }
+        Ticker { stop, thread: Some(thread) }
     }
 }
 
@@ -145,12 +136,7 @@ struct BareWorker {
 }
 
 impl Bare {
-    fn new(
-        settings: &EngineSettings,
-        wasm: &Path,
-        fuel: u64,
-        deadline: Duration,
-    ) -> anyhow::Result<Bare> {
+    fn new(settings: &EngineSettings, wasm: &Path, fuel: u64, deadline: Duration) -> anyhow::Result<Bare> {
         let engine = engine_like_evrhost(settings)?;
         let component = Component::from_file(&engine, wasm)?;
         let mut linker = Linker::new(&engine);
@@ -160,26 +146,13 @@ impl Bare {
         let pre = linker.instantiate_pre(&component)?;
         let indices = route::GuestIndices::new(&pre)?;
         let tick = settings.tick.as_nanos().max(1);
-        let ticks = u64::try_from(deadline.as_nanos().div_ceil(tick))
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let ticks = u64::try_from(deadline.as_nanos().div_ceil(tick)).unwrap_or(u64::MAX).max(1);
         let ticker = Ticker::start(&engine, settings.tick);
-        Ok(Bare {
-            engine,
-            linker,
-            pre,
-            indices,
-            fuel,
-            ticks,
-            _ticker: ticker,
-        })
+        Ok(Bare { engine, linker, pre, indices, fuel, ticks, _ticker: ticker })
     }
 
     fn store(&self) -> Store<BareState> {
-        let state = BareState {
-            wasi: WasiCtxBuilder::new().build(),
-            table: ResourceTable::new(),
-        };
+        let state = BareState { wasi: WasiCtxBuilder::new().build(), table: ResourceTable::new() };
         let mut store = Store::new(&self.engine, state);
         store.epoch_deadline_trap();
         store.set_fuel(self.fuel).expect("fuel is enabled");
@@ -367,12 +340,7 @@ listen = ""
 }
 
 fn request(route: &str) -> Request {
-    Request {
-        route: route.into(),
-        data: vec![0x5a; PAYLOAD],
-        params: vec![],
-        origin: Origin::Cli,
-    }
+    Request { route: route.into(), data: vec![0x5a; PAYLOAD], params: vec![], origin: Origin::Cli }
 }
 
 // ---- the cases ----------------------------------------------------------------
@@ -384,10 +352,7 @@ struct Results {
 }
 
 fn in_process(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(THREADS)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(THREADS).enable_all().build()?;
     let echo = plugins_dir().join("echo.wasm");
     let cache = scratch.join("cache");
     let config = Config::parse(&bench_config(&echo, &cache), "bench.toml", Path::new("."))?;
@@ -421,10 +386,7 @@ fn in_process(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
             _ => bare.call(&mut w, &breq).await,
         }));
         let (rtm, disp, base) = (median(&t[0]), median(&t[1]), median(&t[2]));
-        for (case, m) in [
-            ("reused call (runtime)", rtm),
-            ("reused call (dispatcher)", disp),
-        ] {
+        for (case, m) in [("reused call (runtime)", rtm), ("reused call (dispatcher)", disp)] {
             let ratio = m / base;
             results.rows.push(Row {
                 case,
@@ -461,48 +423,34 @@ fn in_process(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
             "Dispatcher::plugin lookup",
             "u128 div_ceil (ticks)",
         ];
-        let t = rt.block_on(interleave(
-            names.len(),
-            5,
-            100,
-            1000,
-            async |case| match case {
-                0 => {
-                    std::hint::black_box(Instant::now().elapsed());
-                }
-                1 => {
-                    std::hint::black_box(std::hint::black_box("echo").to_string());
-                }
-                2 => {
-                    std::hint::black_box(data.clone());
-                }
-                3 => {
-                    std::hint::black_box(sem.try_acquire().ok());
-                }
-                4 => {
-                    let mut v = idle.lock().unwrap_or_else(|p| p.into_inner());
-                    let w = v.pop();
-                    v.push(std::hint::black_box(w).unwrap_or(0));
-                }
-                5 => {
-                    std::hint::black_box(d.plugin(std::hint::black_box("echo")));
-                }
-                _ => {
-                    let (tick, deadline) =
-                        std::hint::black_box((tick.as_nanos(), deadline.as_nanos()));
-                    std::hint::black_box(deadline.div_ceil(tick.max(1)));
-                }
-            },
-        ));
-        let parts: Vec<String> = names
-            .iter()
-            .zip(&t)
-            .map(|(n, v)| format!("{n} {}", fmt_ns(median(v))))
-            .collect();
-        results.notes.push(format!(
-            "primitives (median per op, incl. ~1 ns loop): {}",
-            parts.join("; ")
-        ));
+        let t = rt.block_on(interleave(names.len(), 5, 100, 1000, async |case| match case {
+            0 => {
+                std::hint::black_box(Instant::now().elapsed());
+            }
+            1 => {
+                std::hint::black_box(std::hint::black_box("echo").to_string());
+            }
+            2 => {
+                std::hint::black_box(data.clone());
+            }
+            3 => {
+                std::hint::black_box(sem.try_acquire().ok());
+            }
+            4 => {
+                let mut v = idle.lock().unwrap_or_else(|p| p.into_inner());
+                let w = v.pop();
+                v.push(std::hint::black_box(w).unwrap_or(0));
+            }
+            5 => {
+                std::hint::black_box(d.plugin(std::hint::black_box("echo")));
+            }
+            _ => {
+                let (tick, deadline) = std::hint::black_box((tick.as_nanos(), deadline.as_nanos()));
+                std::hint::black_box(deadline.div_ceil(tick.max(1)));
+            }
+        }));
+        let parts: Vec<String> = names.iter().zip(&t).map(|(n, v)| format!("{n} {}", fmt_ns(median(v)))).collect();
+        results.notes.push(format!("primitives (median per op, incl. ~1 ns loop): {}", parts.join("; ")));
     }
 
     // 2. A fresh instance per call.
@@ -550,21 +498,14 @@ fn in_process(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
         // one shared plugin (mode 1, no routing table), or on `handle` of
         // two plugins, half the tasks each (mode 2, nothing shared between
         // the workers but the engine).
-        let split = [
-            echo_v.clone(),
-            d.plugin("echo_b").context("echo_b did not load")?,
-        ];
+        let split = [echo_v.clone(), d.plugin("echo_b").context("echo_b did not load")?];
         let evr_round = |dur: Duration, mode: usize| -> f64 {
             let stop = Arc::new(AtomicBool::new(false));
             let start = Instant::now();
             let handles: Vec<_> = (0..TASKS)
                 .map(|i| {
                     let (d, stop) = (d.clone(), stop.clone());
-                    let v = if mode == 2 {
-                        split[i % 2].clone()
-                    } else {
-                        split[0].clone()
-                    };
+                    let v = if mode == 2 { split[i % 2].clone() } else { split[0].clone() };
                     rt.spawn(async move {
                         let req = request("echo");
                         let mut n = 0u64;
@@ -604,9 +545,7 @@ fn in_process(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
                     .map(|_| {
                         let (stop, b) = (&stop, &bare);
                         s.spawn(move || {
-                            let local = tokio::runtime::Builder::new_current_thread()
-                                .build()
-                                .expect("runtime");
+                            let local = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
                             local.block_on(async {
                                 let breq = bare_request();
                                 let Ok(mut w) = b.worker().await else {
@@ -632,8 +571,7 @@ fn in_process(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
         // Warm-up: every pool instance made, code paged in.
         evr_round(Duration::from_millis(200), 2);
         bare_round(Duration::from_millis(200));
-        let (mut evr, mut base, mut shared, mut apart) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut evr, mut base, mut shared, mut apart) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..3 {
             evr.push(evr_round(round, 0));
             base.push(bare_round(round));
@@ -718,9 +656,7 @@ fn in_process(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
         });
         results.spread.add("reload: evrhost", &t[0]);
         results.spread.add("reload: bare wasmtime", &t[1]);
-        results
-            .notes
-            .push("reload: every measured evrhost reload was checked to be a cache hit".into());
+        results.notes.push("reload: every measured evrhost reload was checked to be a cache hit".into());
     }
 
     drop(echo_v);
@@ -760,8 +696,7 @@ fn serve_once(exe: &str, dir: &Path, cache: &Path, run: usize) -> anyhow::Result
         }
         if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
             let _ = s.set_nodelay(true);
-            let _ = s
-                .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+            let _ = s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
             let mut buf = [0u8; 64];
             let mut got = 0;
             while got < 12 {
@@ -790,11 +725,7 @@ fn startup(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
     for run in 1..=10 {
         evr.push(serve_once(exe, scratch, &cache, run)?.as_nanos() as f64);
         let start = Instant::now();
-        let status = Command::new(exe)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
+        let status = Command::new(exe).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status()?;
         if !status.success() {
             failed();
         }
@@ -833,11 +764,7 @@ fn main() {
         .ok()
         .and_then(|l| l.split_whitespace().next().map(str::to_string))
         .unwrap_or_else(|| "?".into());
-    let mut results = Results {
-        rows: Vec::new(),
-        spread: Spread(Vec::new()),
-        notes: Vec::new(),
-    };
+    let mut results = Results { rows: Vec::new(), spread: Spread(Vec::new()), notes: Vec::new() };
     let scratch = match temp_dir("scratch") {
         Ok(dir) => dir,
         Err(e) => {
@@ -858,10 +785,7 @@ fn main() {
     println!(
         "evrhost benchmark ({cores} cores; medians; {PAYLOAD}-byte payload; wasmtime 48.0.8; load avg {load} at start)"
     );
-    println!(
-        "{:<30} {:>12} {:>12} {:>7}   {:<18} result",
-        "case", "evrhost", "baseline", "ratio", "target"
-    );
+    println!("{:<30} {:>12} {:>12} {:>7}   {:<18} result", "case", "evrhost", "baseline", "ratio", "target");
     for r in &results.rows {
         println!(
             "{:<30} {:>12} {:>12} {:>6.2}x   {:<18} {}",
@@ -874,13 +798,13 @@ fn main() {
         );
     }
     println!();
-    println!("baselines: bare wasmtime, same engine config (pooling, fuel, epochs, CoW), fuel and deadline set per call;");
+    println!(
+        "baselines: bare wasmtime, same engine config (pooling, fuel, epochs, CoW), fuel and deadline set per call;"
+    );
     println!("  per-call = instantiate_async from an InstancePre + 1 call + drop the store;");
     println!("  reload = Component::deserialize_file + instantiate_pre + 1 instantiate;");
     println!("  run → serving = spawn `evrhost --version` and wait (process start floor).");
-    println!(
-        "ratio = evrhost / baseline: time per call, except throughput (rate; higher is better)."
-    );
+    println!("ratio = evrhost / baseline: time per call, except throughput (rate; higher is better).");
     println!("spread:");
     for line in &results.spread.0 {
         println!("{line}");
@@ -890,9 +814,7 @@ fn main() {
     }
     let errors = ERRORS.load(Ordering::Relaxed);
     if errors > 0 {
-        println!(
-            "WARNING: {errors} call(s) failed while timed; the figures above are not trustworthy"
-        );
+        println!("WARNING: {errors} call(s) failed while timed; the figures above are not trustworthy");
     }
     println!("total bench time: {:.1} s", started.elapsed().as_secs_f64());
 }

@@ -131,7 +131,10 @@ fn main() -> anyhow::Result<()> {
             format!("{:.2}x", deliveries / direct_rate),
         ));
         if got < events * subscribers as u64 {
-            println!("note: {subscribers} subscribers: {got} of {} deliveries within 60 s", events * subscribers as u64);
+            println!(
+                "note: {subscribers} subscribers: {got} of {} deliveries within 60 s",
+                events * subscribers as u64
+            );
         }
     }
 
@@ -248,7 +251,10 @@ fn main() -> anyhow::Result<()> {
     }
 
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("evrhost event bus benchmark (2 tokio workers; load avg {})", load.split_whitespace().next().unwrap_or("?"));
+    println!(
+        "evrhost event bus benchmark (2 tokio workers; load avg {})",
+        load.split_whitespace().next().unwrap_or("?")
+    );
     println!("{:<36} {:<40} {:<22} {}", "case", "evrhost", "baseline", "ratio");
     for (case, value, base, ratio) in rows {
         println!("{case:<36} {value:<40} {base:<22} {ratio}");

@@ -51,9 +51,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{
-    recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
-};
+use nix::sys::socket::{recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage};
 use serde_json::{json, Value};
 
 /// Datagrams per sendmmsg call.
@@ -185,11 +183,7 @@ fn plugin(name: &str) -> String {
 }
 
 fn workers() -> usize {
-    std::env::var("EVRHOST_BENCH_UDP_WORKERS")
-        .ok()
-        .and_then(|w| w.parse().ok())
-        .filter(|w| *w > 0)
-        .unwrap_or(WORKERS)
+    std::env::var("EVRHOST_BENCH_UDP_WORKERS").ok().and_then(|w| w.parse().ok()).filter(|w| *w > 0).unwrap_or(WORKERS)
 }
 
 fn daemon_config(cache: &Path, rpc: SocketAddr, udp: SocketAddr, workers: usize) -> String {
@@ -237,17 +231,11 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = s.set_nodelay(true);
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let status = text.get(9..12)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
     Some((status, body))
 }
 
@@ -255,10 +243,7 @@ fn start_daemon(dir: &Path, workers: usize) -> anyhow::Result<Daemon> {
     let rpc: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
     let udp: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
     let config = dir.join("udp-bench.toml");
-    std::fs::write(
-        &config,
-        daemon_config(&dir.join("cache"), rpc, udp, workers),
-    )?;
+    std::fs::write(&config, daemon_config(&dir.join("cache"), rpc, udp, workers))?;
     let log = dir.join("evrhost.log");
     let child = Command::new(env!("CARGO_BIN_EXE_evrhost"))
         .arg("run")
@@ -270,27 +255,18 @@ fn start_daemon(dir: &Path, workers: usize) -> anyhow::Result<Daemon> {
         .stderr(std::fs::File::create(&log)?)
         .spawn()
         .context("cannot spawn evrhost run")?;
-    let mut daemon = Daemon {
-        child,
-        rpc,
-        udp,
-        log,
-    };
+    let mut daemon = Daemon { child, rpc, udp, log };
     let start = Instant::now();
     loop {
         if let Some(status) = daemon.child.try_wait()? {
             let tail = std::fs::read_to_string(&daemon.log).unwrap_or_default();
-            return Err(anyhow!(
-                "evrhost run exited ({status}) before serving; its log:\n{tail}"
-            ));
+            return Err(anyhow!("evrhost run exited ({status}) before serving; its log:\n{tail}"));
         }
         if matches!(http_get(rpc, "/health"), Some((200, _))) {
             return Ok(daemon);
         }
         if start.elapsed() > Duration::from_secs(30) {
-            return Err(anyhow!(
-                "evrhost run did not answer GET /health within 30 s"
-            ));
+            return Err(anyhow!("evrhost run did not answer GET /health within 30 s"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -345,11 +321,7 @@ fn udp_snmp() -> BTreeMap<String, u64> {
 }
 
 fn snmp_delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, name: &str) -> u64 {
-    after
-        .get(name)
-        .copied()
-        .unwrap_or(0)
-        .saturating_sub(before.get(name).copied().unwrap_or(0))
+    after.get(name).copied().unwrap_or(0).saturating_sub(before.get(name).copied().unwrap_or(0))
 }
 
 /// CPU seconds (user + system) of a /proc `stat` line, with its `comm`.
@@ -367,10 +339,7 @@ fn parse_stat(text: &str) -> Option<(String, f64)> {
 
 /// The calling thread's CPU seconds.
 fn thread_cpu() -> f64 {
-    std::fs::read_to_string("/proc/thread-self/stat")
-        .ok()
-        .and_then(|t| parse_stat(&t))
-        .map_or(0.0, |(_, s)| s)
+    std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|t| parse_stat(&t)).map_or(0.0, |(_, s)| s)
 }
 
 /// CPU seconds of each thread of a process, by thread id.
@@ -383,10 +352,7 @@ fn process_threads(pid: u32) -> BTreeMap<u32, (String, f64)> {
         let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
             continue;
         };
-        if let Some(stat) = std::fs::read_to_string(entry.path().join("stat"))
-            .ok()
-            .and_then(|t| parse_stat(&t))
-        {
+        if let Some(stat) = std::fs::read_to_string(entry.path().join("stat")).ok().and_then(|t| parse_stat(&t)) {
             out.insert(tid, stat);
         }
     }
@@ -394,10 +360,7 @@ fn process_threads(pid: u32) -> BTreeMap<u32, (String, f64)> {
 }
 
 /// CPU seconds spent between two snapshots, grouped by thread name.
-fn cpu_by_name(
-    before: &BTreeMap<u32, (String, f64)>,
-    after: &BTreeMap<u32, (String, f64)>,
-) -> BTreeMap<String, f64> {
+fn cpu_by_name(before: &BTreeMap<u32, (String, f64)>, after: &BTreeMap<u32, (String, f64)>) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for (tid, (comm, secs)) in after {
         let was = before.get(tid).map_or(0.0, |(_, s)| *s);
@@ -448,14 +411,7 @@ fn generate(target: SocketAddr, payload: &[u8], rate: f64, n: u64) -> std::io::R
         }
         let k = (n - sent).min(SEND_BATCH as u64) as usize;
         let no_cmsgs: [ControlMessage<'_>; 0] = [];
-        match sendmmsg(
-            fd,
-            &mut headers,
-            &slices[..k],
-            &addrs[..k],
-            no_cmsgs,
-            MsgFlags::empty(),
-        ) {
+        match sendmmsg(fd, &mut headers, &slices[..k], &addrs[..k], no_cmsgs, MsgFlags::empty()) {
             Ok(results) => sent += results.count() as u64,
             Err(Errno::EINTR) => {}
             Err(Errno::EAGAIN | Errno::ENOBUFS) => {
@@ -466,12 +422,7 @@ fn generate(target: SocketAddr, payload: &[u8], rate: f64, n: u64) -> std::io::R
         }
     }
     let elapsed = start.elapsed();
-    Ok(Sent {
-        count: sent,
-        elapsed,
-        stalls,
-        cpu: thread_cpu() - cpu,
-    })
+    Ok(Sent { count: sent, elapsed, stalls, cpu: thread_cpu() - cpu })
 }
 
 /// A socket that only counts what it receives, in recvmmsg batches.
@@ -498,16 +449,9 @@ impl NullReceiver {
         let count = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (c, s) = (count.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("null-udp".into())
-            .spawn(move || null_receive(&socket, &c, &s))?;
-        Ok(NullReceiver {
-            addr,
-            rcvbuf,
-            count,
-            stop,
-            thread: Some(thread),
-        })
+        let thread =
+            std::thread::Builder::new().name("null-udp".into()).spawn(move || null_receive(&socket, &c, &s))?;
+        Ok(NullReceiver { addr, rcvbuf, count, stop, thread: Some(thread) })
     }
 }
 
@@ -534,15 +478,8 @@ fn null_receive(socket: &UdpSocket, count: &AtomicU64, stop: &AtomicBool) {
             Err(_) => return,
         }
         loop {
-            let mut slices: Vec<[IoSliceMut<'_>; 1]> =
-                buffers.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
-            let got = match recvmmsg(
-                fd,
-                &mut headers,
-                slices.iter_mut(),
-                MsgFlags::MSG_DONTWAIT,
-                None,
-            ) {
+            let mut slices: Vec<[IoSliceMut<'_>; 1]> = buffers.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+            let got = match recvmmsg(fd, &mut headers, slices.iter_mut(), MsgFlags::MSG_DONTWAIT, None) {
                 Ok(results) => results.map(|m| std::hint::black_box(m.bytes)).count(),
                 Err(Errno::EINTR) => continue,
                 Err(_) => break,
@@ -635,17 +572,9 @@ impl Trial {
         }
         if let Some(p) = &self.probe {
             let show = |v: Option<u64>| v.map_or("?".to_string(), |v| v.to_string());
-            line.push_str(&format!(
-                " recv'd {} queue drops {}",
-                show(p.received),
-                show(p.queue_drops)
-            ));
+            line.push_str(&format!(" recv'd {} queue drops {}", show(p.received), show(p.queue_drops)));
         }
-        let cpu: Vec<String> = self
-            .cpu
-            .iter()
-            .map(|(n, s)| format!("{n} {s:.2}"))
-            .collect();
+        let cpu: Vec<String> = self.cpu.iter().map(|(n, s)| format!("{n} {s:.2}")).collect();
         line.push_str(&format!(
             " | cpu s: {} ({:.1} µs/dgram), gen {:.2} ({:.1} µs/dgram), softirq {:.2} ({:.1} µs/dgram), others {:.2}",
             cpu.join(" "),
@@ -668,10 +597,7 @@ impl Trial {
 
 /// CPU seconds of a whole process.
 fn process_cpu(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|t| parse_stat(&t))
-        .map_or(0.0, |(_, s)| s)
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|t| parse_stat(&t)).map_or(0.0, |(_, s)| s)
 }
 
 /// CPU seconds the machine spent (all CPUs, /proc/stat): running tasks
@@ -682,10 +608,7 @@ fn machine_cpu() -> [f64; 2] {
     let Some(cpu) = text.lines().next().and_then(|l| l.strip_prefix("cpu ")) else {
         return [0.0; 2];
     };
-    let v: Vec<u64> = cpu
-        .split_whitespace()
-        .filter_map(|f| f.parse().ok())
-        .collect();
+    let v: Vec<u64> = cpu.split_whitespace().filter_map(|f| f.parse().ok()).collect();
     // user nice system idle iowait irq softirq steal (guest time is in user).
     let at = |i: usize| v.get(i).copied().unwrap_or(0) as f64 / 100.0;
     [at(0) + at(1) + at(2) + at(7), at(5) + at(6)]
@@ -695,12 +618,7 @@ fn machine_cpu() -> [f64; 2] {
 /// interrupts and softirqs.
 fn cpu_snapshot(daemon: u32) -> [f64; 4] {
     let [tasks, irq] = machine_cpu();
-    [
-        process_cpu(std::process::id()),
-        process_cpu(daemon),
-        tasks,
-        irq,
-    ]
+    [process_cpu(std::process::id()), process_cpu(daemon), tasks, irq]
 }
 
 /// One trial against `target`; `count` reads how many of this trial's
@@ -716,18 +634,10 @@ fn trial(
     evr: bool,
 ) -> anyhow::Result<Trial> {
     let n = (rate * TRIAL.as_secs_f64()).round() as u64;
-    let receiver = if evr {
-        daemon.pid()
-    } else {
-        std::process::id()
-    };
+    let receiver = if evr { daemon.pid() } else { std::process::id() };
     let snmp = udp_snmp();
-    let metrics = evr.then(|| {
-        (
-            daemon.metric("evrhost_udp_received_total"),
-            daemon.metric("evrhost_udp_dropped_total"),
-        )
-    });
+    let metrics =
+        evr.then(|| (daemon.metric("evrhost_udp_received_total"), daemon.metric("evrhost_udp_dropped_total")));
     let threads = process_threads(receiver);
     let cpu = cpu_snapshot(daemon.pid());
     let payload = key.as_bytes().to_vec();
@@ -758,8 +668,7 @@ fn trial(
     }
     let after = udp_snmp();
     let probe = metrics.map(|(received, dropped)| {
-        let delta =
-            |now: Option<u64>, was: Option<u64>| now.zip(was).map(|(a, b)| a.saturating_sub(b));
+        let delta = |now: Option<u64>, was: Option<u64>| now.zip(was).map(|(a, b)| a.saturating_sub(b));
         Probe {
             received: delta(daemon.metric("evrhost_udp_received_total"), received),
             queue_drops: delta(daemon.metric("evrhost_udp_dropped_total"), dropped),
@@ -861,10 +770,7 @@ struct Rpc {
 
 impl Rpc {
     async fn connect(addr: SocketAddr) -> anyhow::Result<Rpc> {
-        Ok(Rpc {
-            addr,
-            client: RpcClient::connect(addr, None).await?,
-        })
+        Ok(Rpc { addr, client: RpcClient::connect(addr, None).await? })
     }
 
     async fn call(&mut self, method: &str, params: Value) -> anyhow::Result<Value> {
@@ -875,9 +781,7 @@ impl Rpc {
                 self.client.call(method, params).await?
             }
         };
-        doc.get("result")
-            .cloned()
-            .ok_or_else(|| anyhow!("{method}: {doc}"))
+        doc.get("result").cloned().ok_or_else(|| anyhow!("{method}: {doc}"))
     }
 }
 
@@ -888,11 +792,7 @@ struct UdpResult {
     elapsed: Duration,
 }
 
-fn udp_search(
-    rt: &tokio::runtime::Runtime,
-    daemon: &mut Daemon,
-    rpc: &mut Rpc,
-) -> anyhow::Result<UdpResult> {
+fn udp_search(rt: &tokio::runtime::Runtime, daemon: &mut Daemon, rpc: &mut Rpc) -> anyhow::Result<UdpResult> {
     let null = NullReceiver::start()?;
     let (mut evr, mut nul) = (Search::new(), Search::new());
     let start = Instant::now();
@@ -910,9 +810,7 @@ fn udp_search(
                 let arg = json!(["counter.get", key]);
                 let mut count = || -> anyhow::Result<u64> {
                     let v = rt.block_on(rpc.call("api.run", arg.clone()))?;
-                    v.as_str()
-                        .and_then(|s| s.trim().parse().ok())
-                        .ok_or_else(|| anyhow!("counter.get answered {v}"))
+                    v.as_str().and_then(|s| s.trim().parse().ok()).ok_or_else(|| anyhow!("counter.get answered {v}"))
                 };
                 let t = trial("evrhost", daemon.udp, rate, &key, &mut count, daemon, true)?;
                 eprintln!("{}", t.line());
@@ -927,12 +825,7 @@ fn udp_search(
             }
         }
     }
-    Ok(UdpResult {
-        evr,
-        null: nul,
-        null_rcvbuf: null.rcvbuf,
-        elapsed: start.elapsed(),
-    })
+    Ok(UdpResult { evr, null: nul, null_rcvbuf: null.rcvbuf, elapsed: start.elapsed() })
 }
 
 // ---- the RPC round trip ----------------------------------------------------------------
@@ -952,8 +845,7 @@ fn start_null_http(rt: &tokio::runtime::Runtime) -> anyhow::Result<SocketAddr> {
                 let service = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
                     let _ = req.into_body().collect().await;
                     let mut resp = hyper::Response::new(Full::new(Bytes::from_static(NULL_REPLY)));
-                    resp.headers_mut()
-                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                     Ok::<_, Infallible>(resp)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -968,14 +860,8 @@ fn start_null_http(rt: &tokio::runtime::Runtime) -> anyhow::Result<SocketAddr> {
 
 /// Per-call times (ns, sorted) of evrhost and the null server, and the
 /// calls that failed.
-async fn rpc_round_trips(
-    evr: SocketAddr,
-    null: SocketAddr,
-) -> anyhow::Result<([Vec<f64>; 2], u64)> {
-    let mut clients = [
-        RpcClient::connect(evr, None).await?,
-        RpcClient::connect(null, None).await?,
-    ];
+async fn rpc_round_trips(evr: SocketAddr, null: SocketAddr) -> anyhow::Result<([Vec<f64>; 2], u64)> {
+    let mut clients = [RpcClient::connect(evr, None).await?, RpcClient::connect(null, None).await?];
     let params = json!(["evrexec:test", "mydata"]);
     let mut out = [Vec::with_capacity(RPC_CALLS), Vec::with_capacity(RPC_CALLS)];
     let mut errors = 0u64;
@@ -1032,10 +918,7 @@ fn main() {
         "evrhost UDP/RPC benchmark ({cores} cores shared by the daemon, the generator and the client; \
          load avg {load} at start)"
     );
-    println!(
-        "{:<30} {:>12} {:>12} {:>7}   {:<26} result",
-        "case", "evrhost", "baseline", "ratio", "target"
-    );
+    println!("{:<30} {:>12} {:>12} {:>7}   {:<26} result", "case", "evrhost", "baseline", "ratio", "target");
     for r in &rows {
         println!(
             "{:<30} {:>12} {:>12} {:>6.2}x   {:<26} {}",
@@ -1077,14 +960,9 @@ fn run(
 ) -> anyhow::Result<()> {
     let scratch = Scratch::new()?;
     // The client side (RPC calls, counter polls) on this thread.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     // The null HTTP server on its own 2-thread runtime, as the daemon has.
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut daemon = start_daemon(&scratch.0, workers)?;
     let mut rpc = rt.block_on(Rpc::connect(daemon.rpc))?;
 
@@ -1109,8 +987,7 @@ fn run(
                 "UDP: exec workers {workers}, queue {QUEUE}, recv_buffer {RECV_BUFFER} asked, \
                  SO_RCVBUF {} granted (net.core.rmem_max {}); search took {:.1} s",
                 u.null_rcvbuf,
-                std::fs::read_to_string("/proc/sys/net/core/rmem_max")
-                    .map_or("?".into(), |s| s.trim().to_string()),
+                std::fs::read_to_string("/proc/sys/net/core/rmem_max").map_or("?".into(), |s| s.trim().to_string()),
                 u.elapsed.as_secs_f64()
             ));
             if u.null.generator_bound || u.evr.generator_bound {
@@ -1133,11 +1010,8 @@ fn run(
                 };
                 let per = |secs: f64| secs / t.sent.count.max(1) as f64 * 1e6;
                 let (gen, irq) = (per(t.sent.cpu), per(t.softirq));
-                let parts: Vec<String> = t
-                    .cpu
-                    .iter()
-                    .map(|(n, s)| format!("{n} {:.2}", s / t.counted.max(1) as f64 * 1e6))
-                    .collect();
+                let parts: Vec<String> =
+                    t.cpu.iter().map(|(n, s)| format!("{n} {:.2}", s / t.counted.max(1) as f64 * 1e6)).collect();
                 notes.push(format!(
                     "UDP CPU per datagram at {} ({name}): receiver {:.2} µs ({}), generator {gen:.2} µs, \
                      softirq {irq:.2} µs; {cores} cores / their sum ≈ {} (where the cores saturate); others used {:.2} CPU-s",
@@ -1149,13 +1023,7 @@ fn run(
                 ));
             }
             // What the daemon handled when it lost datagrams.
-            if let Some(t) = u
-                .evr
-                .trials
-                .iter()
-                .filter(|t| !t.ok() && !t.retried)
-                .min_by_key(|t| t.rate as u64)
-            {
+            if let Some(t) = u.evr.trials.iter().filter(|t| !t.ok() && !t.retried).min_by_key(|t| t.rate as u64) {
                 let handled_rate = t.counted as f64 / (t.sent.elapsed + t.settle).as_secs_f64();
                 notes.push(format!(
                     "UDP: first lossy evrhost trial ({} target): counted {} in {:.2} s ≈ {} handled",
@@ -1201,16 +1069,10 @@ fn run(
         fmt_ns(q(&base, 0.9)),
     ));
     if errors > 0 {
-        notes.push(format!(
-            "WARNING: {errors} RPC call(s) failed while timed; the RPC figures are not trustworthy"
-        ));
+        notes.push(format!("WARNING: {errors} RPC call(s) failed while timed; the RPC figures are not trustworthy"));
     }
     let warnings = std::fs::read_to_string(&daemon.log)
-        .map(|l| {
-            l.lines()
-                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-                .count()
-        })
+        .map(|l| l.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).count())
         .unwrap_or(0);
     notes.push(format!("daemon log: {warnings} warning/error line(s)"));
     drop(rpc);

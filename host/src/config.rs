@@ -61,14 +61,10 @@ impl CodeSource {
     /// `builtin:NAME` or a path, relative paths taken from `base`.
     pub fn parse(text: &str, base: &Path) -> Result<CodeSource, String> {
         if let Some(name) = text.strip_prefix("builtin:") {
-            return BUILTINS
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(n, _)| CodeSource::Builtin(n))
-                .ok_or_else(|| {
-                    let known: Vec<&str> = BUILTINS.iter().map(|(n, _)| *n).collect();
-                    format!("no builtin plugin `{name}`; there are: {}", known.join(", "))
-                });
+            return BUILTINS.iter().find(|(n, _)| *n == name).map(|(n, _)| CodeSource::Builtin(n)).ok_or_else(|| {
+                let known: Vec<&str> = BUILTINS.iter().map(|(n, _)| *n).collect();
+                format!("no builtin plugin `{name}`; there are: {}", known.join(", "))
+            });
         }
         if text.is_empty() {
             return Err("empty path".into());
@@ -197,7 +193,11 @@ pub struct Tenant {
 impl Tenant {
     /// The default tenant may fire and subscribe to anything.
     fn default_tenant() -> Tenant {
-        Tenant { kv: KvLimits::default(), fire: EventAcl::new(vec!["ALL".into()]), subscribe: EventAcl::new(vec!["ALL".into()]) }
+        Tenant {
+            kv: KvLimits::default(),
+            fire: EventAcl::new(vec!["ALL".into()]),
+            subscribe: EventAcl::new(vec!["ALL".into()]),
+        }
     }
 
     /// A named tenant, unless configured otherwise, only its own CUSTOM
@@ -422,10 +422,20 @@ impl Checker<'_> {
         let before = &self.text[..offset];
         let line = before.matches('\n').count() + 1;
         let column = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
-        ConfigError::Invalid { file: self.file.to_string(), line, column, key: key.to_string(), message: message.into() }
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            line,
+            column,
+            key: key.to_string(),
+            message: message.into(),
+        }
     }
 
-    fn positive<T: Copy + PartialOrd + Default>(&self, v: &Option<Spanned<T>>, key: &str) -> Result<Option<T>, ConfigError> {
+    fn positive<T: Copy + PartialOrd + Default>(
+        &self,
+        v: &Option<Spanned<T>>,
+        key: &str,
+    ) -> Result<Option<T>, ConfigError> {
         match v {
             Some(s) if *s.get_ref() <= T::default() => Err(self.at(s, key, "must be greater than 0")),
             Some(s) => Ok(Some(*s.get_ref())),
@@ -466,7 +476,9 @@ impl Config {
         let max_memory_mb = ck.positive(&rt.max_memory_mb, "runtime.max_memory_mb")?;
         let engine = EngineSettings {
             tick: Duration::from_millis(tick_ms),
-            total_instances: ck.positive(&rt.max_instances, "runtime.max_instances")?.unwrap_or(defaults.total_instances),
+            total_instances: ck
+                .positive(&rt.max_instances, "runtime.max_instances")?
+                .unwrap_or(defaults.total_instances),
             max_memory_bytes: max_memory_mb.map_or(defaults.max_memory_bytes, |mb| (mb as usize) << 20),
         };
         let cache_dir = match (rt.cache, &rt.cache_dir) {
@@ -524,9 +536,7 @@ impl Config {
             None => Some(DEFAULT_RPC_LISTEN.parse().expect("the default listen address is valid")),
             Some(s) if s.get_ref().is_empty() => None,
             Some(s) => Some(
-                s.get_ref()
-                    .parse::<SocketAddr>()
-                    .map_err(|e| ck.at(s, "rpc.listen", format!("not IP:PORT ({e})")))?,
+                s.get_ref().parse::<SocketAddr>().map_err(|e| ck.at(s, "rpc.listen", format!("not IP:PORT ({e})")))?,
             ),
         };
         let rpc = RpcSettings {
@@ -601,7 +611,12 @@ pub fn parse_sockaddr(text: &str) -> Result<SocketAddr, String> {
     Ok(SocketAddr::new(ip, port))
 }
 
-fn check_exec(ck: &Checker, e: &ExecSection, plugins: &HashSet<String>, routes: &[RouteDef]) -> Result<ExecDef, ConfigError> {
+fn check_exec(
+    ck: &Checker,
+    e: &ExecSection,
+    plugins: &HashSet<String>,
+    routes: &[RouteDef],
+) -> Result<ExecDef, ConfigError> {
     let name = e.name.get_ref().clone();
     if name.is_empty() {
         return Err(ck.at(&e.name, "exec.name", "must not be empty"));
@@ -619,7 +634,11 @@ fn check_exec(ck: &Checker, e: &ExecSection, plugins: &HashSet<String>, routes: 
                 ));
             }
             if let Some(plugin) = &e.plugin {
-                return Err(ck.at(plugin, "exec.plugin", "a UDP exec runs its route; bind the plugin with a [[route]]"));
+                return Err(ck.at(
+                    plugin,
+                    "exec.plugin",
+                    "a UDP exec runs its route; bind the plugin with a [[route]]",
+                ));
             }
             let queue = match &e.queue {
                 Some(q) if *q.get_ref() == 0 => return Err(ck.at(q, "exec.queue", "must be greater than 0")),
@@ -637,10 +656,18 @@ fn check_exec(ck: &Checker, e: &ExecSection, plugins: &HashSet<String>, routes: 
         }
         None => {
             let Some(plugin) = &e.plugin else {
-                return Err(ck.at(&e.name, "exec.plugin", "a startup task needs the plugin whose `task` export it runs"));
+                return Err(ck.at(
+                    &e.name,
+                    "exec.plugin",
+                    "a startup task needs the plugin whose `task` export it runs",
+                ));
             };
             if !plugins.contains(plugin.get_ref()) {
-                return Err(ck.at(plugin, "exec.plugin", format!("no plugin named `{}` is configured", plugin.get_ref())));
+                return Err(ck.at(
+                    plugin,
+                    "exec.plugin",
+                    format!("no plugin named `{}` is configured", plugin.get_ref()),
+                ));
             }
             let min = ck.positive(&e.restart_min_ms, "exec.restart_min_ms")?.unwrap_or(100);
             ExecKind::Task {
@@ -827,14 +854,17 @@ mod tests {
             ExecKind::Udp(udp) => assert_eq!(udp.addr, "[::1]:5060".parse().unwrap()),
             other => panic!("{other:?}"),
         }
-        let task = parse(&format!("{base}[[exec]]\nname = \"evrexec:timer\"\nplugin = \"p\"\nworkers = 0\nwait = 1000\n")).unwrap();
+        let task =
+            parse(&format!("{base}[[exec]]\nname = \"evrexec:timer\"\nplugin = \"p\"\nworkers = 0\nwait = 1000\n"))
+                .unwrap();
         match &task.exec[0].kind {
             ExecKind::Task { workers, wait, .. } => assert_eq!((*workers, *wait), (1, Duration::from_micros(1000))),
             other => panic!("{other:?}"),
         }
         let err = parse(&format!("{base}[[exec]]\nname = \"nope\"\nsockaddr = \"udp:127.0.0.1:5060\"\n")).unwrap_err();
         assert!(err.to_string().contains("no route named `nope`"), "{err}");
-        let err = parse(&format!("{base}[[exec]]\nname = \"evrexec:udp\"\nsockaddr = \"tcp:127.0.0.1:5060\"\n")).unwrap_err();
+        let err =
+            parse(&format!("{base}[[exec]]\nname = \"evrexec:udp\"\nsockaddr = \"tcp:127.0.0.1:5060\"\n")).unwrap_err();
         assert!(err.to_string().contains("expected udp:IP:PORT"), "{err}");
         let err = parse(&format!("{base}[[exec]]\nname = \"t\"\n")).unwrap_err();
         assert!(err.to_string().contains("needs the plugin"), "{err}");

@@ -24,8 +24,8 @@ use crate::bus::{self, Bus, Caller, Profiler, Target};
 use crate::config::{CodeSource, Config, ExecKind, PluginDef, RouteDef, Tenant};
 use crate::kv::KvStore;
 use crate::runtime::{
-    CallError, CallReport, Event, Export, HostError, LoadError, PluginSpec, PluginVersion, Reply, Request,
-    Runtime, Services, Stats, StatsSnapshot,
+    CallError, CallReport, Event, Export, HostError, LoadError, PluginSpec, PluginVersion, Reply, Request, Runtime,
+    Services, Stats, StatsSnapshot,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +154,10 @@ impl Table {
         let mut routes: BTreeMap<String, Vec<Handler>> = BTreeMap::new();
         for def in &route_defs {
             if let Some(slot) = plugins.get(&def.plugin) {
-                routes.entry(def.name.clone()).or_default().push(Handler { priority: def.priority, slot: slot.clone() });
+                routes
+                    .entry(def.name.clone())
+                    .or_default()
+                    .push(Handler { priority: def.priority, slot: slot.clone() });
             }
         }
         for handlers in routes.values_mut() {
@@ -244,9 +247,13 @@ impl Dispatcher {
         let mut plugins = BTreeMap::new();
         for def in &config.plugins {
             let stats = Arc::new(Stats::default());
-            let version = dispatcher.load_version(def, stats.clone()).await.inspect_err(|e| dispatcher.plugin_event("PLUGIN_FAIL", &def.spec.name, &e.to_string()))?;
+            let version = dispatcher
+                .load_version(def, stats.clone())
+                .await
+                .inspect_err(|e| dispatcher.plugin_event("PLUGIN_FAIL", &def.spec.name, &e.to_string()))?;
             dispatcher.plugin_event("PLUGIN_LOAD", &def.spec.name, &version.hash[..16]);
-            plugins.insert(def.spec.name.clone(), Arc::new(Slot::new(&def.spec.name, version, def.code.clone(), stats)));
+            plugins
+                .insert(def.spec.name.clone(), Arc::new(Slot::new(&def.spec.name, version, def.code.clone(), stats)));
         }
         let needs = config
             .exec
@@ -392,7 +399,12 @@ impl Dispatcher {
                 table.routes.len(),
                 table.commands.len() + BUILTINS.len()
             ),
-            "plugin.list" => self.plugins().iter().map(|p| format!("{} {} {}", p.name, p.hash, p.source)).collect::<Vec<_>>().join("\n"),
+            "plugin.list" => self
+                .plugins()
+                .iter()
+                .map(|p| format!("{} {} {}", p.name, p.hash, p.source))
+                .collect::<Vec<_>>()
+                .join("\n"),
             "route.list" => self
                 .routes()
                 .iter()
@@ -484,11 +496,12 @@ impl Dispatcher {
         })?;
         // The whole table is checked against the new version first: what
         // routes and tasks need, and command names.
-        let rebuilt = Table::build(table.plugins.clone(), table.route_defs.clone(), table.needs.clone(), Some((name, &new)))
-            .inspect_err(|e| {
-                tracing::error!(plugin = %name, error = %e, "reload refused; the old version serves on");
-                self.plugin_event("PLUGIN_FAIL", name, &e.to_string());
-            })?;
+        let rebuilt =
+            Table::build(table.plugins.clone(), table.route_defs.clone(), table.needs.clone(), Some((name, &new)))
+                .inspect_err(|e| {
+                    tracing::error!(plugin = %name, error = %e, "reload refused; the old version serves on");
+                    self.plugin_event("PLUGIN_FAIL", name, &e.to_string());
+                })?;
         slot.current.store(new.clone());
         self.table.store(Arc::new(rebuilt));
         slot.swapped.notify_waiters();
@@ -589,7 +602,10 @@ impl Services for Link {
         }
         let tenant = d.tenant(plugin).ok_or_else(|| HostError::Failed("the plugin is not loaded".into()))?;
         if !tenant.fire.allows(&event.name, event.subclass.as_deref()) {
-            return Err(HostError::Denied(format!("the tenant may not fire {}", describe(&event.name, event.subclass.as_deref()))));
+            return Err(HostError::Denied(format!(
+                "the tenant may not fire {}",
+                describe(&event.name, event.subclass.as_deref())
+            )));
         }
         d.bus.fire(event, &Caller { file: plugin.to_string(), function: route.to_string(), line: 0 });
         Ok(())

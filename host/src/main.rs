@@ -9,13 +9,13 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
+use evrhost::bus::Target;
 use evrhost::config::{Config, ExecKind, PluginDef, RouteDef, RpcSettings, DEFAULT_RPC_LISTEN};
 use evrhost::dispatcher::Dispatcher;
-use evrhost::bus::Target;
-use evrhost::{exec, housekeeping};
 use evrhost::frontend::metrics::Registry;
 use evrhost::frontend::{client::RpcClient, http, udp, unix};
 use evrhost::runtime::{Export, Isolation, Origin, Request, Runtime};
+use evrhost::{exec, housekeeping};
 
 #[derive(Parser)]
 #[command(name = "evrhost", version, about = "Runs sandboxed WebAssembly components as event-route handlers")]
@@ -132,7 +132,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 /// A plugin from a file, named after it.
 fn plugin_def(path: &Path) -> anyhow::Result<PluginDef> {
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
-    let name: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).take(64).collect();
+    let name: String =
+        stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).take(64).collect();
     let path = path.to_str().with_context(|| format!("{}: the path is not UTF-8", path.display()))?;
     PluginDef::with_defaults(&name, path).map_err(anyhow::Error::msg)
 }
@@ -286,7 +287,10 @@ async fn inspect(path: &Path) -> anyhow::Result<ExitCode> {
     let info = d.runtime().describe(&component);
     println!("plugin:   {name} ({} bytes, blake3 {})", wasm.len(), &version.hash[..16]);
     let exports: Vec<&str> = version.exports().iter().map(|e| e.name()).collect();
-    println!("exports:  {}", if exports.is_empty() { "(none evrhost can call)".to_string() } else { exports.join(", ") });
+    println!(
+        "exports:  {}",
+        if exports.is_empty() { "(none evrhost can call)".to_string() } else { exports.join(", ") }
+    );
     for e in Export::ALL {
         if version.has_export(e) {
             println!("          {}", e.interface());
@@ -331,7 +335,13 @@ fn rpc_param(arg: &str) -> Value {
     Value::String(arg.to_string())
 }
 
-async fn rpc(addr: std::net::SocketAddr, token: Option<String>, method: &str, params: &[String], json: bool) -> anyhow::Result<ExitCode> {
+async fn rpc(
+    addr: std::net::SocketAddr,
+    token: Option<String>,
+    method: &str,
+    params: &[String],
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let mut client = RpcClient::connect(addr, token).await?;
     let params = Value::Array(params.iter().map(|p| rpc_param(p)).collect());
     let response = client.call(method, params).await?;

@@ -28,7 +28,8 @@ fn call_refuses_a_plugin_without_a_route_export() {
     let out = evrhost(&["call", path.to_str().expect("utf-8"), "tick"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("plugin `timer` does not export `evrhost:plugin/route@0.1.0`, which route `tick` needs"),
+        text(&out.stderr)
+            .contains("plugin `timer` does not export `evrhost:plugin/route@0.1.0`, which route `tick` needs"),
         "{}",
         text(&out.stderr)
     );

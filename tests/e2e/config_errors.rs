@@ -6,10 +6,9 @@ use super::support::{evrhost, plugin, text};
 fn check(config: &str) -> (bool, String, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("bad.toml");
-    let config = config.replace("{echo}", &plugin("echo").display().to_string()).replace(
-        "{timer}",
-        &plugin("timer").display().to_string(),
-    );
+    let config = config
+        .replace("{echo}", &plugin("echo").display().to_string())
+        .replace("{timer}", &plugin("timer").display().to_string());
     std::fs::write(&path, config).expect("write");
     let out = evrhost(&["check", path.to_str().expect("utf-8")]);
     let stderr = text(&out.stderr);
@@ -48,9 +47,8 @@ fn references_and_values_are_checked_with_their_position() {
 
 #[test]
 fn a_route_bound_to_a_plugin_without_the_export_is_refused() {
-    let (ok, _, stderr) = check(
-        "[[plugin]]\nname = \"timer\"\npath = \"{timer}\"\n[[route]]\nname = \"tick\"\nplugin = \"timer\"\n",
-    );
+    let (ok, _, stderr) =
+        check("[[plugin]]\nname = \"timer\"\npath = \"{timer}\"\n[[route]]\nname = \"tick\"\nplugin = \"timer\"\n");
     assert!(!ok);
     assert!(
         stderr.contains("plugin `timer` does not export `evrhost:plugin/route@0.1.0`, which route `tick` needs"),

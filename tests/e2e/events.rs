@@ -133,7 +133,10 @@ async fn custom_events_reach_a_plugin_a_udp_and_a_tcp_subscriber_filtered() {
     let (udp, tcp) = (UdpPeer::new(), TcpPeer::new());
     let mut c = daemon.client().await;
     assert_eq!(result(&run(&mut c, "watcher.subscribe", "CUSTOM acme::login").await)["retval"], json!("subscribed"));
-    assert_eq!(result(&run(&mut c, "watcher.filter", "add User alice").await)["retval"], json!("+OK filter added. [User]=[alice]"));
+    assert_eq!(
+        result(&run(&mut c, "watcher.filter", "add User alice").await)["retval"],
+        json!("+OK filter added. [User]=[alice]")
+    );
     let r = c.call("event.subscribe", json!(["CUSTOM:acme::login", udp.socket()])).await.expect("rpc");
     assert_eq!(result(&r), &json!("OK"));
     let stream = format!("tcp:{}/acme.login", tcp.addr);
@@ -154,15 +157,20 @@ async fn custom_events_reach_a_plugin_a_udp_and_a_tcp_subscriber_filtered() {
         assert_eq!(p["Realm"], json!("example.com"));
         assert_eq!(p["Event-Calling-File"], json!("firer"));
         assert_eq!(p["Event-Calling-Function"], json!("firer.fire"));
-        for h in ["Core-UUID", "Hostname", "Event-Date-Local", "Event-Date-GMT", "Event-Date-Timestamp", "Event-Sequence"] {
+        for h in
+            ["Core-UUID", "Hostname", "Event-Date-Local", "Event-Date-GMT", "Event-Date-Timestamp", "Event-Sequence"]
+        {
             assert!(p[h].is_string(), "{h} in {p}");
         }
     }
     // TCP: alice and carol only, under the socket's method.
-    let users: Vec<Value> = (0..2).map(|_| tcp.next(5 * SECOND)).map(|d| {
-        assert_eq!(d["method"], json!("acme.login"));
-        d["params"]["User"].clone()
-    }).collect();
+    let users: Vec<Value> = (0..2)
+        .map(|_| tcp.next(5 * SECOND))
+        .map(|d| {
+            assert_eq!(d["method"], json!("acme.login"));
+            d["params"]["User"].clone()
+        })
+        .collect();
     assert_eq!(users, vec![json!("alice"), json!("carol")]);
     assert!(tcp.docs.recv_timeout(Duration::from_millis(300)).is_err(), "bob was filtered out");
 
@@ -310,13 +318,16 @@ async fn disconnects_logs_profiling_heartbeats_jobs_and_plugin_events() {
 
     // A log line of a plugin.
     result(&c.call("evrexec.run", json!(["evrexec:test", "hello log"])).await.expect("rpc"));
-    let l = udp.next("E_CORE_LOG", 5 * SECOND, |p| p["message"].as_str().is_some_and(|m| m.contains("rpc command data: hello log")));
+    let l = udp.next("E_CORE_LOG", 5 * SECOND, |p| {
+        p["message"].as_str().is_some_and(|m| m.contains("rpc command data: hello log"))
+    });
     assert_eq!(l["params"]["level"], json!("INFO"));
     assert_eq!(l["params"]["module"], json!("plugin"));
 
     // Profiling records of one call: start, enter, exit, end of one session.
     result(&run(&mut c, "ok", "").await);
-    let records: Vec<Value> = (0..4).map(|_| udp.next("E_PROFILING_SCRIPT", 5 * SECOND, |_| true)["params"].clone()).collect();
+    let records: Vec<Value> =
+        (0..4).map(|_| udp.next("E_PROFILING_SCRIPT", 5 * SECOND, |_| true)["params"].clone()).collect();
     let verbs: Vec<&Value> = records.iter().map(|r| &r["verb"]).collect();
     assert_eq!(verbs, vec!["start", "enter", "exit", "end"]);
     assert!(records.iter().all(|r| r["session"] == records[0]["session"] && r["name"] == json!("ok")));

@@ -242,7 +242,9 @@ async fn json_rpc_over_a_unix_socket() {
     stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
     // Two documents back to back, the second split across writes.
     stream
-        .write_all(br#"{"jsonrpc":"2.0","method":"evrexec.run","params":["evrexec:test","u"],"id":1} {"jsonrpc":"2.0","#)
+        .write_all(
+            br#"{"jsonrpc":"2.0","method":"evrexec.run","params":["evrexec:test","u"],"id":1} {"jsonrpc":"2.0","#,
+        )
         .expect("write");
     stream.write_all(br#""method":"evrexec.run","params":["nope"],"id":2}"#).expect("write");
     let mut lines = BufReader::new(stream.try_clone().expect("clone")).lines();
@@ -290,13 +292,7 @@ async fn sipp_gets_200_ok_to_options() {
         .current_dir(daemon.dir.path())
         .output()
         .expect("run sipp");
-    assert!(
-        out.status.success(),
-        "sipp failed ({}):\n{}\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "sipp failed ({}):\n{}\n{}", out.status, text(&out.stdout), text(&out.stderr));
     let mut rpc = daemon.client().await;
     let stats = rpc.call("plugin.stats", json!(["sipoptions"])).await.expect("rpc");
     let calls = result(&stats)["sipoptions"]["calls"].as_u64().unwrap_or(0);

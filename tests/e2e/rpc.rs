@@ -133,8 +133,10 @@ async fn the_rpc_command_is_a_kamcmd() {
 async fn a_token_is_required_when_configured() {
     let daemon = Daemon::start(&CONFIG.replace("[rpc]\n", "[rpc]\ntoken = \"s3cret\"\n")).await;
     let mut anonymous = daemon.client().await;
-    let (status, _) = anonymous.post(br#"{"jsonrpc":"2.0","method":"core.version","id":1}"#.to_vec()).await.expect("http");
+    let (status, _) =
+        anonymous.post(br#"{"jsonrpc":"2.0","method":"core.version","id":1}"#.to_vec()).await.expect("http");
     assert_eq!(status, 401);
-    let mut client = evrhost::frontend::client::RpcClient::connect(daemon.addr, Some("s3cret".into())).await.expect("connect");
+    let mut client =
+        evrhost::frontend::client::RpcClient::connect(daemon.addr, Some("s3cret".into())).await.expect("connect");
     result(&client.call("core.version", json!([])).await.expect("rpc"));
 }

@@ -155,8 +155,5 @@ pub fn result(response: &Value) -> &Value {
 /// The `error` of a response as (code, message), or a panic.
 pub fn error(response: &Value) -> (i64, String) {
     let error = response.get("error").unwrap_or_else(|| panic!("expected an error, got {response}"));
-    (
-        error["code"].as_i64().expect("numeric error code"),
-        error["message"].as_str().expect("error message").to_string(),
-    )
+    (error["code"].as_i64().expect("numeric error code"), error["message"].as_str().expect("error message").to_string())
 }

@@ -107,7 +107,11 @@ impl<S: tracing::Subscriber> Layer<S> for BusLayer {
                 ("module", meta.target().to_string()),
                 ("message", format!("{}{}", message.text, message.fields)),
             ],
-            &Caller { file: meta.file().unwrap_or("").to_string(), function: meta.target().to_string(), line: meta.line().unwrap_or(0) },
+            &Caller {
+                file: meta.file().unwrap_or("").to_string(),
+                function: meta.target().to_string(),
+                line: meta.line().unwrap_or(0),
+            },
         );
         RAISING.with(|r| r.set(false));
     }

@@ -87,19 +87,25 @@ pub enum Target {
     Udp(SocketAddr),
     /// event_stream: JSON-RPC notifications back to back on one TCP
     /// connection; `method` replaces the event name when given.
-    Tcp { addr: SocketAddr, method: Option<String> },
+    Tcp {
+        addr: SocketAddr,
+        method: Option<String>,
+    },
 }
 
 impl Target {
     /// `udp:HOST:PORT` or `tcp:HOST:PORT[/METHOD]`, as OpenSIPS writes
     /// sockets; HOST is an IP address.
     pub fn parse(socket: &str) -> Result<Target, String> {
-        let (proto, rest) = socket.split_once(':').ok_or_else(|| format!("`{socket}`: expected udp:IP:PORT or tcp:IP:PORT[/METHOD]"))?;
+        let (proto, rest) = socket
+            .split_once(':')
+            .ok_or_else(|| format!("`{socket}`: expected udp:IP:PORT or tcp:IP:PORT[/METHOD]"))?;
         let (hostport, method) = match (proto, rest.split_once('/')) {
             ("tcp", Some((hp, m))) if !m.is_empty() => (hp, Some(m.to_string())),
             _ => (rest, None),
         };
-        let addr = crate::config::parse_sockaddr(&format!("udp:{hostport}")).map_err(|e| e.replace("udp:", &format!("{proto}:")))?;
+        let addr = crate::config::parse_sockaddr(&format!("udp:{hostport}"))
+            .map_err(|e| e.replace("udp:", &format!("{proto}:")))?;
         match proto {
             "udp" => Ok(Target::Udp(addr)),
             "tcp" => Ok(Target::Tcp { addr, method }),
@@ -184,7 +190,8 @@ pub struct Bus {
 impl Bus {
     /// `queue`: events waiting per subscriber before overflow.
     pub fn new(queue: usize) -> Arc<Bus> {
-        let hostname = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into());
+        let hostname =
+            nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into());
         Arc::new(Bus {
             core_uuid: uuid::Uuid::new_v4().to_string(),
             hostname,

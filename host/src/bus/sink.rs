@@ -25,7 +25,12 @@ fn count(sub: &Weak<Subscriber>, ok: bool) {
     }
 }
 
-pub(super) async fn to_plugin(plugin: String, d: Weak<Dispatcher>, sub: Weak<Subscriber>, mut rx: mpsc::Receiver<Arc<Event>>) {
+pub(super) async fn to_plugin(
+    plugin: String,
+    d: Weak<Dispatcher>,
+    sub: Weak<Subscriber>,
+    mut rx: mpsc::Receiver<Arc<Event>>,
+) {
     while let Some(event) = rx.recv().await {
         let Some(version) = d.upgrade().and_then(|d| d.plugin(&plugin)) else { return };
         // A log event a plugin handles must not raise log events of its own.

@@ -32,7 +32,8 @@ pub struct RpcClient {
 
 impl RpcClient {
     pub async fn connect(addr: SocketAddr, token: Option<String>) -> Result<RpcClient, ClientError> {
-        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
+        let stream =
+            tokio::net::TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
@@ -43,14 +44,14 @@ impl RpcClient {
 
     /// Sends a raw body; returns the HTTP status and the response body.
     pub async fn post(&mut self, body: impl Into<Bytes>) -> Result<(u16, Bytes), ClientError> {
-        let mut req = Request::post("/RPC")
-            .header(HOST, self.addr.to_string())
-            .header(CONTENT_TYPE, "application/json");
+        let mut req =
+            Request::post("/RPC").header(HOST, self.addr.to_string()).header(CONTENT_TYPE, "application/json");
         if let Some(token) = &self.token {
             req = req.header(AUTHORIZATION, format!("Bearer {token}"));
         }
         // The builder's inputs are all valid header values, so it cannot fail.
-        let req = req.body(Full::new(body.into())).map_err(|e| ClientError::Status { status: 0, body: e.to_string() })?;
+        let req =
+            req.body(Full::new(body.into())).map_err(|e| ClientError::Status { status: 0, body: e.to_string() })?;
         self.sender.ready().await?;
         let resp = self.sender.send_request(req).await?;
         let status = resp.status().as_u16();

@@ -51,7 +51,10 @@ pub async fn serve(listener: TcpListener, d: Arc<Dispatcher>, metrics: Arc<Regis
                 async move { Ok::<_, Infallible>(respond(&d, &metrics, token.as_deref(), req).await) }
             });
             let bus = d_for_conn.bus().clone();
-            let conn = http1::Builder::new().timer(TokioTimer::new()).keep_alive(true).serve_connection(TokioIo::new(stream), service);
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "rpc connection ended with an error");
             }
@@ -72,13 +75,24 @@ fn authorized(token: Option<&str>, req: &Request<Incoming>) -> bool {
     let Some(token) = token else { return true };
     let given = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     // Length and content compared without an early exit.
-    given.is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0, |acc, (a, b)| acc | (a ^ b)) == 0)
+    given.is_some_and(|g| {
+        g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0, |acc, (a, b)| acc | (a ^ b)) == 0
+    })
 }
 
-async fn respond(d: &Arc<Dispatcher>, metrics: &Registry, token: Option<&str>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(
+    d: &Arc<Dispatcher>,
+    metrics: &Registry,
+    token: Option<&str>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     const JSON: &str = "application/json";
     if !authorized(token, &req) {
-        return reply(StatusCode::UNAUTHORIZED, JSON, r#"{"jsonrpc":"2.0","error":{"code":401,"message":"Unauthorized"},"id":null}"#);
+        return reply(
+            StatusCode::UNAUTHORIZED,
+            JSON,
+            r#"{"jsonrpc":"2.0","error":{"code":401,"message":"Unauthorized"},"id":null}"#,
+        );
     }
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/" | "/RPC" | "/rpc") => {
@@ -88,7 +102,9 @@ async fn respond(d: &Arc<Dispatcher>, metrics: &Registry, token: Option<&str>, r
                     return reply(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         JSON,
-                        format!(r#"{{"jsonrpc":"2.0","error":{{"code":-32600,"message":"request body over {MAX_BODY} bytes"}},"id":null}}"#),
+                        format!(
+                            r#"{{"jsonrpc":"2.0","error":{{"code":-32600,"message":"request body over {MAX_BODY} bytes"}},"id":null}}"#
+                        ),
                     )
                 }
             };

@@ -117,7 +117,9 @@ async fn handle_one(d: &Arc<Dispatcher>, request: Value) -> Option<Value> {
         None => Vec::new(),
         Some(Value::Array(items)) => items,
         Some(Value::Object(map)) => map.into_iter().map(|(_, v)| v).collect(),
-        Some(_) => return Some(failure(id_value, RpcError::new(-32602, "Invalid params: must be an array or an object"))),
+        Some(_) => {
+            return Some(failure(id_value, RpcError::new(-32602, "Invalid params: must be an array or an object")))
+        }
     };
     let result = call(d, &method, Params(params)).await;
     // A request without an id is a notification: no response, even on error.
@@ -143,7 +145,8 @@ impl Params {
     }
 
     fn required(&self, i: usize, what: &str) -> Result<String, RpcError> {
-        self.text(i).ok_or_else(|| RpcError::new(-32602, format!("Invalid params: {what} (string) expected at position {i}")))
+        self.text(i)
+            .ok_or_else(|| RpcError::new(-32602, format!("Invalid params: {what} (string) expected at position {i}")))
     }
 }
 
@@ -181,7 +184,8 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
             let request = Request { route: name, data: data.into_bytes(), params, origin: Origin::Rpc };
             let outcome = d.run_route(&request).await.map_err(dispatch_error)?;
             let r = &outcome.reply;
-            let params: Map<String, Value> = r.params.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+            let params: Map<String, Value> =
+                r.params.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
             Ok(json!({
                 "handled": r.handled,
                 "retval": r.retval,
@@ -223,7 +227,12 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
                 if !args.is_empty() {
                     headers.push(("Job-Command-Arg".to_string(), args));
                 }
-                let event = crate::runtime::Event { name: "BACKGROUND_JOB".into(), subclass: None, headers, body: Some(output) };
+                let event = crate::runtime::Event {
+                    name: "BACKGROUND_JOB".into(),
+                    subclass: None,
+                    headers,
+                    body: Some(output),
+                };
                 d.bus().fire(event, &crate::bus::Caller::host("api.bgrun"));
             });
             Ok(json!({"job_uuid": reply_job}))
@@ -291,7 +300,9 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
             let path = p.required(1, "path")?;
             let def = PluginDef::with_defaults(&name, &path).map_err(|m| RpcError::new(-32602, m))?;
             let v = d.load(def).await.map_err(dispatch_error)?;
-            Ok(json!({"name": name, "hash": &v.hash[..16], "exports": v.exports().iter().map(|e| e.name()).collect::<Vec<_>>()}))
+            Ok(
+                json!({"name": name, "hash": &v.hash[..16], "exports": v.exports().iter().map(|e| e.name()).collect::<Vec<_>>()}),
+            )
         }
         "plugin.reload" => {
             let name = p.required(0, "plugin name")?;

@@ -73,30 +73,65 @@ impl Registry {
             for (i, n) in slot.stats().latency_buckets().iter().enumerate() {
                 cumulative += n;
                 let le = LATENCY_BUCKETS_US.get(i).map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
-                let _ = writeln!(out, "evrhost_call_duration_seconds_bucket{{plugin=\"{}\",le=\"{le}\"}} {cumulative}", slot.name);
+                let _ = writeln!(
+                    out,
+                    "evrhost_call_duration_seconds_bucket{{plugin=\"{}\",le=\"{le}\"}} {cumulative}",
+                    slot.name
+                );
             }
-            let _ = writeln!(out, "evrhost_call_duration_seconds_sum{{plugin=\"{}\"}} {}", slot.name, snapshot.busy_us as f64 / 1e6);
+            let _ = writeln!(
+                out,
+                "evrhost_call_duration_seconds_sum{{plugin=\"{}\"}} {}",
+                slot.name,
+                snapshot.busy_us as f64 / 1e6
+            );
             let _ = writeln!(out, "evrhost_call_duration_seconds_count{{plugin=\"{}\"}} {cumulative}", slot.name);
         }
         header(&mut out, "evrhost_fuel_consumed_total", "counter", "Fuel the plugin's calls used.");
         for slot in &slots {
-            let _ = writeln!(out, "evrhost_fuel_consumed_total{{plugin=\"{}\"}} {}", slot.name, slot.stats().snapshot().fuel);
+            let _ = writeln!(
+                out,
+                "evrhost_fuel_consumed_total{{plugin=\"{}\"}} {}",
+                slot.name,
+                slot.stats().snapshot().fuel
+            );
         }
         header(&mut out, "evrhost_instances_idle", "gauge", "Instances ready in the plugin's pool.");
         for slot in &slots {
-            let _ = writeln!(out, "evrhost_instances_idle{{plugin=\"{}\"}} {}", slot.name, slot.current().idle_instances());
+            let _ =
+                writeln!(out, "evrhost_instances_idle{{plugin=\"{}\"}} {}", slot.name, slot.current().idle_instances());
         }
         header(&mut out, "evrhost_instances_max", "gauge", "The plugin's max_instances.");
         for slot in &slots {
-            let _ = writeln!(out, "evrhost_instances_max{{plugin=\"{}\"}} {}", slot.name, slot.current().spec.limits.max_instances);
+            let _ = writeln!(
+                out,
+                "evrhost_instances_max{{plugin=\"{}\"}} {}",
+                slot.name,
+                slot.current().spec.limits.max_instances
+            );
         }
         header(&mut out, "evrhost_instances_created_total", "counter", "Instances made.");
         for slot in &slots {
-            let _ = writeln!(out, "evrhost_instances_created_total{{plugin=\"{}\"}} {}", slot.name, slot.stats().snapshot().instantiated);
+            let _ = writeln!(
+                out,
+                "evrhost_instances_created_total{{plugin=\"{}\"}} {}",
+                slot.name,
+                slot.stats().snapshot().instantiated
+            );
         }
-        header(&mut out, "evrhost_instances_discarded_total", "counter", "Instances thrown away after a trap or a limit.");
+        header(
+            &mut out,
+            "evrhost_instances_discarded_total",
+            "counter",
+            "Instances thrown away after a trap or a limit.",
+        );
         for slot in &slots {
-            let _ = writeln!(out, "evrhost_instances_discarded_total{{plugin=\"{}\"}} {}", slot.name, slot.stats().snapshot().discarded);
+            let _ = writeln!(
+                out,
+                "evrhost_instances_discarded_total{{plugin=\"{}\"}} {}",
+                slot.name,
+                slot.stats().snapshot().discarded
+            );
         }
 
         let udp = self.udp();

@@ -100,13 +100,16 @@ pub fn start(
     for _ in 0..def.workers {
         let (rx, sender, stats, d, backlog) = (rx.clone(), sender.clone(), stats.clone(), d.clone(), backlog.clone());
         let (reply, profiling) = (def.reply, def.profiling.then(|| format!("UDP receiver udp:{addr}")));
-        let mut request = Request { route: route.to_string(), data: Vec::new(), params: Vec::new(), origin: Origin::Cli };
+        let mut request =
+            Request { route: route.to_string(), data: Vec::new(), params: Vec::new(), origin: Origin::Cli };
         tasks.push(tokio::spawn(async move {
             while let Ok(batch) = rx.recv().await {
                 backlog.waiting.fetch_sub(batch.len(), Relaxed);
                 for datagram in batch {
-                    request.origin =
-                        Origin::Udp(Peer { ip: datagram.peer.ip().to_canonical().to_string(), port: datagram.peer.port() });
+                    request.origin = Origin::Udp(Peer {
+                        ip: datagram.peer.ip().to_canonical().to_string(),
+                        port: datagram.peer.port(),
+                    });
                     request.data = datagram.data;
                     let peer = datagram.peer;
                     match profiling.as_ref().filter(|_| d.bus().wanted("E_PROFILING_PROC")) {
@@ -136,7 +139,14 @@ pub fn start(
 
 /// Runs the route for one datagram; the status is 0, or -1 when the call
 /// failed (for profiling records).
-async fn handle(d: &Dispatcher, request: &Request, peer: SocketAddr, socket: &UdpSocket, stats: &UdpStats, reply: bool) -> i64 {
+async fn handle(
+    d: &Dispatcher,
+    request: &Request,
+    peer: SocketAddr,
+    socket: &UdpSocket,
+    stats: &UdpStats,
+    reply: bool,
+) -> i64 {
     let route = request.route.as_str();
     match d.run_route(request).await {
         Ok(outcome) => {

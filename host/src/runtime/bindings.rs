@@ -17,7 +17,5 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use self::evrhost::plugin::types::{
-    CommandInfo, Event, HostError, Level, Origin, Peer, Reply, Request,
-};
+pub use self::evrhost::plugin::types::{CommandInfo, Event, HostError, Level, Origin, Peer, Reply, Request};
 pub use self::exports::evrhost::plugin::{api, route, subscriber, task};

@@ -41,7 +41,9 @@ impl Stamp {
         match self {
             Stamp::Std(start) => start.elapsed(),
             // A TSC stamp was taken with the clock, which is never unset.
-            Stamp::Tsc(start) => TSC.get().map_or(Duration::ZERO, |c| Duration::from_nanos(c.delta_as_nanos(start, c.raw()))),
+            Stamp::Tsc(start) => {
+                TSC.get().map_or(Duration::ZERO, |c| Duration::from_nanos(c.delta_as_nanos(start, c.raw())))
+            }
         }
     }
 }

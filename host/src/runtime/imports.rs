@@ -34,11 +34,15 @@ pub(crate) fn emit_log(state: &mut HostState, level: Level, message: &str) {
     let spec = &state.plugin.spec;
     let (plugin, tenant, target) = (&spec.name, &spec.tenant, &state.call.target);
     match level {
-        Level::Debug => tracing::debug!(target: "plugin", plugin = %plugin, tenant = %tenant, route = %target, "{text}{cut}"),
+        Level::Debug => {
+            tracing::debug!(target: "plugin", plugin = %plugin, tenant = %tenant, route = %target, "{text}{cut}")
+        }
         Level::Info | Level::Notice => {
             tracing::info!(target: "plugin", plugin = %plugin, tenant = %tenant, route = %target, "{text}{cut}")
         }
-        Level::Warn => tracing::warn!(target: "plugin", plugin = %plugin, tenant = %tenant, route = %target, "{text}{cut}"),
+        Level::Warn => {
+            tracing::warn!(target: "plugin", plugin = %plugin, tenant = %tenant, route = %target, "{text}{cut}")
+        }
         Level::Error | Level::Crit => {
             tracing::error!(target: "plugin", plugin = %plugin, tenant = %tenant, route = %target, "{text}{cut}")
         }

@@ -141,9 +141,10 @@ impl Runtime {
         let hash = blake3::hash(&wasm).to_hex().to_string();
         let rt = self.clone();
         let (n, src) = (name.clone(), spec.source.clone());
-        let (component, cache) = tokio::task::spawn_blocking(move || rt.compile(&n, &src, &wasm))
-            .await
-            .map_err(|e| LoadError::Compile { plugin: name.clone(), path: spec.source.clone(), message: e.to_string() })??;
+        let (component, cache) =
+            tokio::task::spawn_blocking(move || rt.compile(&n, &src, &wasm)).await.map_err(|e| {
+                LoadError::Compile { plugin: name.clone(), path: spec.source.clone(), message: e.to_string() }
+            })??;
         let pre = self
             .linker
             .instantiate_pre(&component)

@@ -131,7 +131,14 @@ pub struct PluginVersion {
 pub type Outcome<T> = (Result<T, CallError>, CallReport);
 
 impl PluginVersion {
-    pub(crate) fn new(spec: Arc<PluginSpec>, hash: String, cache: CacheOutcome, indices: &ExportIndices, pool: Pool, stats: Arc<Stats>) -> Self {
+    pub(crate) fn new(
+        spec: Arc<PluginSpec>,
+        hash: String,
+        cache: CacheOutcome,
+        indices: &ExportIndices,
+        pool: Pool,
+        stats: Arc<Stats>,
+    ) -> Self {
         let exports = Export::ALL.into_iter().filter(|e| indices.has(*e)).collect();
         PluginVersion { spec, hash, cache, loaded_at: SystemTime::now(), exports, commands: Vec::new(), pool, stats }
     }
@@ -263,7 +270,9 @@ impl PluginVersion {
         }
         let mut lease = self.pool.acquire("(commands)", 0, false).await?;
         let outcome = match lease.parts() {
-            Some((store, WorkerExports { api: Some(guest), .. })) => guest.call_commands(store).await.map_err(Failure::Wasm),
+            Some((store, WorkerExports { api: Some(guest), .. })) => {
+                guest.call_commands(store).await.map_err(Failure::Wasm)
+            }
             _ => Err(Self::missing(Export::Api)),
         };
         let (result, _) = lease.finish(outcome);

@@ -424,7 +424,9 @@ impl Lease<'_> {
                 cause = %cause.kind(),
                 "call failed: {cause}; instance discarded"
             ),
-            Some(cause) => tracing::debug!(plugin = %pool.ctx.spec.name, route = %data.call.target, "call failed: {cause}"),
+            Some(cause) => {
+                tracing::debug!(plugin = %pool.ctx.spec.name, route = %data.call.target, "call failed: {cause}")
+            }
             None => {}
         }
         if data.call.log_dropped > 0 {
@@ -518,7 +520,8 @@ fn panic_message(stderr: &str) -> String {
 mod tests {
     #[test]
     fn panic_message_keeps_text_and_location() {
-        let stderr = "\nthread '<unnamed>' panicked at src/lib.rs:40:24:\nboom now\nnote: run with `RUST_BACKTRACE=1`\n";
+        let stderr =
+            "\nthread '<unnamed>' panicked at src/lib.rs:40:24:\nboom now\nnote: run with `RUST_BACKTRACE=1`\n";
         assert_eq!(super::panic_message(stderr), "boom now (at src/lib.rs:40:24)");
     }
 }

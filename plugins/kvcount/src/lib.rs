@@ -38,9 +38,9 @@ impl Api for KvCount {
 
     fn execute(command: String, args: String) -> Result<String, String> {
         match command.as_str() {
-            "kvcount.get" => Ok(kv::get_string(&counter(args.trim()))
-                .map_err(|e| e.message())?
-                .unwrap_or_else(|| "0".into())),
+            "kvcount.get" => {
+                Ok(kv::get_string(&counter(args.trim())).map_err(|e| e.message())?.unwrap_or_else(|| "0".into()))
+            }
             other => Err(format!("unknown command {other}")),
         }
     }

@@ -94,7 +94,9 @@ impl Api for Listener {
         let id = id();
         let name = args.trim();
         if command == format!("{id}.count") {
-            return Ok(kv::get_string(&format!("{id}:count:{name}")).map_err(|e| e.message())?.unwrap_or_else(|| "0".into()));
+            return Ok(kv::get_string(&format!("{id}:count:{name}"))
+                .map_err(|e| e.message())?
+                .unwrap_or_else(|| "0".into()));
         }
         if command == format!("{id}.last") {
             return Ok(kv::get_string(&format!("{id}:last:{name}")).map_err(|e| e.message())?.unwrap_or_default());

@@ -53,7 +53,8 @@ fn respond(request: &str) -> Option<String> {
         return None;
     }
     let status = if method == "OPTIONS" { "200 OK" } else { "405 Method Not Allowed" };
-    let to = if to.to_ascii_lowercase().contains(";tag=") { to.to_string() } else { format!("{to};tag={}", tag(call_id)) };
+    let to =
+        if to.to_ascii_lowercase().contains(";tag=") { to.to_string() } else { format!("{to};tag={}", tag(call_id)) };
     let mut out = format!("SIP/2.0 {status}\r\n");
     for via in vias {
         out.push_str(&format!("Via: {via}\r\n"));
