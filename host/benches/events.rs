@@ -255,7 +255,7 @@ fn main() -> anyhow::Result<()> {
         "evrhost event bus benchmark (2 tokio workers; load avg {})",
         load.split_whitespace().next().unwrap_or("?")
     );
-    println!("{:<36} {:<40} {:<22} {}", "case", "evrhost", "baseline", "ratio");
+    println!("{:<36} {:<40} {:<22} ratio", "case", "evrhost", "baseline");
     for (case, value, base, ratio) in rows {
         println!("{case:<36} {value:<40} {base:<22} {ratio}");
     }

@@ -101,10 +101,6 @@ impl KvSpace {
         self.insert(&mut map, key, next.to_string().into_bytes())?;
         Ok(next)
     }
-
-    pub fn len(&self) -> usize {
-        self.map().len()
-    }
 }
 
 /// All tenants' spaces, created on first use with the tenant's limits.

@@ -10,6 +10,9 @@ use super::udp::UdpEndpoint;
 use crate::dispatcher::Dispatcher;
 use crate::runtime::stats::LATENCY_BUCKETS_US;
 
+/// A UDP metric: name, help text, and how to read it.
+type UdpCounter = (&'static str, &'static str, fn(&UdpCounters) -> u64);
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct UdpCounters {
     pub route: String,
@@ -135,7 +138,7 @@ impl Registry {
         }
 
         let udp = self.udp();
-        let counters: [(&str, &str, fn(&UdpCounters) -> u64); 4] = [
+        let counters: [UdpCounter; 4] = [
             ("evrhost_udp_received_total", "Datagrams received.", |c| c.received),
             ("evrhost_udp_dropped_total", "Datagrams dropped because the queue was full.", |c| c.dropped),
             ("evrhost_udp_failed_total", "Datagrams whose call failed.", |c| c.failed),
