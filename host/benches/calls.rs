@@ -20,7 +20,7 @@ use evrhost::config::Config;
 use evrhost::dispatcher::Dispatcher;
 use evrhost::runtime::{EngineSettings, Origin, Request, Runtime};
 use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
-use wasmtime::{Config as WasmConfig, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 #[allow(dead_code)]
@@ -60,29 +60,10 @@ impl WasiView for BareState {
     }
 }
 
-/// The engine evrhost builds (host/src/runtime/engine.rs), setting for
-/// setting, so the baseline pays for fuel, epochs and the pooling allocator
-/// exactly as evrhost does.
+/// The engine evrhost builds, from the same configuration, so the baseline
+/// pays for fuel, epochs and the pooling allocator exactly as evrhost does.
 fn engine_like_evrhost(settings: &EngineSettings) -> anyhow::Result<Engine> {
-    let n = settings.total_instances;
-    let mut pool = PoolingAllocationConfig::default();
-    pool.total_component_instances(n)
-        .total_core_instances(n * 8)
-        .total_memories(n * 2)
-        .total_tables(n * 4)
-        .total_stacks(n)
-        .max_memory_size(settings.max_memory_bytes)
-        .linear_memory_keep_resident(2 << 20)
-        .table_keep_resident(64 << 10)
-        .pagemap_scan(Enabled::Auto);
-    let mut config = WasmConfig::new();
-    config
-        .wasm_component_model(true)
-        .consume_fuel(true)
-        .epoch_interruption(true)
-        .memory_init_cow(true)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    Ok(Engine::new(&config)?)
+    Ok(Engine::new(&evrhost::runtime::engine_config(settings))?)
 }
 
 /// Advances an engine's epoch every tick, as evrhost's ticker does.

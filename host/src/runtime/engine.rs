@@ -25,7 +25,9 @@ impl Default for EngineSettings {
     }
 }
 
-pub fn build(settings: &EngineSettings) -> wasmtime::Result<Engine> {
+/// The wasmtime configuration evrhost runs plugins with (the benchmarks'
+/// plain-wasmtime baselines use it too, so they pay for the same things).
+pub fn config(settings: &EngineSettings) -> Config {
     let n = settings.total_instances;
     let mut pool = PoolingAllocationConfig::default();
     // A Rust wasip2 component has 4 core instances (the program, the WASI
@@ -48,7 +50,11 @@ pub fn build(settings: &EngineSettings) -> wasmtime::Result<Engine> {
         .epoch_interruption(true)
         .memory_init_cow(true)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    Engine::new(&config)
+    config
+}
+
+pub fn build(settings: &EngineSettings) -> wasmtime::Result<Engine> {
+    Engine::new(&config(settings))
 }
 
 /// Advances the engine's epoch once per tick. It counts ticks from a fixed

@@ -26,7 +26,7 @@ use wasmtime::Engine;
 
 pub use bindings::{CommandInfo, Event, HostError, Level, Origin, Peer, Reply, Request};
 pub use cache::{CacheOutcome, ComponentCache};
-pub use engine::EngineSettings;
+pub use engine::{config as engine_config, EngineSettings};
 pub use error::{CallError, Cause, LoadError};
 pub use limits::{Capabilities, Isolation, Limits, Preopen};
 pub use plugin::{Export, Outcome, PluginSpec, PluginVersion};
