@@ -409,6 +409,9 @@ struct RpcSection {
 
 pub const DEFAULT_RPC_LISTEN: &str = "127.0.0.1:7080";
 
+/// The longest duration a config value may give: a day.
+const MAX_MS: u64 = 86_400_000;
+
 // ---- checking ---------------------------------------------------------------
 
 struct Checker<'a> {
@@ -419,7 +422,7 @@ struct Checker<'a> {
 impl Checker<'_> {
     fn at<T>(&self, spanned: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
         let offset = spanned.span().start.min(self.text.len());
-        let before = &self.text[..offset];
+        let before = self.text.get(..offset).unwrap_or(self.text);
         let line = before.matches('\n').count() + 1;
         let column = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
         ConfigError::Invalid {
@@ -428,6 +431,14 @@ impl Checker<'_> {
             column,
             key: key.to_string(),
             message: message.into(),
+        }
+    }
+
+    /// A positive number of milliseconds, at most a day.
+    fn millis(&self, v: &Option<Spanned<u64>>, key: &str) -> Result<Option<u64>, ConfigError> {
+        match v {
+            Some(ms) if *ms.get_ref() > MAX_MS => Err(self.at(ms, key, "at most a day (86400000)")),
+            _ => self.positive(v, key),
         }
     }
 
@@ -586,7 +597,7 @@ fn check_events(ck: &Checker, e: &EventsSection) -> Result<EventsSettings, Confi
     Ok(EventsSettings {
         heartbeat: match e.heartbeat_s {
             Some(0) => None,
-            Some(s) => Some(Duration::from_secs(s)),
+            Some(s) => Some(Duration::from_secs(s.min(MAX_MS / 1000))),
             None => Some(Duration::from_secs(20)),
         },
         log,
@@ -669,13 +680,13 @@ fn check_exec(
                     format!("no plugin named `{}` is configured", plugin.get_ref()),
                 ));
             }
-            let min = ck.positive(&e.restart_min_ms, "exec.restart_min_ms")?.unwrap_or(100);
+            let min = ck.millis(&e.restart_min_ms, "exec.restart_min_ms")?.unwrap_or(100);
             ExecKind::Task {
                 plugin: plugin.get_ref().clone(),
                 workers,
-                wait: Duration::from_micros(e.wait.unwrap_or(0)),
+                wait: Duration::from_micros(e.wait.unwrap_or(0).min(MAX_MS * 1000)),
                 backoff_min: Duration::from_millis(min),
-                backoff_max: Duration::from_millis(e.restart_max_ms.unwrap_or(30_000).max(min)),
+                backoff_max: Duration::from_millis(e.restart_max_ms.unwrap_or(30_000).clamp(min, MAX_MS)),
             }
         }
     };
@@ -710,8 +721,8 @@ fn check_plugin(
     let d = Limits::default();
     let mut limits = Limits {
         fuel: ck.positive(&p.fuel, "plugin.fuel")?.unwrap_or(d.fuel),
-        deadline: ck.positive(&p.deadline_ms, "plugin.deadline_ms")?.map_or(d.deadline, Duration::from_millis),
-        warn_after: ck.positive(&p.warn_ms, "plugin.warn_ms")?.map(Duration::from_millis),
+        deadline: ck.millis(&p.deadline_ms, "plugin.deadline_ms")?.map_or(d.deadline, Duration::from_millis),
+        warn_after: ck.millis(&p.warn_ms, "plugin.warn_ms")?.map(Duration::from_millis),
         memory_bytes: ck.positive(&p.memory_mb, "plugin.memory_mb")?.map_or(d.memory_bytes, |mb| (mb as usize) << 20),
         min_instances: p.min_instances.as_ref().map_or(d.min_instances, |s| *s.get_ref()),
         max_instances: ck.positive(&p.max_instances, "plugin.max_instances")?.unwrap_or(d.max_instances),
@@ -728,7 +739,7 @@ fn check_plugin(
             Some(t) => *t.get_ref(),
             None => events.pkg_threshold,
         },
-        idle_after: p.idle_ms.map_or(d.idle_after, Duration::from_millis),
+        idle_after: p.idle_ms.map_or(d.idle_after, |ms| Duration::from_millis(ms.min(MAX_MS))),
     };
     if let Some(m) = &p.memory_mb {
         if limits.memory_bytes > engine.max_memory_bytes {
@@ -836,6 +847,8 @@ mod tests {
     fn limits_are_checked() {
         let err = parse("[[plugin]]\nname = \"a\"\npath = \"a.wasm\"\ndeadline_ms = 0\n").unwrap_err().to_string();
         assert!(err.starts_with("test.toml:4:15: `plugin.deadline_ms`"), "{err}");
+        let err = parse("[[plugin]]\nname = \"a\"\npath = \"a.wasm\"\ndeadline_ms = 9000000000000\n").unwrap_err();
+        assert!(err.to_string().contains("at most a day"), "{err}");
         let err = parse("[[plugin]]\nname = \"a\"\npath = \"a.wasm\"\ncapabilities = [\"kv\", \"net\"]\n")
             .unwrap_err()
             .to_string();

@@ -251,7 +251,7 @@ impl Dispatcher {
                 .load_version(def, stats.clone())
                 .await
                 .inspect_err(|e| dispatcher.plugin_event("PLUGIN_FAIL", &def.spec.name, &e.to_string()))?;
-            dispatcher.plugin_event("PLUGIN_LOAD", &def.spec.name, &version.hash[..16]);
+            dispatcher.plugin_event("PLUGIN_LOAD", &def.spec.name, version.short_hash());
             plugins
                 .insert(def.spec.name.clone(), Arc::new(Slot::new(&def.spec.name, version, def.code.clone(), stats)));
         }
@@ -453,7 +453,7 @@ impl Dispatcher {
                     name: slot.name.to_string(),
                     tenant: v.spec.tenant.clone(),
                     source: v.spec.source.clone(),
-                    hash: v.hash[..16].to_string(),
+                    hash: v.short_hash().to_string(),
                     exports: v.exports().iter().map(|e| e.name()).collect(),
                     commands: v.commands().iter().map(|c| c.name.clone()).collect(),
                     isolation: v.spec.limits.isolation.as_str(),
@@ -507,10 +507,10 @@ impl Dispatcher {
         slot.swapped.notify_waiters();
         *slot.code.lock().unwrap_or_else(|p| p.into_inner()) = code;
         slot.reloads.fetch_add(1, Relaxed);
-        self.plugin_event("PLUGIN_RELOAD", name, &new.hash[..16]);
+        self.plugin_event("PLUGIN_RELOAD", name, new.short_hash());
         tracing::info!(
             plugin = %name,
-            hash = %&new.hash[..16],
+            hash = %new.short_hash(),
             cache = ?new.cache,
             ms = started.elapsed().as_secs_f64() * 1e3,
             "plugin reloaded"
@@ -531,7 +531,7 @@ impl Dispatcher {
             .load_version(&def, stats.clone())
             .await
             .inspect_err(|e| self.plugin_event("PLUGIN_FAIL", &name, &e.to_string()))?;
-        self.plugin_event("PLUGIN_LOAD", &name, &version.hash[..16]);
+        self.plugin_event("PLUGIN_LOAD", &name, version.short_hash());
         let mut plugins = table.plugins.clone();
         plugins.insert(name.clone(), Arc::new(Slot::new(&name, version.clone(), def.code.clone(), stats)));
         self.table.store(Arc::new(Table::build(plugins, table.route_defs.clone(), table.needs.clone(), None)?));

@@ -86,7 +86,7 @@ impl Worker {
             // Armed before the version is read, so a swap is never missed.
             let swapped = slot.swapped.notified();
             let version = slot.current();
-            tracing::info!(task = %self.name, worker = %self.worker, plugin = %self.plugin, hash = %&version.hash[..16], "task starting");
+            tracing::info!(task = %self.name, worker = %self.worker, plugin = %self.plugin, hash = %version.short_hash(), "task starting");
             let started = Instant::now();
             let outcome = tokio::select! {
                 (result, _) = version.run_task(&self.name, &self.worker) => Some(result),

@@ -16,7 +16,7 @@ pub fn spawn(d: Arc<Dispatcher>, events: EventsSettings) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut next_heartbeat = events.heartbeat.map(|every| Instant::now() + every);
+        let mut next_heartbeat = events.heartbeat.and_then(|every| Instant::now().checked_add(every));
         let mut next_memory_check = Instant::now();
         let mut above = false;
         let mut cpu = CpuTimes::read();
@@ -29,7 +29,7 @@ pub fn spawn(d: Arc<Dispatcher>, events: EventsSettings) -> JoinHandle<()> {
                     let idle = CpuTimes::read().zip(cpu).map(|(new, old)| new.idle_percent_since(&old));
                     cpu = CpuTimes::read();
                     heartbeat(&d, idle);
-                    next_heartbeat = Some(now + every);
+                    next_heartbeat = now.checked_add(every);
                 }
             }
             if let Some(limit) = events.shm_limit_bytes {

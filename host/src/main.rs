@@ -285,7 +285,7 @@ async fn inspect(path: &Path) -> anyhow::Result<ExitCode> {
     let wasm = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
     let (component, _) = d.runtime().compile(&name, &path.display().to_string(), &wasm)?;
     let info = d.runtime().describe(&component);
-    println!("plugin:   {name} ({} bytes, blake3 {})", wasm.len(), &version.hash[..16]);
+    println!("plugin:   {name} ({} bytes, blake3 {})", wasm.len(), version.short_hash());
     let exports: Vec<&str> = version.exports().iter().map(|e| e.name()).collect();
     println!(
         "exports:  {}",

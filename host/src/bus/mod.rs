@@ -290,7 +290,8 @@ impl Bus {
     /// OpenSIPS does. `expire` None never expires.
     pub fn subscribe(self: &Arc<Self>, target: Target, name: &str, subclass: Option<&str>, expire: Option<Duration>) {
         let _admin = lock(&self.admin);
-        let expires = expire.map(|d| Instant::now() + d);
+        // An expiry too far to represent is no expiry.
+        let expires = expire.and_then(|d| Instant::now().checked_add(d));
         let subscription = Subscription { name: name.to_string(), subclass: subclass.map(str::to_string), expires };
         let current = self.subscribers.load_full();
         if let Some(sub) = current.iter().find(|s| s.target == target) {

@@ -301,7 +301,7 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
             let def = PluginDef::with_defaults(&name, &path).map_err(|m| RpcError::new(-32602, m))?;
             let v = d.load(def).await.map_err(dispatch_error)?;
             Ok(
-                json!({"name": name, "hash": &v.hash[..16], "exports": v.exports().iter().map(|e| e.name()).collect::<Vec<_>>()}),
+                json!({"name": name, "hash": v.short_hash(), "exports": v.exports().iter().map(|e| e.name()).collect::<Vec<_>>()}),
             )
         }
         "plugin.reload" => {
@@ -312,7 +312,7 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
             };
             let started = std::time::Instant::now();
             let v = d.reload(&name, code).await.map_err(dispatch_error)?;
-            Ok(json!({"name": name, "hash": &v.hash[..16], "ms": started.elapsed().as_secs_f64() * 1e3}))
+            Ok(json!({"name": name, "hash": v.short_hash(), "ms": started.elapsed().as_secs_f64() * 1e3}))
         }
         "plugin.unload" => {
             let name = p.required(0, "plugin name")?;

@@ -147,6 +147,11 @@ impl PluginVersion {
         &self.spec.name
     }
 
+    /// The first 16 hex digits of the hash, to name a version in logs.
+    pub fn short_hash(&self) -> &str {
+        self.hash.get(..16).unwrap_or(&self.hash)
+    }
+
     pub fn exports(&self) -> &[Export] {
         &self.exports
     }

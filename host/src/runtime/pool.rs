@@ -203,7 +203,8 @@ impl Pool {
         let taken = match self.try_take() {
             Some(taken) => taken,
             None => {
-                let give_up = tokio::time::Instant::now() + limits.deadline;
+                let now = tokio::time::Instant::now();
+                let give_up = now.checked_add(limits.deadline).unwrap_or(now + Duration::from_secs(86_400));
                 loop {
                     // Armed before the retry, so a lease ending in between
                     // is not missed.
