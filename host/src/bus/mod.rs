@@ -410,20 +410,37 @@ impl Bus {
 /// headers as `params`, in order, the body as `_body`. For OpenSIPS's own
 /// events (`E_…`) integer values are JSON numbers, as OpenSIPS types them.
 pub fn notification(event: &Event, method: Option<&str>) -> Vec<u8> {
-    let numeric = event.name.starts_with("E_");
-    let mut params = serde_json::Map::new();
-    for (k, v) in &event.headers {
-        let value = match v.parse::<i64>() {
-            Ok(n) if numeric && n.to_string() == *v => serde_json::Value::from(n),
-            _ => serde_json::Value::String(v.clone()),
-        };
-        params.insert(k.clone(), value);
-    }
-    if let Some(body) = &event.body {
-        params.insert("_body".into(), serde_json::Value::String(body.clone()));
-    }
-    let doc = serde_json::json!({"jsonrpc": "2.0", "method": method.unwrap_or(&event.name), "params": params});
+    let doc = Notification { jsonrpc: "2.0", method: method.unwrap_or(&event.name), params: Params(event) };
     serde_json::to_vec(&doc).unwrap_or_default()
+}
+
+/// Serialized straight from the event's headers: no intermediate map.
+#[derive(Serialize)]
+struct Notification<'a> {
+    jsonrpc: &'static str,
+    method: &'a str,
+    params: Params<'a>,
+}
+
+struct Params<'a>(&'a Event);
+
+impl Serialize for Params<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let event = self.0;
+        let numeric = event.name.starts_with("E_");
+        let mut map = serializer.serialize_map(Some(event.headers.len() + usize::from(event.body.is_some())))?;
+        for (k, v) in &event.headers {
+            match v.parse::<i64>() {
+                Ok(n) if numeric && n.to_string() == *v => map.serialize_entry(k, &n)?,
+                _ => map.serialize_entry(k, v)?,
+            }
+        }
+        if let Some(body) = &event.body {
+            map.serialize_entry("_body", body)?;
+        }
+        map.end()
+    }
 }
 
 #[cfg(test)]
