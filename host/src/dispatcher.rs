@@ -229,8 +229,8 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// Loads every configured plugin and binds the routes; exec tasks need
-    /// their plugin's `task` export. Must run inside a tokio runtime (it
-    /// starts the event delivery task).
+    /// their plugin's `task` export. Must run inside a tokio runtime
+    /// (subscriptions spawn delivery tasks).
     pub async fn start(runtime: Arc<Runtime>, config: &Config) -> Result<Arc<Dispatcher>, DispatchError> {
         let bus = Bus::new(config.events.queue);
         let dispatcher = Arc::new_cyclic(|me: &Weak<Dispatcher>| Dispatcher {

@@ -182,7 +182,6 @@ pub struct Bus {
     admin: Mutex<()>,
     queue: usize,
     dispatcher: OnceLock<Weak<Dispatcher>>,
-    fired: AtomicU64,
     /// (second, local, GMT) of the last event's dates.
     dates: Mutex<(u64, String, String)>,
 }
@@ -200,7 +199,6 @@ impl Bus {
             admin: Mutex::new(()),
             queue: queue.max(1),
             dispatcher: OnceLock::new(),
-            fired: AtomicU64::new(0),
             dates: Mutex::new((0, String::new(), String::new())),
         })
     }
@@ -210,20 +208,11 @@ impl Bus {
         let _ = self.dispatcher.set(dispatcher);
     }
 
-    pub fn core_uuid(&self) -> &str {
-        &self.core_uuid
-    }
-
-    pub fn fired(&self) -> u64 {
-        self.fired.load(Relaxed)
-    }
-
     /// Adds the standard headers and hands the event to every subscriber
     /// that wants it.
     pub fn fire(&self, mut event: Event, caller: &Caller) {
         let subscribers = self.subscribers.load();
         let sequence = self.sequence.fetch_add(1, Relaxed) + 1;
-        self.fired.fetch_add(1, Relaxed);
         if subscribers.is_empty() {
             return;
         }

@@ -164,11 +164,9 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
             let Some(name) = p.text(0) else { return Err(RpcError::new(500, "Invalid parameters")) };
             let data = p.text(1).unwrap_or_default();
             let request = Request { route: name, data: data.into_bytes(), params: Vec::new(), origin: Origin::Rpc };
-            match d.run_route(&request).await {
-                Ok(_) => Ok(json!({})),
-                Err(e @ DispatchError::RouteNotFound(_)) => Err(RpcError::new(500, e.to_string())),
-                Err(e) => Err(RpcError::new(500, e.to_string())),
-            }
+            // Kamailio answers every failure with 500: "Event route not
+            // found", or here the call's cause.
+            d.run_route(&request).await.map(|_| json!({})).map_err(|e| RpcError::new(500, e.to_string()))
         }
         "route.run" => {
             let name = p.required(0, "route name")?;

@@ -53,10 +53,6 @@ impl ComponentCache {
             .map(|base| base.join("evrhost"))
     }
 
-    pub fn dir(&self) -> Option<&Path> {
-        self.dir.as_deref()
-    }
-
     /// Compiles `wasm` (a component's bytes) or maps its cached artifact.
     pub fn load(&self, engine: &Engine, wasm: &[u8]) -> wasmtime::Result<(Component, CacheOutcome)> {
         let Some(dir) = &self.dir else {

@@ -88,14 +88,6 @@ impl Runtime {
         Ok(Arc::new(Runtime { engine, linker, cache, settings, ticker }))
     }
 
-    pub fn settings(&self) -> &EngineSettings {
-        &self.settings
-    }
-
-    pub fn cache_dir(&self) -> Option<&std::path::Path> {
-        self.cache.dir()
-    }
-
     /// Compiles a component, or maps it from the cache. CPU-heavy for a
     /// cache miss: call it off the async workers.
     pub fn compile(&self, name: &str, source: &str, wasm: &[u8]) -> Result<(Component, CacheOutcome), LoadError> {

@@ -17,11 +17,16 @@
 //!   drops its worker, which may have stopped anywhere.
 //! - Idle workers of a replaced version die with it: when the last call in
 //!   flight on the old version ends, its pool is dropped.
+//! - In `reuse` isolation `live` counts the instances alive; one made
+//!   because none was idle scales the pool up, and `shrink_idle` drops those
+//!   idle past `idle_after` down to `min_instances` (E_CORE_PROC_AUTO_SCALE
+//!   either way).
+//! - A call running into its second epoch tick yields to the executor on
+//!   every tick after, so no guest holds a worker thread; its deadline is
+//!   wall time, yielded time included.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use super::clock::{self, Stamp};
 
 use tokio::sync::Notify;
 use wasmtime::component::{Instance, InstancePre};
@@ -29,6 +34,7 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::bindings::{api, route, subscriber, task, Level};
+use super::clock::{self, Stamp};
 use super::error::{chain, Cause};
 use super::imports::emit_log;
 use super::output::OutputCapture;
