@@ -21,6 +21,9 @@ use evrhost::config::Config;
 use evrhost::dispatcher::Dispatcher;
 use evrhost::runtime::{Event, Origin, Request, Runtime};
 
+mod common;
+use common::*;
+
 const PLUGINS: &str = env!("EVRHOST_PLUGINS_DIR");
 
 fn config(subscribers: usize, cache: &Path) -> anyhow::Result<Config> {
@@ -55,19 +58,6 @@ fn delivered(d: &Dispatcher) -> u64 {
 
 fn rate(n: u64, took: Duration) -> f64 {
     n as f64 / took.as_secs_f64()
-}
-
-fn human(r: f64) -> String {
-    if r >= 1e6 {
-        format!("{:.2}M/s", r / 1e6)
-    } else {
-        format!("{:.1}k/s", r / 1e3)
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() -> anyhow::Result<()> {
@@ -126,8 +116,8 @@ fn main() -> anyhow::Result<()> {
         let deliveries = rate(got, took);
         rows.push((
             format!("fan-out to {subscribers} plugin(s)"),
-            format!("{} events, {} deliveries", human(rate(events, took)), human(deliveries)),
-            format!("{} direct calls", human(direct_rate)),
+            format!("{} events, {} deliveries", fmt_rate(rate(events, took)), fmt_rate(deliveries)),
+            format!("{} direct calls", fmt_rate(direct_rate)),
             format!("{:.2}x", deliveries / direct_rate),
         ));
         if got < events * subscribers as u64 {
@@ -204,8 +194,8 @@ fn main() -> anyhow::Result<()> {
         let got = received.load(Ordering::Relaxed);
         rows.push((
             "fan-out to a UDP subscriber".into(),
-            format!("{} ({got} of {events} received)", human(rate(events, took))),
-            format!("{} bare sends", human(bare)),
+            format!("{} ({got} of {events} received)", fmt_rate(rate(events, took))),
+            format!("{} bare sends", fmt_rate(bare)),
             format!("{:.2}x", rate(events, took) / bare),
         ));
 
@@ -235,7 +225,10 @@ fn main() -> anyhow::Result<()> {
         for _ in 0..50 {
             on.push(sample(&profiled));
         }
-        let (off, on_idle, on) = (median(off), median(on_idle), median(on));
+        for v in [&mut off, &mut on_idle, &mut on] {
+            v.sort_by(f64::total_cmp);
+        }
+        let (off, on_idle, on) = (median(&off), median(&on_idle), median(&on));
         rows.push((
             "call, profiling on, no listener".into(),
             format!("{:.2} µs", on_idle / 1e3),

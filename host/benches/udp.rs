@@ -54,6 +54,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage};
 use serde_json::{json, Value};
 
+mod common;
+use common::*;
+
 /// Datagrams per sendmmsg call.
 const SEND_BATCH: usize = 64;
 /// Datagrams per recvmmsg call, as host/src/frontend/udp.rs reads them.
@@ -92,38 +95,6 @@ const RPC_BLOCK: usize = 1_000;
 const NULL_REPLY: &[u8] = br#"{"jsonrpc":"2.0","result":{},"id":1}"#;
 
 // ---- formatting -----------------------------------------------------------------
-
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i]
-}
-
-fn fmt_ns(ns: f64) -> String {
-    if !ns.is_finite() {
-        "n/a".into()
-    } else if ns < 1e3 {
-        format!("{ns:.0} ns")
-    } else if ns < 1e6 {
-        format!("{:.2} µs", ns / 1e3)
-    } else if ns < 1e9 {
-        format!("{:.2} ms", ns / 1e6)
-    } else {
-        format!("{:.2} s", ns / 1e9)
-    }
-}
-
-fn fmt_rate(rate: f64) -> String {
-    if !rate.is_finite() {
-        "n/a".into()
-    } else if rate >= 1e6 {
-        format!("{:.2}M/s", rate / 1e6)
-    } else {
-        format!("{:.0}k/s", rate / 1e3)
-    }
-}
 
 struct Row {
     case: &'static str,
