@@ -52,6 +52,16 @@ fn event(i: u64) -> Event {
     }
 }
 
+/// Fires `events` CUSTOM events, letting the delivery tasks run now and then.
+async fn fire(d: &Dispatcher, events: u64) {
+    for i in 0..events {
+        d.bus().fire(event(i), &Caller::host("bench"));
+        if i % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 fn delivered(d: &Dispatcher) -> u64 {
     d.bus().list().iter().filter(|s| s.target.starts_with("plugin:")).map(|s| s.delivered + s.failed).sum()
 }
@@ -99,12 +109,7 @@ fn main() -> anyhow::Result<()> {
         let before = delivered(&d);
         let started = Instant::now();
         rt.block_on(async {
-            for i in 0..events {
-                d.bus().fire(event(i), &Caller::host("bench"));
-                if i % 64 == 0 {
-                    tokio::task::yield_now().await;
-                }
-            }
+            fire(&d, events).await;
             let want = before + events * subscribers as u64;
             let deadline = Instant::now() + Duration::from_secs(60);
             while delivered(&d) < want && Instant::now() < deadline {
@@ -167,16 +172,11 @@ fn main() -> anyhow::Result<()> {
         received.store(0, Ordering::Relaxed);
 
         rt.block_on(async {
-            d.bus().subscribe(Target::Udp(addr), "CUSTOM", Some("bench"), None);
-        });
+            d.bus().subscribe(Target::Udp(addr), "CUSTOM", Some("bench"), None).map_err(anyhow::Error::msg)
+        })?;
         let started = Instant::now();
         rt.block_on(async {
-            for i in 0..events {
-                d.bus().fire(event(i), &Caller::host("bench"));
-                if i % 64 == 0 {
-                    tokio::task::yield_now().await;
-                }
-            }
+            fire(&d, events).await;
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 let sub = d.bus().list().into_iter().find(|s| s.target.starts_with("udp:"));
@@ -220,8 +220,10 @@ fn main() -> anyhow::Result<()> {
         // With somebody listening, the records are built and delivered.
         let sink = UdpSocket::bind("127.0.0.1:0")?;
         rt.block_on(async {
-            d.bus().subscribe(Target::Udp(sink.local_addr().unwrap_or(addr)), "E_PROFILING_SCRIPT", None, None);
-        });
+            d.bus()
+                .subscribe(Target::Udp(sink.local_addr().unwrap_or(addr)), "E_PROFILING_SCRIPT", None, None)
+                .map_err(anyhow::Error::msg)
+        })?;
         for _ in 0..50 {
             on.push(sample(&profiled));
         }

@@ -626,8 +626,7 @@ impl Services for Link {
         if !tenant.subscribe.allows(name, subclass) {
             return Err(HostError::Denied(format!("the tenant may not subscribe to {}", describe(name, subclass))));
         }
-        d.bus.subscribe(Target::Plugin(plugin.to_string()), name, subclass, None);
-        Ok(())
+        d.bus.subscribe(Target::Plugin(plugin.to_string()), name, subclass, None).map_err(HostError::Invalid)
     }
 
     fn unsubscribe(&self, plugin: &str, name: &str, subclass: Option<&str>) -> Result<bool, HostError> {

@@ -172,7 +172,7 @@ async fn run(path: Option<&Path>, listen: Option<std::net::SocketAddr>) -> anyho
         // Checked when the config was read.
         if let Ok(target) = Target::parse(socket) {
             let (name, subclass) = evrhost::bus::split_event(event);
-            d.bus().subscribe(target, name, subclass, None);
+            d.bus().subscribe(target, name, subclass, None).map_err(anyhow::Error::msg)?;
         }
     }
 

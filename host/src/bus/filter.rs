@@ -12,6 +12,9 @@ use regex::Regex;
 
 use crate::runtime::Event;
 
+/// Filters one subscriber may hold.
+pub const MAX_FILTERS: usize = 256;
+
 #[derive(Debug)]
 struct Filter {
     header: String,
@@ -43,6 +46,9 @@ impl Filters {
 
     /// Adds a filter; an invalid regex is refused.
     pub fn add(&mut self, header: &str, raw: &str) -> Result<(), String> {
+        if self.list.len() >= MAX_FILTERS {
+            return Err(format!("{MAX_FILTERS} filters already; delete some first"));
+        }
         let consumed = raw.trim_start_matches(['+', '-', ' ']);
         let exclude = raw[..raw.len() - consumed.len()].contains('-');
         let matcher = match raw.strip_prefix('/') {
@@ -173,6 +179,10 @@ mod tests {
         assert_eq!(f.command("").unwrap_err(), "-ERR invalid syntax");
         assert!(f.command("add User /(unclosed/").unwrap_err().contains("bad regex"));
         assert!(f.is_empty());
+        for i in 0..MAX_FILTERS {
+            f.command(&format!("add User u{i}")).unwrap();
+        }
+        assert!(f.command("add User one-too-many").unwrap_err().contains("filters already"));
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub use profile::Profiler;
 use crate::dispatcher::Dispatcher;
 use crate::runtime::Event;
 
+/// Subscriptions one subscriber may hold; past this `subscribe` fails, so a
+/// plugin or a peer cannot grow the bus without bound.
+pub const MAX_SUBSCRIPTIONS: usize = 1024;
+
 /// Headers the bus sets on every event; anything a plugin put under these
 /// names is replaced.
 const STANDARD: [&str; 11] = [
@@ -277,7 +281,13 @@ impl Bus {
     /// Subscribes `target` to `name` (`ALL` for every event; `subclass`
     /// narrows CUSTOM events). Subscribing again refreshes the expiry, as
     /// OpenSIPS does. `expire` None never expires.
-    pub fn subscribe(self: &Arc<Self>, target: Target, name: &str, subclass: Option<&str>, expire: Option<Duration>) {
+    pub fn subscribe(
+        self: &Arc<Self>,
+        target: Target,
+        name: &str,
+        subclass: Option<&str>,
+        expire: Option<Duration>,
+    ) -> Result<(), String> {
         let _admin = lock(&self.admin);
         // An expiry too far to represent is no expiry.
         let expires = expire.and_then(|d| Instant::now().checked_add(d));
@@ -286,8 +296,11 @@ impl Bus {
         if let Some(sub) = current.iter().find(|s| s.target == target) {
             let mut subs = lock(&sub.subscriptions);
             subs.retain(|s| !(s.name == subscription.name && s.subclass == subscription.subclass));
+            if subs.len() >= MAX_SUBSCRIPTIONS {
+                return Err(format!("{} holds {MAX_SUBSCRIPTIONS} subscriptions already", target.id()));
+            }
             subs.push(subscription);
-            return;
+            return Ok(());
         }
         let (tx, rx) = mpsc::channel(self.queue);
         let sub = Arc::new(Subscriber {
@@ -315,6 +328,7 @@ impl Bus {
         let mut next = (*current).clone();
         next.push(sub);
         self.subscribers.store(Arc::new(next));
+        Ok(())
     }
 
     /// Removes a subscription; true when there was one.

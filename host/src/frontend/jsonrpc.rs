@@ -257,7 +257,9 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
             if expire == 0 {
                 d.bus().unsubscribe(&target, name, subclass);
             } else {
-                d.bus().subscribe(target, name, subclass, Some(std::time::Duration::from_secs(expire as u64)));
+                d.bus()
+                    .subscribe(target, name, subclass, Some(std::time::Duration::from_secs(expire as u64)))
+                    .map_err(|e| RpcError::new(400, e))?;
             }
             Ok(Value::String("OK".into()))
         }
