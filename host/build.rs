@@ -7,7 +7,8 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PLUGINS: [&str; 8] = ["echo", "counter", "hostile", "timer", "xlog", "kvcount", "sipoptions", "listener"];
+const PLUGINS: [&str; 9] =
+    ["echo", "counter", "hostile", "timer", "xlog", "kvcount", "sipoptions", "listener", "directory"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));

@@ -4,6 +4,7 @@
 mod e2e {
     pub mod cli;
     pub mod config_errors;
+    pub mod erlang;
     pub mod events;
     pub mod evrexec;
     pub mod reload;

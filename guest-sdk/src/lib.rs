@@ -64,6 +64,7 @@ pub mod __bindings {
                         "evrhost:plugin/kv@0.1.0": crate::__bindings::imports::evrhost::plugin::kv,
                         "evrhost:plugin/events@0.1.0": crate::__bindings::imports::evrhost::plugin::events,
                         "evrhost:plugin/commands@0.1.0": crate::__bindings::imports::evrhost::plugin::commands,
+                        "evrhost:plugin/fetch@0.1.0": crate::__bindings::imports::evrhost::plugin::fetch,
                     },
                 });
             }
@@ -325,4 +326,26 @@ pub fn sleep(duration: std::time::Duration) -> Result<(), HostError> {
 /// Calls an API command: a host built-in or one another plugin exports.
 pub fn call(command: &str, args: &str) -> Result<String, HostError> {
     wit::commands::call(command, args)
+}
+
+/// Asks the Erlang processes bound to `section` (`directory`, `dialplan`,
+/// …) for a document, as FreeSWITCH's XML bindings do; the first answer
+/// wins. [`HostError::NotFound`] when no process is bound,
+/// [`HostError::Failed`] when none answers in time.
+///
+/// ```no_run
+/// let params = [("user".to_string(), "1000".to_string())];
+/// match evrhost_sdk::fetch("directory", "domain", "name", "example.com", &params) {
+///     Ok(xml) => assert!(xml.starts_with('<')),
+///     Err(e) => evrhost_sdk::log::warn(&format!("no directory: {}", e.message())),
+/// }
+/// ```
+pub fn fetch(
+    section: &str,
+    tag: &str,
+    key: &str,
+    value: &str,
+    params: &[(String, String)],
+) -> Result<String, HostError> {
+    wit::fetch::fetch(section, tag, key, value, params)
 }

@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::bus::{self, Bus, Caller, Profiler, Target};
-use crate::config::{CodeSource, Config, ExecKind, PluginDef, RouteDef, Tenant};
+use crate::config::{CodeSource, Config, ErlangTarget, ExecKind, PluginDef, RouteDef, Tenant};
 use crate::kv::KvStore;
 use crate::runtime::{
     CallError, CallReport, Event, Export, HostError, LoadError, PluginSpec, PluginVersion, Reply, Request, Runtime,
@@ -49,7 +49,35 @@ pub enum DispatchError {
     Call(Box<CallError>),
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// A route handled by an Erlang process failed.
+    #[error("{0}")]
+    Remote(String),
+    #[error("{0}")]
+    Command(String),
 }
+
+/// Answers plugins' `fetch` import: the Erlang front-end, asking the
+/// processes bound to a section.
+#[async_trait::async_trait]
+pub trait Fetcher: Send + Sync + 'static {
+    async fn fetch(
+        &self,
+        section: &str,
+        tag: &str,
+        key: &str,
+        value: &str,
+        params: &[(String, String)],
+    ) -> Result<String, HostError>;
+}
+
+/// Runs routes whose handler is an Erlang process.
+#[async_trait::async_trait]
+pub trait RemoteRoutes: Send + Sync + 'static {
+    async fn run(&self, route: &str, target: &ErlangTarget, request: &Request) -> Result<Reply, String>;
+}
+
+/// An API command a front-end adds (`erlang listeners`, …): args → text.
+pub type CommandFn = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
 
 /// A plugin's place in the dispatcher; outlives its versions.
 pub struct Slot {
@@ -113,10 +141,11 @@ struct Table {
 }
 
 /// Built-in API commands, answered by the host itself.
-const BUILTINS: [(&str, &str, &str); 4] = [
+const BUILTINS: [(&str, &str, &str); 5] = [
     ("version", "", "evrhost and wasmtime versions"),
     ("status", "", "uptime, plugins, routes"),
     ("plugin.list", "", "the loaded plugins, one a line"),
+    ("plugin.reload", "NAME", "reload a plugin from where it came from"),
     ("route.list", "", "the routes and their handlers, one a line"),
 ];
 
@@ -225,6 +254,12 @@ pub struct Dispatcher {
     bus: Arc<Bus>,
     link: Arc<dyn Services>,
     started: Instant,
+    /// Routes whose handler is an Erlang process.
+    remote_routes: BTreeMap<String, ErlangTarget>,
+    remote: std::sync::OnceLock<Arc<dyn RemoteRoutes>>,
+    fetcher: std::sync::OnceLock<Arc<dyn Fetcher>>,
+    /// Commands front-ends add: name → (usage, description, run).
+    extensions: Mutex<BTreeMap<String, (String, String, CommandFn)>>,
 }
 
 impl Dispatcher {
@@ -242,6 +277,10 @@ impl Dispatcher {
             bus: bus.clone(),
             link: Arc::new(Link(me.clone())),
             started: Instant::now(),
+            remote_routes: config.remote_routes.iter().cloned().collect(),
+            remote: std::sync::OnceLock::new(),
+            fetcher: std::sync::OnceLock::new(),
+            extensions: Mutex::new(BTreeMap::new()),
         });
         bus.attach(Arc::downgrade(&dispatcher));
         let mut plugins = BTreeMap::new();
@@ -279,6 +318,24 @@ impl Dispatcher {
         let limits = self.tenants.get(&def.spec.tenant).map(|t| t.kv).unwrap_or_default();
         let kv = self.kv.space(&def.spec.tenant, limits);
         self.runtime.load(def.spec.clone(), wasm, kv, self.link.clone(), stats).await
+    }
+
+    /// The Erlang front-end, once it runs: fetches and Erlang routes.
+    pub fn set_fetcher(&self, fetcher: Arc<dyn Fetcher>) {
+        let _ = self.fetcher.set(fetcher);
+    }
+
+    pub fn set_remote_routes(&self, remote: Arc<dyn RemoteRoutes>) {
+        let _ = self.remote.set(remote);
+    }
+
+    /// Adds a front-end's API command (built-in names and plugins' commands
+    /// are looked up first).
+    pub fn add_command(&self, name: &str, usage: &str, description: &str, run: CommandFn) {
+        self.extensions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), (usage.to_string(), description.to_string(), run));
     }
 
     pub fn uptime(&self) -> std::time::Duration {
@@ -320,7 +377,10 @@ impl Dispatcher {
         let handlers: Vec<Arc<Slot>> = {
             // A guard, not an Arc: no shared count to bounce between cores.
             let table = self.table.load();
-            let handlers = table.routes.get(route).ok_or_else(|| DispatchError::RouteNotFound(route.to_string()))?;
+            let Some(handlers) = table.routes.get(route) else {
+                drop(table);
+                return self.run_remote(request).await;
+            };
             if let [only] = handlers.as_slice() {
                 let slot = only.slot.clone();
                 drop(table);
@@ -346,6 +406,21 @@ impl Dispatcher {
             (None, Some(e)) => Err(DispatchError::Call(Box::new(e))),
             (None, None) => Err(DispatchError::RouteNotFound(route.to_string())),
         }
+    }
+
+    /// A route whose handler is an Erlang process.
+    async fn run_remote(&self, request: &Request) -> Result<RouteOutcome, DispatchError> {
+        let route = request.route.as_str();
+        let target = self.remote_routes.get(route).ok_or_else(|| DispatchError::RouteNotFound(route.to_string()))?;
+        let remote =
+            self.remote.get().ok_or_else(|| DispatchError::Remote("the Erlang front-end is not running".into()))?;
+        let started = Instant::now();
+        let reply = remote.run(route, target, request).await.map_err(|e| {
+            tracing::warn!(route, target = %target, error = %e, "Erlang route failed");
+            DispatchError::Remote(e)
+        })?;
+        let report = CallReport { elapsed: started.elapsed(), fuel: 0 };
+        Ok(RouteOutcome { reply, plugin: format!("erlang:{target}").into(), report })
     }
 
     /// A route with one handler, the common case: its reply, handled or not.
@@ -377,13 +452,18 @@ impl Dispatcher {
         if let Some(text) = self.builtin(command) {
             return Ok(text);
         }
-        let slot = self
-            .table
-            .load()
-            .commands
-            .get(command)
-            .cloned()
-            .ok_or_else(|| DispatchError::CommandNotFound(command.to_string()))?;
+        if command == "plugin.reload" {
+            let version = self.reload(args.trim(), None).await?;
+            return Ok(format!("+OK {} reloaded: {}", args.trim(), version.short_hash()));
+        }
+        let slot = self.table.load().commands.get(command).cloned();
+        let Some(slot) = slot else {
+            let extension = self.extensions.lock().unwrap_or_else(|p| p.into_inner()).get(command).map(|e| e.2.clone());
+            return match extension {
+                Some(run) => run(args).map_err(DispatchError::Command),
+                None => Err(DispatchError::CommandNotFound(command.to_string())),
+            };
+        };
         let (result, _) = slot.current().execute(command, args, depth).await;
         result.map_err(|e| DispatchError::Call(Box::new(e)))
     }
@@ -418,10 +498,34 @@ impl Dispatcher {
         })
     }
 
-    /// Every command: built-ins first, then the plugins', by name.
+    /// Runs a command in the background as a job (`bgapi`, `api.bgrun`):
+    /// fires BACKGROUND_JOB with its output when done, and returns
+    /// (succeeded, output).
+    pub async fn run_background(&self, job: &str, command: &str, args: &str, caller: &Caller) -> (bool, String) {
+        let (ok, output) = match self.run_command(command, args, 0).await {
+            Ok(text) => (true, text),
+            Err(e) => (false, format!("-ERR {e}")),
+        };
+        let mut headers = vec![
+            ("Job-UUID".to_string(), job.to_string()),
+            ("Job-Command".to_string(), command.to_string()),
+            ("Job-Successful".to_string(), ok.to_string()),
+        ];
+        if !args.is_empty() {
+            headers.push(("Job-Command-Arg".to_string(), args.to_string()));
+        }
+        let event = Event { name: "BACKGROUND_JOB".into(), subclass: None, headers, body: Some(output.clone()) };
+        self.bus.fire(event, caller);
+        (ok, output)
+    }
+
+    /// Every command: built-ins first, then front-ends', then the plugins'.
     pub fn commands(&self) -> Vec<(String, String, String)> {
         let mut all: Vec<(String, String, String)> =
             BUILTINS.iter().map(|(n, u, d)| (n.to_string(), u.to_string(), d.to_string())).collect();
+        for (name, (usage, description, _)) in self.extensions.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            all.push((name.clone(), usage.clone(), description.clone()));
+        }
         for slot in self.table.load().plugins.values() {
             for c in slot.current().commands() {
                 all.push((c.name.clone(), c.usage.clone(), c.description.clone()));
@@ -468,7 +572,8 @@ impl Dispatcher {
     }
 
     pub fn routes(&self) -> Vec<RouteInfo> {
-        self.table
+        let mut routes: Vec<RouteInfo> = self
+            .table
             .load()
             .routes
             .iter()
@@ -476,7 +581,14 @@ impl Dispatcher {
                 name: name.clone(),
                 handlers: handlers.iter().map(|h| (h.slot.name.to_string(), h.priority)).collect(),
             })
-            .collect()
+            .collect();
+        routes.extend(
+            self.remote_routes.iter().map(|(name, target)| RouteInfo {
+                name: name.clone(),
+                handlers: vec![(format!("erlang:{target}"), 0)],
+            }),
+        );
+        routes
     }
 
     /// Loads a new version of a plugin (from `code`, or from where the
@@ -637,6 +749,23 @@ impl Services for Link {
     fn filter(&self, plugin: &str, command: &str) -> Result<String, HostError> {
         let d = self.get()?;
         d.bus.filter(&Target::Plugin(plugin.to_string()), command).map_err(HostError::Invalid)
+    }
+
+    async fn fetch(
+        &self,
+        section: &str,
+        tag: &str,
+        key: &str,
+        value: &str,
+        params: &[(String, String)],
+    ) -> Result<String, HostError> {
+        let d = self.get()?;
+        let fetcher = d
+            .fetcher
+            .get()
+            .cloned()
+            .ok_or_else(|| HostError::NotFound("no Erlang front-end: nothing can be bound to a section".into()))?;
+        fetcher.fetch(section, tag, key, value, params).await
     }
 
     fn raise(&self, event: Event) {

@@ -196,6 +196,11 @@ async fn run(path: Option<&Path>, listen: Option<std::net::SocketAddr>) -> anyho
         background.push(tokio::spawn(unix::serve(unix::bind(path)?, d.clone())));
         tracing::info!("JSON-RPC on unix:{}", path.display());
     }
+    if let Some(settings) = &config.erlang {
+        let (node, tasks) = evrhost::frontend::erlang::Node::start(settings.clone(), &d).await?;
+        tracing::info!("Erlang C-node {} on port {}", node.name, settings.listen.port());
+        background.extend(tasks);
+    }
     let tasks = exec::Tasks::start(&d, &config.exec);
 
     let plugins: Vec<String> = d.plugins().into_iter().map(|p| format!("{} ({})", p.name, p.source)).collect();

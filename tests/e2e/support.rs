@@ -12,7 +12,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_evrhost");
 
 /// The components built from `plugins/`; `{NAME}` in a test's config
 /// stands for one's path.
-pub const PLUGINS: [&str; 8] = ["echo", "counter", "hostile", "timer", "xlog", "kvcount", "sipoptions", "listener"];
+pub const PLUGINS: [&str; 9] =
+    ["echo", "counter", "hostile", "timer", "xlog", "kvcount", "sipoptions", "listener", "directory"];
 
 /// A component built from `plugins/` by the host's build script.
 pub fn plugin(name: &str) -> PathBuf {

@@ -129,6 +129,22 @@ impl Filters {
     }
 }
 
+impl Filters {
+    /// mod_erlang_event's test, which differs from mod_event_socket's: an
+    /// event starts as sent, so include filters change nothing and only a
+    /// matching exclude stops it; an exclude with nothing after its `-`
+    /// matches the header's mere presence.
+    pub fn passes_erlang(&self, event: &Event) -> bool {
+        !self.list.iter().any(|f| {
+            f.exclude
+                && header(event, &f.header).is_some_and(|value| match &f.matcher {
+                    Matcher::Text(text) => text.is_empty() || value.eq_ignore_ascii_case(text),
+                    Matcher::Regex(re) => re.is_match(value),
+                })
+        })
+    }
+}
+
 /// The value of an event header (ASCII case-insensitive); `Event-Name` and
 /// `Event-Subclass` are answered from the event itself.
 pub fn header<'a>(event: &'a Event, name: &str) -> Option<&'a str> {
@@ -183,6 +199,18 @@ mod tests {
             f.command(&format!("add User u{i}")).unwrap();
         }
         assert!(f.command("add User one-too-many").unwrap_err().contains("filters already"));
+    }
+
+    #[test]
+    fn erlang_filters_only_exclude() {
+        let mut f = Filters::default();
+        f.command("add User alice").unwrap();
+        assert!(f.passes_erlang(&event(&[("User", "bob")])), "an include does not restrict");
+        f.command("add Realm -spam.example").unwrap();
+        assert!(!f.passes_erlang(&event(&[("Realm", "SPAM.example")])));
+        f.command("add X-Debug -").unwrap();
+        assert!(!f.passes_erlang(&event(&[("X-Debug", "1")])), "an empty exclude: the header's presence");
+        assert!(f.passes_erlang(&event(&[("Realm", "good.example")])));
     }
 
     #[test]

@@ -95,6 +95,36 @@ pub enum Target {
         addr: SocketAddr,
         method: Option<String>,
     },
+    /// A front-end's own consumer (an Erlang node's event handler).
+    Channel(ChannelSink),
+}
+
+/// Delivery to a front-end: `deliver` gets each event (true: delivered).
+/// Two sinks are the same target when their ids are equal.
+#[derive(Clone)]
+pub struct ChannelSink {
+    pub id: String,
+    pub deliver: Arc<dyn Fn(&Event) -> bool + Send + Sync>,
+}
+
+impl ChannelSink {
+    pub fn new(id: String, deliver: impl Fn(&Event) -> bool + Send + Sync + 'static) -> ChannelSink {
+        ChannelSink { id, deliver: Arc::new(deliver) }
+    }
+}
+
+impl PartialEq for ChannelSink {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for ChannelSink {}
+
+impl std::fmt::Debug for ChannelSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChannelSink({})", self.id)
+    }
 }
 
 impl Target {
@@ -123,6 +153,7 @@ impl Target {
             Target::Udp(addr) => format!("udp:{addr}"),
             Target::Tcp { addr, method: None } => format!("tcp:{addr}"),
             Target::Tcp { addr, method: Some(m) } => format!("tcp:{addr}/{m}"),
+            Target::Channel(sink) => sink.id.clone(),
         }
     }
 }
@@ -323,6 +354,9 @@ impl Bus {
             }
             Target::Tcp { addr, method } => {
                 tokio::spawn(sink::to_tcp(addr, method, Arc::downgrade(self), weak_sub, rx));
+            }
+            Target::Channel(channel) => {
+                tokio::spawn(sink::to_channel(channel, weak_sub, rx));
             }
         }
         let mut next = (*current).clone();

@@ -49,6 +49,12 @@ pub(super) async fn to_plugin(
     }
 }
 
+pub(super) async fn to_channel(channel: super::ChannelSink, sub: Weak<Subscriber>, mut rx: mpsc::Receiver<Arc<Event>>) {
+    while let Some(event) = rx.recv().await {
+        count(&sub, (channel.deliver)(&event));
+    }
+}
+
 pub(super) async fn to_udp(addr: SocketAddr, sub: Weak<Subscriber>, mut rx: mpsc::Receiver<Arc<Event>>) {
     let local = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
     let socket = match UdpSocket::bind(local).await {

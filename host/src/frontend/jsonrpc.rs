@@ -212,26 +212,7 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
             let job = uuid::Uuid::new_v4().to_string();
             let (d, reply_job) = (d.clone(), job.clone());
             tokio::spawn(async move {
-                let args = args.join(" ");
-                let (ok, output) = match d.run_command(&command, &args, 0).await {
-                    Ok(text) => (true, text),
-                    Err(e) => (false, format!("-ERR {e}")),
-                };
-                let mut headers = vec![
-                    ("Job-UUID".to_string(), job),
-                    ("Job-Command".to_string(), command),
-                    ("Job-Successful".to_string(), ok.to_string()),
-                ];
-                if !args.is_empty() {
-                    headers.push(("Job-Command-Arg".to_string(), args));
-                }
-                let event = crate::runtime::Event {
-                    name: "BACKGROUND_JOB".into(),
-                    subclass: None,
-                    headers,
-                    body: Some(output),
-                };
-                d.bus().fire(event, &crate::bus::Caller::host("api.bgrun"));
+                d.run_background(&job, &command, &args.join(" "), &crate::bus::Caller::host("api.bgrun")).await;
             });
             Ok(json!({"job_uuid": reply_job}))
         }

@@ -2,6 +2,7 @@
 //! dispatcher calls and back. They know nothing about wasmtime.
 
 pub mod client;
+pub mod erlang;
 pub mod http;
 pub mod jsonrpc;
 pub mod metrics;

@@ -5,7 +5,8 @@
 //! each export interface on its own (see `plugin::Exports`).
 
 // Host functions are synchronous (cheaper per call) except those that
-// wait: `commands.call` runs another plugin, and `host.sleep` (shadowed in
+// wait: `commands.call` runs another plugin, `fetch.fetch` waits for an
+// Erlang process, and `host.sleep` (shadowed in
 // `imports::add_sleep`) suspends a task.
 wasmtime::component::bindgen!({
     world: "plugin",
@@ -13,6 +14,7 @@ wasmtime::component::bindgen!({
     imports: {
         "evrhost:plugin/commands.call": async,
         "evrhost:plugin/host.sleep": async,
+        "evrhost:plugin/fetch.fetch": async,
     },
     exports: { default: async },
 });

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use wasmtime::component::Linker;
 use wasmtime::StoreContextMut;
 
-use super::bindings::evrhost::plugin::{commands, events, host, kv, types};
+use super::bindings::evrhost::plugin::{commands, events, fetch, host, kv, types};
 use super::bindings::{Event, HostError, Level};
 use super::state::HostState;
 use crate::kv::KvError;
@@ -211,5 +211,25 @@ impl commands::Host for HostState {
         }
         let services = self.plugin.services.clone();
         services.call_command(&self.plugin.spec.name, &command, &args, depth).await
+    }
+}
+
+impl fetch::Host for HostState {
+    async fn fetch(
+        &mut self,
+        section: String,
+        tag: String,
+        key: String,
+        value: String,
+        params: Vec<(String, String)>,
+    ) -> Result<String, HostError> {
+        if !self.plugin.spec.capabilities.fetch {
+            return Err(denied("fetch"));
+        }
+        if section.is_empty() || section.len() > 64 {
+            return Err(HostError::Invalid("a section name is 1 to 64 bytes".into()));
+        }
+        let services = self.plugin.services.clone();
+        services.fetch(&section, &tag, &key, &value, &params).await
     }
 }

@@ -80,19 +80,29 @@ pub struct Capabilities {
     pub kv: bool,
     pub events: bool,
     pub commands: bool,
+    /// Asking bound Erlang processes for documents.
+    pub fetch: bool,
     /// Only exec tasks may sleep, whatever this says.
     pub sleep: bool,
 }
 
 impl Capabilities {
-    pub const NAMES: [&'static str; 6] = ["log", "config", "kv", "events", "commands", "sleep"];
+    pub const NAMES: [&'static str; 7] = ["log", "config", "kv", "events", "commands", "fetch", "sleep"];
 
     pub fn all() -> Self {
-        Capabilities { log: true, config: true, kv: true, events: true, commands: true, sleep: true }
+        Capabilities { log: true, config: true, kv: true, events: true, commands: true, fetch: true, sleep: true }
     }
 
     pub fn none() -> Self {
-        Capabilities { log: false, config: false, kv: false, events: false, commands: false, sleep: false }
+        Capabilities {
+            log: false,
+            config: false,
+            kv: false,
+            events: false,
+            commands: false,
+            fetch: false,
+            sleep: false,
+        }
     }
 
     /// Grants one capability by name; false for an unknown name.
@@ -103,6 +113,7 @@ impl Capabilities {
             "kv" => &mut self.kv,
             "events" => &mut self.events,
             "commands" => &mut self.commands,
+            "fetch" => &mut self.fetch,
             "sleep" => &mut self.sleep,
             _ => return false,
         };

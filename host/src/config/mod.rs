@@ -21,6 +21,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod erlang;
+
+pub use erlang::{Cidr, ErlangSettings, ErlangTarget, DEFAULT_ERLANG_PORT};
+
 use crate::kv::KvLimits;
 use crate::runtime::{Capabilities, EngineSettings, Isolation, Limits, PluginSpec, Preopen};
 
@@ -41,6 +45,8 @@ pub enum ConfigError {
     Syntax { file: String, message: String },
     #[error("{file}:{line}:{column}: `{key}`: {message}")]
     Invalid { file: String, line: usize, column: usize, key: String, message: String },
+    #[error("[erlang]: {0}")]
+    Erlang(String),
 }
 
 /// Where a plugin's code comes from.
@@ -179,6 +185,10 @@ pub struct Config {
     pub exec: Vec<ExecDef>,
     pub rpc: RpcSettings,
     pub events: EventsSettings,
+    /// None: no Erlang front-end.
+    pub erlang: Option<ErlangSettings>,
+    /// Routes whose requests go to an Erlang process: (route, target).
+    pub remote_routes: Vec<(String, ErlangTarget)>,
 }
 
 /// A tenant: its kv limits and which events its plugins may fire and
@@ -272,6 +282,7 @@ struct File {
     rpc: RpcSection,
     #[serde(default)]
     events: EventsSection,
+    erlang: Option<erlang::ErlangSection>,
 }
 
 #[derive(Deserialize, Default)]
@@ -389,7 +400,9 @@ fn yes() -> bool {
 #[serde(deny_unknown_fields)]
 struct RouteSection {
     name: Spanned<String>,
-    plugin: Spanned<String>,
+    plugin: Option<Spanned<String>>,
+    /// An Erlang process instead of a plugin: `process node@host`, …
+    erlang: Option<Spanned<String>>,
     #[serde(default = "default_priority")]
     priority: i32,
 }
@@ -531,16 +544,36 @@ impl Config {
         }
 
         let mut routes = Vec::new();
+        let mut remote_routes: Vec<(String, ErlangTarget)> = Vec::new();
         for r in &raw.route {
             let name = r.name.get_ref();
             if name.is_empty() || name.len() > 256 {
                 return Err(ck.at(&r.name, "route.name", "must be 1 to 256 bytes"));
             }
-            let plugin = r.plugin.get_ref();
-            if !names.contains(plugin.as_str()) {
-                return Err(ck.at(&r.plugin, "route.plugin", format!("no plugin named `{plugin}` is configured")));
+            let plugin = match (&r.plugin, &r.erlang) {
+                (Some(plugin), None) => plugin,
+                (None, Some(target)) => {
+                    let parsed = ErlangTarget::parse(target.get_ref()).map_err(|m| ck.at(target, "route.erlang", m))?;
+                    if raw.erlang.is_none() {
+                        return Err(ck.at(
+                            target,
+                            "route.erlang",
+                            "needs an [erlang] section (the C-node it goes through)",
+                        ));
+                    }
+                    if remote_routes.iter().any(|(n, _)| n == name) {
+                        return Err(ck.at(&r.name, "route.name", format!("route `{name}` has two Erlang targets")));
+                    }
+                    remote_routes.push((name.clone(), parsed));
+                    continue;
+                }
+                _ => return Err(ck.at(&r.name, "route", "give exactly one of `plugin` or `erlang`")),
+            };
+            let plugin_name = plugin.get_ref();
+            if !names.contains(plugin_name.as_str()) {
+                return Err(ck.at(plugin, "route.plugin", format!("no plugin named `{plugin_name}` is configured")));
             }
-            routes.push(RouteDef { name: name.clone(), plugin: plugin.clone(), priority: r.priority });
+            routes.push(RouteDef { name: name.clone(), plugin: plugin_name.clone(), priority: r.priority });
         }
 
         let listen = match &raw.rpc.listen {
@@ -558,7 +591,7 @@ impl Config {
 
         let mut exec = Vec::new();
         for e in &raw.exec {
-            exec.push(check_exec(&ck, e, &names, &routes)?);
+            exec.push(check_exec(&ck, e, &names, &routes, &remote_routes)?);
         }
         let mut addrs = HashSet::new();
         for (def, section) in exec.iter().zip(&raw.exec) {
@@ -569,7 +602,12 @@ impl Config {
             }
         }
 
-        Ok(Config { engine, cache_dir, tenants, plugins, routes, exec, rpc, events })
+        if let Some((name, _)) = remote_routes.iter().find(|(n, _)| routes.iter().any(|r| &r.name == n)) {
+            return Err(ConfigError::Erlang(format!("route `{name}` names both plugins and an Erlang process")));
+        }
+        let erlang = raw.erlang.as_ref().map(|e| erlang::check(&ck, e, base)).transpose()?;
+
+        Ok(Config { engine, cache_dir, tenants, plugins, routes, exec, rpc, events, erlang, remote_routes })
     }
 }
 
@@ -627,6 +665,7 @@ fn check_exec(
     e: &ExecSection,
     plugins: &HashSet<String>,
     routes: &[RouteDef],
+    remote_routes: &[(String, ErlangTarget)],
 ) -> Result<ExecDef, ConfigError> {
     let name = e.name.get_ref().clone();
     if name.is_empty() {
@@ -637,7 +676,7 @@ fn check_exec(
     let kind = match &e.sockaddr {
         Some(sockaddr) => {
             let addr = parse_sockaddr(sockaddr.get_ref()).map_err(|m| ck.at(sockaddr, "exec.sockaddr", m))?;
-            if !routes.iter().any(|r| r.name == name) {
+            if !routes.iter().any(|r| r.name == name) && !remote_routes.iter().any(|(r, _)| *r == name) {
                 return Err(ck.at(
                     &e.name,
                     "exec.name",
