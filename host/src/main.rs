@@ -185,6 +185,12 @@ async fn run(path: Option<&Path>, listen: Option<std::net::SocketAddr>) -> anyho
             background.extend(tasks);
         }
     }
+    // Before the RPC listener: once that answers, peers can find the node.
+    if let Some(settings) = &config.erlang {
+        let (node, tasks) = evrhost::frontend::erlang::Node::start(settings.clone(), &d).await?;
+        tracing::info!("Erlang C-node {} on port {}", node.name, settings.listen.port());
+        background.extend(tasks);
+    }
     if let Some(addr) = config.rpc.listen {
         let listener = http::bind(addr).await?;
         let addr = listener.local_addr().unwrap_or(addr);
@@ -195,11 +201,6 @@ async fn run(path: Option<&Path>, listen: Option<std::net::SocketAddr>) -> anyho
     if let Some(path) = &config.rpc.unix {
         background.push(tokio::spawn(unix::serve(unix::bind(path)?, d.clone())));
         tracing::info!("JSON-RPC on unix:{}", path.display());
-    }
-    if let Some(settings) = &config.erlang {
-        let (node, tasks) = evrhost::frontend::erlang::Node::start(settings.clone(), &d).await?;
-        tracing::info!("Erlang C-node {} on port {}", node.name, settings.listen.port());
-        background.extend(tasks);
     }
     let tasks = exec::Tasks::start(&d, &config.exec);
 
