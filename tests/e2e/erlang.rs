@@ -99,9 +99,21 @@ async fn long_names_work_with_a_full_node_name() {
 async fn a_wrong_cookie_is_refused_and_the_node_stays_up() {
     let (d, port) = start("", "").await;
     let evr = format!("evr{port}@{}", short_host());
+    let listener = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let socket = format!("udp:{}", listener.local_addr().unwrap());
+    let mut c = d.client().await;
+    result(&c.call("event.subscribe", json!(["E_CORE_TCP_DISCONNECT", socket])).await.unwrap());
     let ping = format!("io:format(\"~p~n\", [net_adm:ping('{evr}')])");
     assert_eq!(erl(&format!("bad{port}"), "NotTheCookie", &ping).trim(), "pang");
     d.wait_for_log(&["Erlang handshake failed", "wrong cookie"], Duration::from_secs(5)).await;
+    let mut buf = vec![0u8; 65536];
+    let n = tokio::time::timeout(Duration::from_secs(5), listener.recv(&mut buf))
+        .await
+        .expect("E_CORE_TCP_DISCONNECT")
+        .unwrap();
+    let event: serde_json::Value = serde_json::from_slice(&buf[..n]).unwrap();
+    assert_eq!(event["method"], "E_CORE_TCP_DISCONNECT");
+    assert_eq!(event["params"]["proto"], "erlang", "{event}");
     assert_eq!(erl(&format!("good{port}"), COOKIE, &ping).trim(), "pong");
 }
 
@@ -214,10 +226,14 @@ async fn routes_reach_erlang_processes_and_plugins_fetch_from_bound_ones() {
 /// The client side of the handshake, from the test, to send what no Erlang
 /// node would.
 async fn raw_peer(port: u16, evr: &str) -> tokio::net::TcpStream {
+    raw_peer_named(port, evr, &format!("raw{port}")).await
+}
+
+async fn raw_peer_named(port: u16, evr: &str, name: &str) -> tokio::net::TcpStream {
     use erl_dist::handshake::ClientSideHandshake;
     use erl_dist::node::{Creation, LocalNode};
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
-    let mut local = LocalNode::new(format!("raw{port}@{}", short_host()).parse().unwrap(), Creation::random());
+    let mut local = LocalNode::new(format!("{name}@{}", short_host()).parse().unwrap(), Creation::random());
     local.flags = erl_dist::DistributionFlags::mandatory();
     let mut hs = ClientSideHandshake::new(stream.compat(), local, COOKIE);
     hs.execute_send_name(6).await.expect("send name");
@@ -260,4 +276,69 @@ async fn garbage_and_huge_frames_end_only_their_own_connection() {
     // The node serves everyone else.
     let ping = format!("io:format(\"~p~n\", [net_adm:ping('{evr}')])");
     assert_eq!(erl(&format!("after{port}"), COOKIE, &ping).trim(), "pong");
+}
+
+/// One distribution frame: `{foo, Evrhost} ! Message` from `name`'s pid.
+fn reg_send(name: &str, message: eetf::Term) -> Vec<u8> {
+    let from = eetf::Pid::new(format!("{name}@{}", short_host()), 1, 0, 1);
+    let mut body = vec![112u8];
+    erl_dist::message::Message::reg_send(from, eetf::Atom::from("foo"), message).write_into(&mut body).unwrap();
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend(body);
+    frame
+}
+
+fn tuple(elements: Vec<eetf::Term>) -> eetf::Term {
+    eetf::Term::from(eetf::Tuple::from(elements))
+}
+
+fn atom(name: &str) -> eetf::Term {
+    eetf::Term::from(eetf::Atom::from(name))
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_is_cut_off_alone() {
+    let (d, port) = start("write-timeout-ms = 500", "").await;
+    let evr = format!("evr{port}@{}", short_host());
+    let name = format!("deaf{port}");
+    let peer = raw_peer_named(port, &evr, &name).await;
+    let (_read, mut write) = peer.into_split();
+    // Requests whose answers it never reads: once the socket buffers are
+    // full, evrhost's writer waits, then gives up on this peer.
+    let request = reg_send(&name, tuple(vec![atom("api"), atom("version"), eetf::Term::from(eetf::List::nil())]));
+    let flood = tokio::spawn(async move {
+        let burst: Vec<u8> = request.iter().copied().cycle().take(request.len() * 10_000).collect();
+        for _ in 0..100 {
+            if write.write_all(&burst).await.is_err() {
+                return;
+            }
+        }
+    });
+    d.wait_for_log(&["Erlang connection: write failed", "has not read for"], Duration::from_secs(30)).await;
+    d.wait_for_log(&["Erlang node disconnected", &name], Duration::from_secs(5)).await;
+    flood.abort();
+    let ping = format!("io:format(\"~p~n\", [net_adm:ping('{evr}')])");
+    assert_eq!(erl(&format!("alive{port}"), COOKIE, &ping).trim(), "pong");
+}
+
+#[tokio::test]
+async fn a_peer_gone_in_the_middle_of_a_bgapi_loses_only_its_answer() {
+    let extra = "[[plugin]]\nname = \"directory\"\npath = \"{directory}\"\n";
+    let (d, port) = start("fetch-timeout-ms = 800", extra).await;
+    let evr = format!("evr{port}@{}", short_host());
+    let name = format!("gone{port}");
+    let mut peer = raw_peer_named(port, &evr, &name).await;
+    // It binds `directory` (and will never answer), asks for a lookup in
+    // the background, and leaves.
+    let mut frames = reg_send(&name, tuple(vec![atom("bind"), atom("directory")]));
+    let lookup = eetf::Term::from(eetf::ByteList::from(b"1000".to_vec()));
+    frames.extend(reg_send(&name, tuple(vec![atom("bgapi"), atom("directory.lookup"), lookup])));
+    peer.write_all(&frames).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(peer);
+    d.wait_for_log(&["Erlang node disconnected", &name], Duration::from_secs(5)).await;
+    d.wait_for_log(&["bgapi result not delivered", &name], Duration::from_secs(5)).await;
+    let mut c = d.client().await;
+    let r = c.call("api.run", json!(["status"])).await.unwrap();
+    assert!(result(&r).as_str().unwrap().starts_with("UP "), "{r}");
 }

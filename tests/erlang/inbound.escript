@@ -111,6 +111,11 @@ main([Self, Evr, Cookie, Names]) ->
     {badrpc, {'EXIT', {undef, _}}} = gen_server:call({rex, N}, {call, lists, reverse, [[1]], user}),
     ok("rex"),
 
+    {ok, "UP " ++ _} = rpc:call(N, evrhost, api, [status, ""]),
+    {ok, Pid} = rpc:call(N, freeswitch, getpid, []),
+    {badrpc, {'EXIT', {undef, _}}} = rpc:call(N, lists, reverse, [[1]]),
+    ok("rpc:call"),
+
     pong = net_adm:ping(N),
     ok("ping"),
 

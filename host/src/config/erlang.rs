@@ -31,6 +31,7 @@ pub(super) struct ErlangSection {
     max_frame_kb: Option<Spanned<usize>>,
     route_timeout_ms: Option<Spanned<u64>>,
     fetch_timeout_ms: Option<Spanned<u64>>,
+    write_timeout_ms: Option<Spanned<u64>>,
 }
 
 fn yes() -> bool {
@@ -53,6 +54,8 @@ pub struct ErlangSettings {
     pub route_timeout: Duration,
     /// How long a fetch waits for the first `fetch_reply` (FreeSWITCH: 5 s).
     pub fetch_timeout: Duration,
+    /// A peer that reads nothing for this long is disconnected.
+    pub write_timeout: Duration,
 }
 
 /// An IP network, `10.0.0.0/8` or `::1/128`; a bare address is one host.
@@ -231,6 +234,9 @@ pub(super) fn check(ck: &Checker, e: &ErlangSection, base: &Path) -> Result<Erla
         ),
         fetch_timeout: Duration::from_millis(
             ck.millis(&e.fetch_timeout_ms, "erlang.fetch-timeout-ms")?.unwrap_or(5000),
+        ),
+        write_timeout: Duration::from_millis(
+            ck.millis(&e.write_timeout_ms, "erlang.write-timeout-ms")?.unwrap_or(10_000),
         ),
     })
 }

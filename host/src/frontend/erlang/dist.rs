@@ -52,14 +52,17 @@ pub enum DistError {
 
 /// The flags evrhost advertises: erl_dist's mandatory set (what OTP 25+
 /// requires), monitors (accepted and never fired: our processes do not
-/// die apart from the connection) and SEND_SENDER (so a send to one of our
-/// pids says who sent it). Not PUBLISHED: a hidden node. No fragments, no
-/// atom cache.
+/// die apart from the connection), SEND_SENDER (so a send to one of our
+/// pids says who sent it), SPAWN with EXIT_PAYLOAD (so `rpc:call` reaches
+/// us as erpc's spawn request). Not PUBLISHED: a hidden node. No
+/// fragments, no atom cache.
 pub fn flags() -> DistributionFlags {
     DistributionFlags::mandatory()
         | DistributionFlags::DIST_MONITOR
         | DistributionFlags::DIST_MONITOR_NAME
         | DistributionFlags::SEND_SENDER
+        | DistributionFlags::SPAWN
+        | DistributionFlags::EXIT_PAYLOAD
 }
 
 fn handshake_error(e: impl std::fmt::Display) -> DistError {

@@ -53,8 +53,6 @@ const PEER_QUEUE: usize = 4096;
 /// OTP's defaults (net_ticktime 60 s, a tick every 15 s).
 const TICK: Duration = Duration::from_secs(15);
 const TICK_TIMEOUT: Duration = Duration::from_secs(60);
-/// A peer that reads nothing for this long is disconnected.
-const STALL: Duration = Duration::from_secs(10);
 /// Fetch ids remembered after their answer, to tell a late or duplicate
 /// `fetch_reply` from an unknown one.
 const RECENT_FETCHES: usize = 1024;
@@ -270,10 +268,11 @@ impl Node {
             old.close();
         }
         let closing = session.closing();
+        let write_timeout = self.settings.write_timeout;
         let writer = tokio::spawn({
             let session = session.clone();
             async move {
-                if let Err(e) = dist::write_loop(write, rx, closing, TICK, STALL).await {
+                if let Err(e) = dist::write_loop(write, rx, closing, TICK, write_timeout).await {
                     tracing::warn!(peer = %session.peer, error = %e, "Erlang connection: write failed; closing");
                     session.close();
                 }
@@ -345,6 +344,8 @@ impl Node {
                 Message::Exit2(m) => self.exited(session, &m.from_pid),
                 Message::PayloadExit(m) => self.exited(session, &m.from_pid),
                 Message::PayloadExit2(m) => self.exited(session, &m.from_pid),
+                Message::SpawnRequest(m) => Some((Some(m.from_pid), spawn_marker(m.req_id, m.mfa, m.arg_list))),
+                Message::SpawnRequestTt(m) => Some((Some(m.from_pid), spawn_marker(m.req_id, m.mfa, m.arg_list))),
                 Message::UnlinkId(m) => {
                     session.try_send(Message::unlink_id_ack(m.id, m.to_pid, m.from_pid));
                     None
@@ -386,11 +387,18 @@ impl Node {
     async fn work(self: Arc<Self>, session: Arc<Session>, mut rx: mpsc::Receiver<(Option<Pid>, Term)>) {
         while let Some((from, message)) = rx.recv().await {
             if let Term::Tuple(t) = &message {
-                if let [tag, call] = t.elements.as_slice() {
-                    if as_atom(tag) == Some("$rex") {
+                match (t.elements.first().and_then(as_atom), &t.elements[..]) {
+                    (Some("$rex"), [_, call]) => {
                         self.rex(&session, from, call).await;
                         continue;
                     }
+                    (Some("$spawn"), [_, Term::Reference(req), m, f, Term::List(args)]) => {
+                        if let Some(from) = from {
+                            self.spawn(&session, from, (**req).clone(), m, f, &args.elements).await;
+                        }
+                        continue;
+                    }
+                    _ => {}
                 }
             }
             if session.run(&self, from, message).await {
@@ -426,18 +434,9 @@ impl Node {
                     Term::ByteList(b) if b.bytes.is_empty() => Some(Vec::new()),
                     _ => None,
                 };
-                match (as_atom(m), as_atom(f), args) {
-                    (Some("evrhost" | "freeswitch"), Some(f), Some(args)) => {
-                        let mut elements = vec![atom(f)];
-                        elements.extend(args);
-                        let message = if elements.len() == 1 { atom(f) } else { tuple(elements) };
-                        let (answer, close) = session.handle(self, from.as_ref().or(Some(&to)), &message).await;
-                        if close {
-                            session.close();
-                        }
-                        answer.unwrap_or_else(|| atom("ok"))
-                    }
-                    _ => undef_rpc(m, f, a),
+                match self.apply(session, from.as_ref().unwrap_or(&to), m, f, args).await {
+                    Some(answer) => answer,
+                    None => undef_rpc(m, f, a),
                 }
             }
             _ => tuple(vec![atom("badrpc"), atom("badarg")]),
@@ -447,6 +446,75 @@ impl Node {
             None => tuple(vec![atom("rex"), result]),
         };
         session.send(Message::send(to, reply)).await;
+    }
+
+    /// `evrhost:F(A…)` (or `freeswitch:`) for an rpc: the answer to the
+    /// message `{F, A…}` (`F` alone without arguments), as if the caller
+    /// had sent it. None for any other module.
+    async fn apply(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        caller: &Pid,
+        m: &Term,
+        f: &Term,
+        args: Option<Vec<Term>>,
+    ) -> Option<Term> {
+        let (Some("evrhost" | "freeswitch"), Some(f), Some(args)) = (as_atom(m), as_atom(f), args) else {
+            return None;
+        };
+        let message = if args.is_empty() {
+            atom(f)
+        } else {
+            let mut elements = vec![atom(f)];
+            elements.extend(args);
+            tuple(elements)
+        };
+        let (answer, close) = session.handle(self, Some(caller), &message).await;
+        if close {
+            session.close();
+        }
+        Some(answer.unwrap_or_else(|| atom("ok")))
+    }
+
+    /// A spawn request: how `rpc:call` and `erpc:call` reach a node since
+    /// OTP 23. Only `erpc:execute_call(Ref, M, F, A)` is served, by
+    /// `apply`; its result goes back as the exit reason of a process that
+    /// never ran, through the monitor the caller asked for, as erpc reads
+    /// it: `{Ref, return, Result}`.
+    async fn spawn(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        from: Pid,
+        req: Reference,
+        m: &Term,
+        f: &Term,
+        args: &[Term],
+    ) {
+        use erl_dist::term::PidOrAtom;
+        let [r, module, function, a] = args else {
+            session.send(Message::spawn_reply(req, from, 0.into(), PidOrAtom::Atom("notsup".into()))).await;
+            return;
+        };
+        if (as_atom(m), as_atom(f)) != (Some("erpc"), Some("execute_call")) {
+            session.send(Message::spawn_reply(req, from, 0.into(), PidOrAtom::Atom("notsup".into()))).await;
+            return;
+        }
+        let pid = self.new_pid();
+        // Flag 2: the monitor is set up.
+        session.send(Message::spawn_reply(req.clone(), from.clone(), 2.into(), PidOrAtom::Pid(pid.clone()))).await;
+        let list = match a {
+            Term::List(l) => Some(l.elements.clone()),
+            Term::ByteList(b) if b.bytes.is_empty() => Some(Vec::new()),
+            _ => None,
+        };
+        let reason = match self.apply(session, &from, module, function, list).await {
+            Some(answer) => tuple(vec![r.clone(), atom("return"), answer]),
+            None => {
+                let mfa = tuple(vec![module.clone(), function.clone(), a.clone(), term::list(Vec::new())]);
+                tuple(vec![r.clone(), atom("error"), atom("undef"), term::list(vec![mfa])])
+            }
+        };
+        session.send(Message::payload_monitor_p_exit(PidOrAtom::Pid(pid), from, req, reason)).await;
     }
 
     /// An API command for a peer: (ok?, text). As mod_erlang_event, an
@@ -755,6 +823,11 @@ impl crate::dispatcher::Fetcher for Node {
             }
         }
     }
+}
+
+/// A spawn request, queued for the session's worker like any command.
+fn spawn_marker(req: Reference, mfa: erl_dist::term::Mfa, args: eetf::List) -> Term {
+    tuple(vec![atom("$spawn"), Term::from(req), Term::from(mfa.module), Term::from(mfa.function), Term::from(args)])
 }
 
 /// `{'$gen_call', {From, Tag}, Request}` → (From, Tag, Request).
