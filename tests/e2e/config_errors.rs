@@ -71,3 +71,26 @@ fn a_good_config_passes() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("ok: 1 plugins, 1 routes"), "{stdout}");
 }
+
+#[test]
+fn erlang_settings_are_checked_where_they_are_written() {
+    let (ok, _, stderr) = check("[erlang]\ncookie-file = \"no-such-cookie\"\n");
+    assert!(!ok);
+    assert!(stderr.contains(":2:15: `erlang.cookie-file`") && stderr.contains("no-such-cookie"), "{stderr}");
+    let (ok, _, stderr) = check("[erlang]\ncookie = \"c\"\napply-inbound-acl = [\"lan\"]\n");
+    assert!(!ok);
+    assert!(stderr.contains("`erlang.apply-inbound-acl`: `lan`: not an IP address or CIDR"), "{stderr}");
+    let (ok, _, stderr) = check("[erlang]\ncookie = \"c\"\nencoding = \"utf16\"\n");
+    assert!(!ok && stderr.contains("`erlang.encoding`: `string` or `binary`"), "{stderr}");
+    let (ok, _, stderr) = check("[[route]]\nname = \"r\"\nerlang = \"myhandler node@host\"\n");
+    assert!(!ok && stderr.contains("needs an [erlang] section"), "{stderr}");
+    let (ok, _, stderr) = check("[erlang]\ncookie = \"c\"\n[[route]]\nname = \"r\"\nerlang = \"myhandler nohost\"\n");
+    assert!(!ok && stderr.contains("a node name is name@host"), "{stderr}");
+    let (ok, _, stderr) = check(
+        "[erlang]\ncookie = \"c\"\n[[plugin]]\nname = \"echo\"\npath = \"{echo}\"\n[[route]]\nname = \"r\"\nplugin = \"echo\"\nerlang = \"h n@h\"\n",
+    );
+    assert!(!ok && stderr.contains("give exactly one of `plugin` or `erlang`"), "{stderr}");
+    let (ok, _, stderr) =
+        check("[erlang]\ncookie = \"c\"\n[[route]]\nname = \"r\"\nerlang = \"myhandler:! node@host\"\n");
+    assert!(ok, "{stderr}");
+}

@@ -195,6 +195,17 @@ async fn routes_reach_erlang_processes_and_plugins_fetch_from_bound_ones() {
         assert_eq!(result(&r)["data"], format!("hello bob from {route}"), "{r}\n{}", d.log());
         assert_eq!(result(&r)["params"]["X-Handler"], "spawned");
     }
+    // Requests of one call go to the process that took the first one, as
+    // `{call_event, Event}`.
+    let first = c.call("route.run", json!(["toerl_pid", "carol", {"Call-ID": "c-1"}])).await.unwrap();
+    let again = c.call("route.run", json!(["toerl_pid", "carol", {"Call-ID": "c-1"}])).await.unwrap();
+    assert_eq!(result(&first)["params"]["X-Handler"], "spawned", "{first}");
+    assert_eq!(result(&again)["params"]["X-Handler"], "call_event", "{again}");
+    assert_eq!(result(&again)["data"], "again carol");
+    assert_eq!(result(&first)["params"]["X-Pid"], result(&again)["params"]["X-Pid"], "the same process");
+    let sessions = c.call("api.run", json!(["erlang", "sessions", format!("h{port}@{}", short_host())])).await.unwrap();
+    assert!(result(&sessions).as_str().unwrap().contains("call c-1 route toerl_pid"), "{sessions}");
+
     // Declined, failed, and never answered (the route times out).
     let r = c.call("route.run", json!(["toerl", "decline"])).await.unwrap();
     assert_eq!(result(&r)["handled"], false, "{r}");

@@ -33,6 +33,12 @@ load_launcher() ->
 
 run(Evr, State) ->
     receive
+        {call_event, {event, [UUID | Headers]}} ->
+            Node = list_to_atom(proplists:get_value("Reply-Node", Headers)),
+            Reply = {ok, "again " ++ proplists:get_value("body", Headers),
+                     [{"X-Handler", "call_event"}, {"X-Pid", pid_to_list(self())}]},
+            {myhandler, Node} ! {route_reply, UUID, Reply},
+            run(Evr, State);
         {call, {event, [UUID | Headers]}} ->
             Body = proplists:get_value("body", Headers),
             Route = proplists:get_value("Route", Headers),
@@ -41,7 +47,8 @@ run(Evr, State) ->
                         "decline" -> declined;
                         "fail" -> {error, "told to fail"};
                         "silent" -> silent;
-                        _ -> {ok, "hello " ++ Body ++ " from " ++ Route, [{"X-Handler", atom_to_list(State)}]}
+                        _ -> {ok, "hello " ++ Body ++ " from " ++ Route,
+                              [{"X-Handler", atom_to_list(State)}, {"X-Pid", pid_to_list(self())}]}
                     end,
             Reply =/= silent andalso ({myhandler, Node} ! {route_reply, UUID, Reply}),
             case State of

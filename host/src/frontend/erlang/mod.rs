@@ -84,6 +84,29 @@ struct Binding {
     session: Weak<Session>,
 }
 
+/// A call's process: where the later requests of one call go.
+struct Call {
+    node: String,
+    /// None: the registered process itself.
+    pid: Option<Pid>,
+    last: std::time::Instant,
+}
+
+/// A call nobody sent a request of for this long is forgotten.
+const CALL_IDLE: Duration = Duration::from_secs(300);
+/// Calls remembered at most; past this new calls are not remembered (each
+/// of their requests is a call of its own).
+const MAX_CALLS: usize = 100_000;
+
+/// The call a request belongs to: its `Unique-ID` or `Call-ID` parameter.
+fn call_id(request: &Request) -> Option<String> {
+    request
+        .params
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("Unique-ID") || k.eq_ignore_ascii_case("Call-ID"))
+        .map(|(_, v)| v.clone())
+}
+
 /// An outbound request waiting for its process, for `erlang sessions`.
 struct Outbound {
     node: String,
@@ -110,6 +133,7 @@ pub struct Node {
     recent_fetches: Mutex<VecDeque<(String, &'static str)>>,
     bindings: Mutex<Vec<Binding>>,
     outbound: Mutex<BTreeMap<String, Outbound>>,
+    calls: Mutex<HashMap<(String, String), Call>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -160,6 +184,7 @@ impl Node {
             recent_fetches: Mutex::new(VecDeque::new()),
             bindings: Mutex::new(Vec::new()),
             outbound: Mutex::new(BTreeMap::new()),
+            calls: Mutex::new(HashMap::new()),
         });
         d.set_fetcher(node.clone());
         d.set_remote_routes(node.clone());
@@ -303,6 +328,7 @@ impl Node {
             }
         }
         lock(&self.bindings).retain(|b| b.session.upgrade().is_some_and(|s| !Arc::ptr_eq(&s, session)));
+        lock(&self.calls).retain(|_, c| c.node != session.peer);
         session.teardown(&self.bus);
     }
 
@@ -598,13 +624,17 @@ impl Node {
                 if self.session(peer).is_none() {
                     return Err(format!("-ERR no connection to node {peer}"));
                 }
-                let lines: Vec<String> = lock(&self.outbound)
+                let mut lines: Vec<String> = lock(&self.outbound)
                     .iter()
                     .filter(|(_, o)| o.node == peer)
                     .map(|(id, o)| {
                         format!("{id} route {} to {} for {} ms", o.route, o.target, o.started.elapsed().as_millis())
                     })
                     .collect();
+                lines.extend(lock(&self.calls).iter().filter(|(_, c)| c.node == peer).map(|((route, id), c)| {
+                    let to = c.pid.as_ref().map_or_else(|| "the registered process".to_string(), |p| p.to_string());
+                    format!("call {id} route {route} to {to}, idle {} s", c.last.elapsed().as_secs())
+                }));
                 Ok(if lines.is_empty() { format!("No outbound sessions for {peer}") } else { lines.join("\n") })
             }
             _ => Err("-USAGE: erlang listeners | erlang sessions NODE".into()),
@@ -679,8 +709,8 @@ impl Node {
         }
     }
 
-    /// The `{call, Event}` a request becomes.
-    fn call_term(&self, request: &Request, uuid: &str) -> Term {
+    /// The `{call, Event}` (or `{call_event, Event}`) a request becomes.
+    fn call_term(&self, request: &Request, uuid: &str, tag: &str) -> Term {
         let e = self.encoding;
         let pair = |k: &str, v: &str| tuple(vec![e.text(k), e.text(v)]);
         let mut list = vec![
@@ -708,7 +738,7 @@ impl Node {
             list.push(pair(k, v));
         }
         list.push(tuple(vec![e.text("body"), e.bytes(&request.data)]));
-        tuple(vec![atom("call"), tuple(vec![atom("event"), term::list(list)])])
+        tuple(vec![atom(tag), tuple(vec![atom("event"), term::list(list)])])
     }
 }
 
@@ -760,10 +790,35 @@ impl RemoteRoutes for Node {
                 started: std::time::Instant::now(),
             },
         );
+        // Requests of one call (a `Unique-ID` or `Call-ID` parameter) go to
+        // the process that took the first one, as FreeSWITCH sends a call's
+        // later events: `{call, Event}` first, `{call_event, Event}` after.
+        let call_key = call_id(request).map(|id| (route.to_string(), id));
+        let known = call_key.as_ref().and_then(|key| {
+            let mut calls = lock(&self.calls);
+            let call = calls.get_mut(key).filter(|c| c.node == target.node())?;
+            call.last = std::time::Instant::now();
+            Some(call.pid.clone())
+        });
         let result = async {
-            let pid = me.handler_pid(&session, target, &uuid).await?;
+            let (pid, tag) = match known {
+                Some(pid) => (pid, "call_event"),
+                None => {
+                    let pid = me.handler_pid(&session, target, &uuid).await?;
+                    if let Some(key) = &call_key {
+                        let now = std::time::Instant::now();
+                        let mut calls = lock(&self.calls);
+                        calls.retain(|_, c| now.duration_since(c.last) < CALL_IDLE);
+                        if calls.len() < MAX_CALLS {
+                            let node = target.node().to_string();
+                            calls.insert(key.clone(), Call { node, pid: pid.clone(), last: now });
+                        }
+                    }
+                    (pid, "call")
+                }
+            };
             let rx = self.expect(Key::Uuid(uuid.clone()));
-            let call = self.call_term(request, &uuid);
+            let call = self.call_term(request, &uuid, tag);
             let sent = match (&pid, target) {
                 (Some(pid), _) => session.send(Message::send(pid.clone(), call)).await,
                 (None, ErlangTarget::Registered { name, .. }) => {
