@@ -67,6 +67,16 @@ pub enum ErlangError {
     Name(String, String),
 }
 
+/// Work for a session's worker, in arrival order.
+pub enum Work {
+    /// A term sent to a name of ours (or a pid), from this pid if known.
+    Message(Option<Pid>, Term),
+    /// A message to `rex`: an rpc.
+    Rex(Pid, Term),
+    /// A spawn request: erpc's way in.
+    Spawn { from: Pid, req: Reference, module: Term, function: Term, args: Vec<Term> },
+}
+
 /// What a request we wait on is keyed by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Key {
@@ -338,7 +348,7 @@ impl Node {
         &self,
         session: &Arc<Session>,
         mut reader: dist::FrameReader,
-        commands: mpsc::Sender<(Option<Pid>, Term)>,
+        commands: mpsc::Sender<Work>,
     ) -> String {
         let mut closing = session.closing();
         let mut garbage = 0u64;
@@ -370,8 +380,8 @@ impl Node {
                 Message::Exit2(m) => self.exited(session, &m.from_pid),
                 Message::PayloadExit(m) => self.exited(session, &m.from_pid),
                 Message::PayloadExit2(m) => self.exited(session, &m.from_pid),
-                Message::SpawnRequest(m) => Some((Some(m.from_pid), spawn_marker(m.req_id, m.mfa, m.arg_list))),
-                Message::SpawnRequestTt(m) => Some((Some(m.from_pid), spawn_marker(m.req_id, m.mfa, m.arg_list))),
+                Message::SpawnRequest(m) => Some(spawn_work(m.from_pid, m.req_id, m.mfa, m.arg_list)),
+                Message::SpawnRequestTt(m) => Some(spawn_work(m.from_pid, m.req_id, m.mfa, m.arg_list)),
                 Message::UnlinkId(m) => {
                     session.try_send(Message::unlink_id_ack(m.id, m.to_pid, m.from_pid));
                     None
@@ -388,7 +398,7 @@ impl Node {
         }
     }
 
-    fn exited(&self, session: &Session, pid: &Pid) -> Option<(Option<Pid>, Term)> {
+    fn exited(&self, session: &Session, pid: &Pid) -> Option<Work> {
         session.forget(pid);
         lock(&self.bindings).retain(|b| b.pid != *pid);
         None
@@ -396,7 +406,7 @@ impl Node {
 
     /// A message to a registered name: `net_kernel` (ping), `rex` (rpc) or
     /// anything else (mod_erlang_event ignores the name).
-    fn reg_send(&self, session: &Session, from: Pid, to: &str, message: Term) -> Option<(Option<Pid>, Term)> {
+    fn reg_send(&self, session: &Session, from: Pid, to: &str, message: Term) -> Option<Work> {
         match to {
             "net_kernel" => {
                 // {'$gen_call', {From, Tag}, {is_auth, Node}} → {Tag, yes}
@@ -405,32 +415,25 @@ impl Node {
                 }
                 None
             }
-            "rex" => Some((Some(from), tuple(vec![atom("$rex"), message]))),
+            "rex" => Some(Work::Rex(from, message)),
             _ => session.take_answer(self, Some(&from), None, message),
         }
     }
 
-    async fn work(self: Arc<Self>, session: Arc<Session>, mut rx: mpsc::Receiver<(Option<Pid>, Term)>) {
-        while let Some((from, message)) = rx.recv().await {
-            if let Term::Tuple(t) = &message {
-                match (t.elements.first().and_then(as_atom), &t.elements[..]) {
-                    (Some("$rex"), [_, call]) => {
-                        self.rex(&session, from, call).await;
-                        continue;
-                    }
-                    (Some("$spawn"), [_, Term::Reference(req), m, f, Term::List(args)]) => {
-                        if let Some(from) = from {
-                            self.spawn(&session, from, (**req).clone(), m, f, &args.elements).await;
-                        }
-                        continue;
-                    }
-                    _ => {}
+    async fn work(self: Arc<Self>, session: Arc<Session>, mut rx: mpsc::Receiver<Work>) {
+        while let Some(work) = rx.recv().await {
+            match work {
+                Work::Rex(from, call) => self.rex(&session, from, &call).await,
+                Work::Spawn { from, req, module, function, args } => {
+                    self.spawn(&session, from, req, &module, &function, &args).await
                 }
-            }
-            if session.run(&self, from, message).await {
-                // `exit`: the ok is queued; the writer sends it, then closes.
-                session.close();
-                return;
+                Work::Message(from, message) => {
+                    if session.run(&self, from, message).await {
+                        // `exit`: the ok is queued; the writer sends it, then closes.
+                        session.close();
+                        return;
+                    }
+                }
             }
         }
     }
@@ -441,7 +444,7 @@ impl Node {
     /// A, GL}}` answered `{rex, Result}`. `evrhost:F(A…)` (or `freeswitch:`)
     /// runs the message `{F, A…}` as if sent directly, so
     /// `rpc:call(Node, evrhost, api, [status, ""])` is `{ok, Text}`.
-    async fn rex(self: &Arc<Self>, session: &Arc<Session>, from: Option<Pid>, call: &Term) {
+    async fn rex(self: &Arc<Self>, session: &Arc<Session>, from: Pid, call: &Term) {
         let (to, tag, request) = match gen_call(call) {
             Some((caller, tag, request)) => (caller, Some(tag), request),
             None => match call {
@@ -460,7 +463,7 @@ impl Node {
                     Term::ByteList(b) if b.bytes.is_empty() => Some(Vec::new()),
                     _ => None,
                 };
-                match self.apply(session, from.as_ref().unwrap_or(&to), m, f, args).await {
+                match self.apply(session, &from, m, f, args).await {
                     Some(answer) => answer,
                     None => undef_rpc(m, f, a),
                 }
@@ -881,8 +884,8 @@ impl crate::dispatcher::Fetcher for Node {
 }
 
 /// A spawn request, queued for the session's worker like any command.
-fn spawn_marker(req: Reference, mfa: erl_dist::term::Mfa, args: eetf::List) -> Term {
-    tuple(vec![atom("$spawn"), Term::from(req), Term::from(mfa.module), Term::from(mfa.function), Term::from(args)])
+fn spawn_work(from: Pid, req: Reference, mfa: erl_dist::term::Mfa, args: eetf::List) -> Work {
+    Work::Spawn { from, req, module: Term::from(mfa.module), function: Term::from(mfa.function), args: args.elements }
 }
 
 /// `{'$gen_call', {From, Tag}, Request}` → (From, Tag, Request).

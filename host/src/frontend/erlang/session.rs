@@ -24,7 +24,7 @@ use erl_dist::message::Message;
 use tokio::sync::{mpsc, watch};
 
 use super::term::{self, as_atom, as_pairs, as_text, atom, tuple};
-use super::{Key, Node};
+use super::{Key, Node, Work};
 use crate::bus::log_layer::{self, LogRecord};
 use crate::bus::{self, ChannelSink, Filters, Target};
 use crate::runtime::Event;
@@ -114,8 +114,14 @@ impl Session {
         self.try_send(Message::link(self.pid.clone(), to.clone()));
     }
 
+    /// The bus target of this session (one per connection: a reconnecting
+    /// peer's new session never shares the old one's subscriptions).
     fn target(&self) -> Target {
-        Target::Channel(ChannelSink::new(format!("erlang:{}", self.peer), |_| true))
+        Target::Channel(ChannelSink::new(self.target_id(), |_| true))
+    }
+
+    fn target_id(&self) -> String {
+        format!("erlang:{}#{}.{}", self.peer, self.pid.id, self.pid.serial)
     }
 
     /// Ends everything the session set up: its bus subscription, log tap and
@@ -143,14 +149,8 @@ impl Session {
 
     /// Splits what the reader got: answers to our own requests are taken
     /// now; the rest is queued for the worker (Some is returned).
-    pub fn take_answer(
-        &self,
-        node: &Node,
-        from: Option<&Pid>,
-        to: Option<&Pid>,
-        message: Term,
-    ) -> Option<(Option<Pid>, Term)> {
-        let Term::Tuple(t) = &message else { return Some((from.cloned(), message)) };
+    pub fn take_answer(&self, node: &Node, from: Option<&Pid>, to: Option<&Pid>, message: Term) -> Option<Work> {
+        let Term::Tuple(t) = &message else { return Some(Work::Message(from.cloned(), message)) };
         match t.elements.as_slice() {
             // {Ref, NewPid}: a get_pid answer.
             [Term::Reference(r), answer] => {
@@ -195,7 +195,7 @@ impl Session {
             {
                 None
             }
-            _ => Some((from.cloned(), message)),
+            _ => Some(Work::Message(from.cloned(), message)),
         }
     }
 
@@ -384,7 +384,7 @@ impl Session {
     fn sink(self: &Arc<Self>, node: &Node) -> Target {
         let session = Arc::downgrade(self);
         let encoding = node.encoding;
-        Target::Channel(ChannelSink::new(format!("erlang:{}", self.peer), move |event: &Event| {
+        Target::Channel(ChannelSink::new(self.target_id(), move |event: &Event| {
             session.upgrade().is_some_and(|s| s.deliver(event, encoding))
         }))
     }
