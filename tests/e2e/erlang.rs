@@ -358,3 +358,16 @@ async fn a_peer_gone_in_the_middle_of_a_bgapi_loses_only_its_answer() {
     let r = c.call("api.run", json!(["status"])).await.unwrap();
     assert!(result(&r).as_str().unwrap().starts_with("UP "), "{r}");
 }
+
+#[tokio::test]
+async fn binary_encoding_sends_binaries() {
+    let (_d, port) = start("encoding = \"binary\"", "").await;
+    let evr = format!("evr{port}@{}", short_host());
+    let expr = format!(
+        "{{foo, '{evr}'}} ! {{api, status, <<>>}}, \
+         receive {{ok, B}} when is_binary(B) -> io:format(\"binary ~s~n\", [B]); R -> io:format(\"~p~n\", [R]) \
+         after 3000 -> io:format(\"timeout~n\") end"
+    );
+    let out = erl(&format!("bin{port}"), COOKIE, &expr);
+    assert!(out.starts_with("binary UP "), "{out}");
+}
