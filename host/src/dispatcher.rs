@@ -24,8 +24,8 @@ use crate::bus::{self, Bus, Caller, Profiler, Target};
 use crate::config::{CodeSource, Config, ErlangTarget, ExecKind, PluginDef, RouteDef, Tenant};
 use crate::kv::KvStore;
 use crate::runtime::{
-    CallError, CallReport, Event, Export, HostError, LoadError, PluginSpec, PluginVersion, Reply, Request, Runtime,
-    Services, Stats, StatsSnapshot,
+    CallError, CallReport, Event, Export, FetchQuery, HostError, LoadError, PluginSpec, PluginVersion, Reply, Request,
+    Runtime, Services, Stats, StatsSnapshot,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -60,14 +60,7 @@ pub enum DispatchError {
 /// processes bound to a section.
 #[async_trait::async_trait]
 pub trait Fetcher: Send + Sync + 'static {
-    async fn fetch(
-        &self,
-        section: &str,
-        tag: &str,
-        key: &str,
-        value: &str,
-        params: &[(String, String)],
-    ) -> Result<String, HostError>;
+    async fn fetch(&self, query: &FetchQuery) -> Result<String, HostError>;
 }
 
 /// Runs routes whose handler is an Erlang process.
@@ -751,21 +744,14 @@ impl Services for Link {
         d.bus.filter(&Target::Plugin(plugin.to_string()), command).map_err(HostError::Invalid)
     }
 
-    async fn fetch(
-        &self,
-        section: &str,
-        tag: &str,
-        key: &str,
-        value: &str,
-        params: &[(String, String)],
-    ) -> Result<String, HostError> {
+    async fn fetch(&self, query: FetchQuery) -> Result<String, HostError> {
         let d = self.get()?;
         let fetcher = d
             .fetcher
             .get()
             .cloned()
             .ok_or_else(|| HostError::NotFound("no Erlang front-end: nothing can be bound to a section".into()))?;
-        fetcher.fetch(section, tag, key, value, params).await
+        fetcher.fetch(&query).await
     }
 
     fn raise(&self, event: Event) {

@@ -9,6 +9,7 @@ use wasmtime::StoreContextMut;
 
 use super::bindings::evrhost::plugin::{commands, events, fetch, host, kv, types};
 use super::bindings::{Event, HostError, Level};
+use super::services::FetchQuery;
 use super::state::HostState;
 use crate::kv::KvError;
 
@@ -230,6 +231,6 @@ impl fetch::Host for HostState {
             return Err(HostError::Invalid("a section name is 1 to 64 bytes".into()));
         }
         let services = self.plugin.services.clone();
-        services.fetch(&section, &tag, &key, &value, &params).await
+        services.fetch(FetchQuery { section, tag, key, value, params }).await
     }
 }

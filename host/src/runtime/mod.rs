@@ -31,7 +31,7 @@ pub use error::{CallError, Cause, LoadError};
 pub use limits::{Capabilities, Isolation, Limits, Preopen};
 pub use plugin::{Export, Outcome, PluginSpec, PluginVersion};
 pub use pool::CallReport;
-pub use services::Services;
+pub use services::{FetchQuery, Services};
 pub use stats::{Stats, StatsSnapshot};
 
 use crate::kv::KvSpace;

@@ -13,16 +13,21 @@ pub trait Services: Send + Sync + 'static {
     fn subscribe(&self, plugin: &str, name: &str, subclass: Option<&str>) -> Result<(), HostError>;
     fn unsubscribe(&self, plugin: &str, name: &str, subclass: Option<&str>) -> Result<bool, HostError>;
     fn filter(&self, plugin: &str, command: &str) -> Result<String, HostError>;
-    /// Asks the processes bound to `section` (the Erlang front-end's).
-    async fn fetch(
-        &self,
-        section: &str,
-        tag: &str,
-        key: &str,
-        value: &str,
-        params: &[(String, String)],
-    ) -> Result<String, HostError>;
+    /// Asks the processes bound to the query's section (the Erlang
+    /// front-end's) for a document.
+    async fn fetch(&self, query: FetchQuery) -> Result<String, HostError>;
     /// Raises an event of the host's own (thresholds, pool scaling, …):
     /// no capability check, never fails the caller.
     fn raise(&self, event: Event);
+}
+
+/// A plugin's `fetch`, as FreeSWITCH's XML search bindings ask: a section
+/// (`directory`, `dialplan`, …), a tag/key/value to look for, parameters.
+#[derive(Clone, Debug)]
+pub struct FetchQuery {
+    pub section: String,
+    pub tag: String,
+    pub key: String,
+    pub value: String,
+    pub params: Vec<(String, String)>,
 }

@@ -41,7 +41,7 @@ use tokio::task::JoinHandle;
 use crate::bus::{self, Bus};
 use crate::config::{ErlangSettings, ErlangTarget};
 use crate::dispatcher::{Dispatcher, RemoteRoutes};
-use crate::runtime::{HostError, Origin, Reply, Request};
+use crate::runtime::{FetchQuery, HostError, Origin, Reply, Request};
 use session::Session;
 use term::{as_atom, as_pairs, as_text, atom, tuple, Encoding};
 
@@ -847,17 +847,11 @@ impl RemoteRoutes for Node {
 
 #[async_trait::async_trait]
 impl crate::dispatcher::Fetcher for Node {
-    async fn fetch(
-        &self,
-        section: &str,
-        tag: &str,
-        key: &str,
-        value: &str,
-        params: &[(String, String)],
-    ) -> Result<String, HostError> {
+    async fn fetch(&self, query: &FetchQuery) -> Result<String, HostError> {
+        let FetchQuery { section, tag, key, value, params } = query;
         let bound: Vec<(Pid, Arc<Session>)> = lock(&self.bindings)
             .iter()
-            .filter(|b| b.section == section)
+            .filter(|b| b.section == *section)
             .filter_map(|b| Some((b.pid.clone(), b.session.upgrade()?)))
             .collect();
         if bound.is_empty() {
