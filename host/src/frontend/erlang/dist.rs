@@ -259,3 +259,46 @@ pub fn local_node(name: &NodeName, creation: Creation) -> LocalNode {
     node.flags = flags();
     node
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Mutations of a real frame (a reg_send of `{api, status, ""}` with a
+    /// pid and a reference): whatever a peer sends decodes or is refused,
+    /// never panics.
+    #[test]
+    fn mutated_frames_never_panic() {
+        let from = eetf::Pid::new("peer@host", 1, 0, 7);
+        let message = term::tuple(vec![
+            term::atom("api"),
+            term::atom("status"),
+            term::string("x"),
+            eetf::Term::from(eetf::Reference { node: "peer@host".into(), id: vec![1, 2, 3], creation: 7 }),
+            term::list(vec![term::int(-5), term::pid_term(&from)]),
+        ]);
+        let mut frame = vec![PASS_THROUGH];
+        Message::reg_send(from, "foo".into(), message).write_into(&mut frame).unwrap();
+        assert!(matches!(decode(&frame), Frame::Message(_)));
+        // xorshift: deterministic, no dependency.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..50_000 {
+            let mut bytes = frame.clone();
+            for _ in 0..1 + next() % 4 {
+                let i = (next() as usize) % bytes.len();
+                match next() % 3 {
+                    0 => bytes[i] = next() as u8,
+                    1 => bytes.truncate(i.max(1)),
+                    _ => bytes.insert(i, next() as u8),
+                }
+            }
+            let _ = decode(&bytes);
+        }
+    }
+}
