@@ -39,12 +39,13 @@ async fn start(erlang: &str, extra: &str) -> (Daemon, u16) {
 }
 
 fn escript(args: &[&str]) -> Output {
-    Command::new("escript").args(args).output().expect("run escript (Debian's erlang-nox)")
+    Command::new("escript").args(args).env("ERL_CRASH_DUMP_SECONDS", "0").output().expect("run escript (Debian's erlang-nox)")
 }
 
 /// `erl -eval EXPR` on a fresh node; EXPR prints what the test reads.
 fn erl(name: &str, cookie: &str, expr: &str) -> String {
     let out = Command::new("erl")
+        .env("ERL_CRASH_DUMP_SECONDS", "0")
         .args(["-noshell", "-sname", name, "-setcookie", cookie, "-eval", expr, "-s", "init", "stop"])
         .output()
         .expect("run erl (Debian's erlang-nox)");
@@ -137,6 +138,7 @@ struct Handler(Child);
 impl Handler {
     fn start(name: &str, evr: &str) -> (Handler, std::sync::mpsc::Receiver<String>) {
         let mut child = Command::new("escript")
+            .env("ERL_CRASH_DUMP_SECONDS", "0")
             .args([script("handler.escript").to_str().unwrap(), name, evr, COOKIE, "shortnames"])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
