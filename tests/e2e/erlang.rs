@@ -39,7 +39,11 @@ async fn start(erlang: &str, extra: &str) -> (Daemon, u16) {
 }
 
 fn escript(args: &[&str]) -> Output {
-    Command::new("escript").args(args).env("ERL_CRASH_DUMP_SECONDS", "0").output().expect("run escript (Debian's erlang-nox)")
+    Command::new("escript")
+        .args(args)
+        .env("ERL_CRASH_DUMP_SECONDS", "0")
+        .output()
+        .expect("run escript (Debian's erlang-nox)")
 }
 
 /// `erl -eval EXPR` on a fresh node; EXPR prints what the test reads.

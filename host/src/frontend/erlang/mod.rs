@@ -617,7 +617,13 @@ impl Node {
                     .map(|s| {
                         let n = outbound.values().filter(|o| o.node == s.peer).count();
                         let addr = s.addr.map_or_else(|| "-".into(), |a| a.to_string());
-                        format!("{} ({addr}) up {} s, {n} outbound session(s)", s.peer, s.started.elapsed().as_secs())
+                        format!(
+                            "{} ({addr}) up {} s, {n} outbound session(s), events sent {} dropped {}",
+                            s.peer,
+                            s.started.elapsed().as_secs(),
+                            s.events_sent.load(Relaxed),
+                            s.events_dropped.load(Relaxed)
+                        )
                     })
                     .collect();
                 lines.sort();

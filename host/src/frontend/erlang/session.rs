@@ -124,8 +124,8 @@ impl Session {
         format!("erlang:{}#{}.{}", self.peer, self.pid.id, self.pid.serial)
     }
 
-    /// Ends everything the session set up: its bus subscription, log tap and
-    /// fetch bindings.
+    /// Ends what the session set up: its bus subscription and log tap (the
+    /// node drops its fetch bindings and calls).
     pub fn teardown(&self, bus: &bus::Bus) {
         bus.remove(&self.target());
         if let Some(id) = lock(&self.state).log_tap.take() {
