@@ -103,13 +103,19 @@ pub fn start(
         let mut request =
             Request { route: route.to_string(), data: Vec::new(), params: Vec::new(), origin: Origin::Cli };
         tasks.push(tokio::spawn(async move {
+            let mut last_peer: Option<SocketAddr> = None;
             while let Ok(batch) = rx.recv().await {
                 backlog.waiting.fetch_sub(batch.len(), Relaxed);
                 for datagram in batch {
-                    request.origin = Origin::Udp(Peer {
-                        ip: datagram.peer.ip().to_canonical().to_string(),
-                        port: datagram.peer.port(),
-                    });
+                    // Most datagrams come from a few peers: the origin (a
+                    // formatted IP) is rebuilt only when the peer changes.
+                    if last_peer != Some(datagram.peer) {
+                        request.origin = Origin::Udp(Peer {
+                            ip: datagram.peer.ip().to_canonical().to_string(),
+                            port: datagram.peer.port(),
+                        });
+                        last_peer = Some(datagram.peer);
+                    }
                     request.data = datagram.data;
                     let peer = datagram.peer;
                     match profiling.as_ref().filter(|_| d.bus().wanted("E_PROFILING_PROC")) {
