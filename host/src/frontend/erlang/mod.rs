@@ -564,8 +564,10 @@ impl Node {
     fn bgapi(self: &Arc<Self>, session: Arc<Session>, to: Pid, job: String, command: String, args: String) {
         let Some(d) = self.d.upgrade() else { return };
         let encoding = self.encoding;
+        session.jobs.fetch_add(1, Relaxed);
         tokio::spawn(async move {
             let (ok, text) = d.run_background(&job, &command, &args, &bus::Caller::host("erlang bgapi")).await;
+            session.jobs.fetch_sub(1, Relaxed);
             let tag = if ok { "bgok" } else { "bgerror" };
             let message = tuple(vec![atom(tag), encoding.text(&job), encoding.text(&text)]);
             if !session.send(Message::send(to, message)).await {
@@ -574,11 +576,19 @@ impl Node {
         });
     }
 
-    fn bind(&self, section: &str, pid: Pid, session: &Arc<Session>) {
+    /// Binds `pid` to `section`; false when the peer holds too many bindings.
+    fn bind(&self, section: &str, pid: Pid, session: &Arc<Session>) -> bool {
         let mut bindings = lock(&self.bindings);
-        if !bindings.iter().any(|b| b.section == section && b.pid == pid) {
-            bindings.push(Binding { section: section.to_string(), pid, session: Arc::downgrade(session) });
+        if bindings.iter().any(|b| b.section == section && b.pid == pid) {
+            return true;
         }
+        let held = bindings.iter().filter(|b| b.session.upgrade().is_some_and(|s| Arc::ptr_eq(&s, session))).count();
+        if held >= session::MAX_BINDINGS {
+            tracing::warn!(peer = %session.peer, "bind refused: {} bindings already", session::MAX_BINDINGS);
+            return false;
+        }
+        bindings.push(Binding { section: section.to_string(), pid, session: Arc::downgrade(session) });
+        true
     }
 
     /// A `fetch_reply`: Ok when it answered a waiting fetch.

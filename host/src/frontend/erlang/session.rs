@@ -13,6 +13,9 @@
 //! - Events and log lines never wait for a slow peer: its queue full, they
 //!   are dropped and counted. Replies wait (the reader stops reading, and
 //!   TCP pushes back on the peer).
+//! - Nothing a peer asks for grows without bound: queued commands, running
+//!   background jobs, fetch bindings, subscriptions and filters all have
+//!   caps, and a request past one gets an error, not a silent drop.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -31,6 +34,11 @@ use crate::runtime::Event;
 
 /// Commands waiting for the session's worker; past this the reader waits.
 pub const COMMAND_QUEUE: usize = 256;
+/// Background jobs one peer may have running; past this `bgapi` answers
+/// `{error, badmem}`, so a peer cannot pile up tasks without bound.
+const MAX_JOBS: usize = 256;
+/// Fetch bindings one peer may hold (`{bind, …}` from that many pids).
+pub const MAX_BINDINGS: usize = 256;
 
 pub struct Session {
     /// The peer's node name.
@@ -44,6 +52,8 @@ pub struct Session {
     state: Mutex<State>,
     pub events_sent: AtomicU64,
     pub events_dropped: AtomicU64,
+    /// Background jobs running for this peer.
+    pub jobs: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Default)]
@@ -82,6 +92,7 @@ impl Session {
             state: Mutex::new(State::default()),
             events_sent: AtomicU64::new(0),
             events_dropped: AtomicU64::new(0),
+            jobs: Default::default(),
         })
     }
 
@@ -296,6 +307,10 @@ impl Session {
             },
             "bgapi" => match (command_args(args), from) {
                 (Some((command, args)), Some(from)) => {
+                    if self.jobs.load(Relaxed) >= MAX_JOBS {
+                        tracing::warn!(peer = %self.peer, "bgapi refused: {MAX_JOBS} background jobs still running");
+                        return error("badmem");
+                    }
                     let job = uuid::Uuid::new_v4().to_string();
                     node.bgapi(self.clone(), from.clone(), job.clone(), command, args);
                     tuple(vec![atom("ok"), node.encoding.text(&job)])
@@ -309,11 +324,11 @@ impl Session {
             },
             "bind" => match (args, from) {
                 ([section], Some(from)) => match as_atom(section).filter(|s| SECTIONS.contains(s)) {
-                    Some(section) => {
-                        node.bind(section, from.clone(), self);
+                    Some(section) if node.bind(section, from.clone(), self) => {
                         self.link(from);
                         ok()
                     }
+                    Some(_) => error("badmem"),
                     None => error("badarg"),
                 },
                 _ => error("badarg"),

@@ -3,7 +3,7 @@
 //! `encoding`, proplists, events).
 //!
 //! eetf trusts its input: a list header claiming 2³² elements reserves that
-//! much memory, a distribution header is `unimplemented!()`, and nesting
+//! much memory, a distribution header panics, and nesting
 //! recurses without limit. `check` walks the external term format
 //! iteratively and refuses all three before eetf decodes anything, so no
 //! frame a peer sends can abort the daemon.
