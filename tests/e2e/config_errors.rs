@@ -80,6 +80,11 @@ fn erlang_settings_are_checked_where_they_are_written() {
     let (ok, _, stderr) = check("[erlang]\ncookie = \"c\"\napply-inbound-acl = [\"lan\"]\n");
     assert!(!ok);
     assert!(stderr.contains("`erlang.apply-inbound-acl`: `lan`: not an IP address or CIDR"), "{stderr}");
+    let (ok, _, stderr) = check(
+        "[[plugin]]\nname = \"echo\"\npath = \"{echo}\"\n[[route]]\nname = \"u\"\nplugin = \"echo\"\n\
+         [[exec]]\nname = \"u\"\nsockaddr = \"udp:127.0.0.1:0\"\ncoalesce_us = 50000\n",
+    );
+    assert!(!ok && stderr.contains("`exec.coalesce_us`: at most 10000"), "{stderr}");
     let (ok, _, stderr) = check("[erlang]\ncookie = \"c\"\nencoding = \"utf16\"\n");
     assert!(!ok && stderr.contains("`erlang.encoding`: `string` or `binary`"), "{stderr}");
     let (ok, _, stderr) = check("[[route]]\nname = \"r\"\nerlang = \"myhandler node@host\"\n");

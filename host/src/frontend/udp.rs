@@ -15,7 +15,11 @@
 //! - with one worker, datagrams are handled in arrival order, as evrexec
 //!   does; with more, concurrently (no order between them);
 //! - buffers hold 65,536 bytes, more than the largest UDP payload, so no
-//!   datagram is cut.
+//!   datagram is cut;
+//! - under load (a read that found several datagrams but not a full batch)
+//!   the receiver waits `coalesce_us` (100 µs) before reading again: the
+//!   kernel buffers what arrives meanwhile, and the next hand-over carries
+//!   more datagrams per worker wake-up. A lone datagram is never delayed.
 
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -70,9 +74,34 @@ pub fn bind(def: &UdpDef) -> io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
-struct Datagram {
-    data: Vec<u8>,
-    peer: SocketAddr,
+/// One recvmmsg batch as one allocation: the datagrams' bytes back to
+/// back, and where each ends with its source. A worker copies each into
+/// its reused request buffer, so no datagram costs an allocation of its
+/// own (nor a free on another thread).
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    /// (end offset in `bytes`, source).
+    ends: Vec<(usize, SocketAddr)>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    fn datagrams(&self) -> impl Iterator<Item = (&[u8], SocketAddr)> {
+        let mut start = 0;
+        self.ends.iter().map(move |&(end, peer)| {
+            let data = self.bytes.get(start..end).unwrap_or_default();
+            start = end;
+            (data, peer)
+        })
+    }
 }
 
 /// Datagrams waiting for a worker, counted across batches.
@@ -95,7 +124,7 @@ pub fn start(
     let stats = Arc::new(UdpStats::default());
     let backlog = Arc::new(Backlog { waiting: Default::default(), limit: def.queue });
     // The channel holds batches; `backlog` bounds the datagrams in them.
-    let (tx, rx) = async_channel::bounded::<Vec<Datagram>>(def.queue.div_ceil(BATCH).max(4));
+    let (tx, rx) = async_channel::bounded::<Batch>(def.queue.div_ceil(BATCH).max(4));
     let mut tasks = Vec::new();
     for _ in 0..def.workers {
         let (rx, sender, stats, d, backlog) = (rx.clone(), sender.clone(), stats.clone(), d.clone(), backlog.clone());
@@ -106,18 +135,16 @@ pub fn start(
             let mut last_peer: Option<SocketAddr> = None;
             while let Ok(batch) = rx.recv().await {
                 backlog.waiting.fetch_sub(batch.len(), Relaxed);
-                for datagram in batch {
+                for (data, peer) in batch.datagrams() {
                     // Most datagrams come from a few peers: the origin (a
                     // formatted IP) is rebuilt only when the peer changes.
-                    if last_peer != Some(datagram.peer) {
-                        request.origin = Origin::Udp(Peer {
-                            ip: datagram.peer.ip().to_canonical().to_string(),
-                            port: datagram.peer.port(),
-                        });
-                        last_peer = Some(datagram.peer);
+                    if last_peer != Some(peer) {
+                        request.origin =
+                            Origin::Udp(Peer { ip: peer.ip().to_canonical().to_string(), port: peer.port() });
+                        last_peer = Some(peer);
                     }
-                    request.data = datagram.data;
-                    let peer = datagram.peer;
+                    request.data.clear();
+                    request.data.extend_from_slice(data);
                     match profiling.as_ref().filter(|_| d.bus().wanted("E_PROFILING_PROC")) {
                         None => {
                             handle(&d, &request, peer, &sender, &stats, reply).await;
@@ -134,9 +161,9 @@ pub fn start(
             }
         }));
     }
-    let (name, receiver_stats) = (route.to_string(), stats.clone());
+    let (name, receiver_stats, coalesce) = (route.to_string(), stats.clone(), def.coalesce);
     std::thread::Builder::new().name("evrhost-udp".into()).spawn(move || {
-        if let Err(e) = receive(&socket, &tx, &backlog, &receiver_stats, &name) {
+        if let Err(e) = receive(&socket, &tx, &backlog, &receiver_stats, &name, coalesce) {
             tracing::error!(route = %name, %addr, error = %e, "UDP receiver stopped");
         }
     })?;
@@ -201,10 +228,11 @@ impl DropWarning {
 /// 250 ms to notice shutdown), then drains it in recvmmsg batches.
 fn receive(
     socket: &std::net::UdpSocket,
-    tx: &async_channel::Sender<Vec<Datagram>>,
+    tx: &async_channel::Sender<Batch>,
     backlog: &Backlog,
     stats: &UdpStats,
     route: &str,
+    coalesce: Duration,
 ) -> io::Result<()> {
     let fd = socket.as_raw_fd();
     let mut buffers: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; BUFFER]).collect();
@@ -240,15 +268,15 @@ fn receive(
             }
             stats.received.fetch_add(received.len() as u64, Relaxed);
             let room = backlog.limit.saturating_sub(backlog.waiting.load(Relaxed));
-            let batch: Vec<Datagram> = received
-                .iter()
-                .enumerate()
-                .filter_map(|(i, (len, peer))| {
-                    let (buffer, peer) = (buffers.get(i)?, (*peer)?);
-                    Some(Datagram { data: buffer[..(*len).min(BUFFER)].to_vec(), peer })
-                })
-                .take(room)
-                .collect();
+            let mut batch = Batch {
+                bytes: Vec::with_capacity(received.iter().take(room).map(|(len, _)| *len).sum()),
+                ends: Vec::with_capacity(received.len().min(room)),
+            };
+            for (buffer, (len, peer)) in buffers.iter().zip(&received).take(room) {
+                let Some(peer) = *peer else { continue };
+                batch.bytes.extend_from_slice(&buffer[..(*len).min(BUFFER)]);
+                batch.ends.push((batch.bytes.len(), peer));
+            }
             let mut lost = received.len() - batch.len();
             if !batch.is_empty() {
                 let n = batch.len();
@@ -268,6 +296,11 @@ fn receive(
             }
             drops.warn(route);
             if received.len() < BATCH {
+                if received.len() > 1 && !coalesce.is_zero() {
+                    // Under load: let more arrive before the next batch, so
+                    // each wake-up of a worker carries more of them.
+                    std::thread::sleep(coalesce);
+                }
                 break;
             }
         }
