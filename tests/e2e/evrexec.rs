@@ -195,15 +195,14 @@ async fn a_full_udp_queue_drops_counts_and_warns() {
     }
     daemon.wait_for_log(&["UDP queue full: datagrams dropped", "route=loop"], 10 * SECOND).await;
     let mut rpc = daemon.client().await;
-    let (status, metrics) = {
+    let scrape = || -> (String, String) {
         let mut req = std::net::TcpStream::connect(daemon.addr).expect("connect");
         req.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
         let mut body = String::new();
         std::io::Read::read_to_string(&mut req, &mut body).expect("read");
         (body.lines().next().unwrap_or("").to_string(), body)
     };
-    assert!(status.contains("200"), "{status}");
-    let value = |name: &str| -> u64 {
+    let value = |metrics: &str, name: &str| -> u64 {
         metrics
             .lines()
             .find(|l| l.starts_with(name))
@@ -211,7 +210,19 @@ async fn a_full_udp_queue_drops_counts_and_warns() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("{name} in\n{metrics}"))
     };
-    let (received, dropped) = (value("evrhost_udp_received_total{"), value("evrhost_udp_dropped_total{"));
+    // The warning comes with the first dropped batch; the receiver may
+    // still be reading the rest (it pauses between reads under load).
+    let deadline = std::time::Instant::now() + 10 * SECOND;
+    let (status, metrics) = loop {
+        let (status, metrics) = scrape();
+        if value(&metrics, "evrhost_udp_received_total{") >= 40 || std::time::Instant::now() > deadline {
+            break (status, metrics);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(status.contains("200"), "{status}");
+    let (received, dropped) =
+        (value(&metrics, "evrhost_udp_received_total{"), value(&metrics, "evrhost_udp_dropped_total{"));
     assert_eq!(received, 40, "{metrics}");
     assert!(dropped >= 30, "1 worker, a queue of 2 and 50 ms calls: {dropped} dropped\n{metrics}");
     assert!(metrics.contains("evrhost_call_errors_total{plugin=\"hostile\",cause=\"deadline\"}"), "{metrics}");

@@ -11,6 +11,7 @@ main([Self, Evr, Echo, Cookie, NStr, RoundsStr]) ->
     erlang:set_cookie(node(), list_to_atom(Cookie)),
     N = list_to_integer(NStr),
     Targets = [{evrhost, {foo, list_to_atom(Evr)}}, {echo, {echo, list_to_atom(Echo)}}],
+    up(list_to_atom(Echo), 100),
     %% Warm up both connections.
     [roundtrips(T, 1000) || {_, T} <- Targets],
     [begin
@@ -23,6 +24,15 @@ main([Self, Evr, Echo, Cookie, NStr, RoundsStr]) ->
 %% mod_erlang_event does; the echo process needs it in the message.
 call({echo, _} = T) -> T ! {self(), {api, status, ""}}, answer();
 call(T) -> T ! {api, status, ""}, answer().
+
+%% The echo node starts beside this one: wait until it answers and has
+%% registered its process.
+up(_, 0) -> error(echo_node_down);
+up(Node, K) ->
+    case net_adm:ping(Node) =:= pong andalso rpc:call(Node, erlang, whereis, [echo]) of
+        Pid when is_pid(Pid) -> ok;
+        _ -> timer:sleep(100), up(Node, K - 1)
+    end.
 
 answer() ->
     receive {ok, _} -> ok; Other -> error({unexpected, Other}) after 5000 -> error(timeout) end.
