@@ -185,7 +185,8 @@ impl FrameReader {
 
 fn decode(frame: &[u8]) -> Frame {
     let Some((&PASS_THROUGH, body)) = frame.split_first() else {
-        return Frame::Garbage(format!("type tag {} (expected {PASS_THROUGH})", frame[0]));
+        let tag = frame.first().map_or_else(|| "(none)".to_string(), u8::to_string);
+        return Frame::Garbage(format!("type tag {tag} (expected {PASS_THROUGH})"));
     };
     if let Err(e) = term::check(body) {
         return Frame::Garbage(e.to_string());
