@@ -386,7 +386,7 @@ fn generate(target: SocketAddr, payload: &[u8], rate: f64, n: u64, gso: bool) ->
     let cpu = thread_cpu();
     let start = Instant::now();
     let (mut sent, mut stalls) = (0u64, 0u64);
-    while sent < n && gso {
+    while sent < n {
         let now = Instant::now();
         if now.duration_since(start) > TRIAL_CAP {
             break;
@@ -396,29 +396,18 @@ fn generate(target: SocketAddr, payload: &[u8], rate: f64, n: u64, gso: bool) ->
             std::thread::sleep(due - now);
         }
         let k = (n - sent).min(SEND_BATCH as u64) as usize;
-        match socket.send(&burst[..k * payload.len()]) {
-            Ok(bytes) => sent += (bytes / payload.len()) as u64,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(Errno::ENOBUFS as i32) => {
-                stalls += 1;
-                std::thread::yield_now();
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    while sent < n && !gso {
-        let now = Instant::now();
-        if now.duration_since(start) > TRIAL_CAP {
-            break;
-        }
-        let due = start + Duration::from_secs_f64(sent as f64 / rate);
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        let k = (n - sent).min(SEND_BATCH as u64) as usize;
-        let no_cmsgs: [ControlMessage<'_>; 0] = [];
-        match sendmmsg(fd, &mut headers, &slices[..k], &addrs[..k], no_cmsgs, MsgFlags::empty()) {
-            Ok(results) => sent += results.count() as u64,
+        // Datagrams sent, the one pacing loop for both ways of sending.
+        let result = if gso {
+            socket
+                .send(&burst[..k * payload.len()])
+                .map(|bytes| bytes / payload.len())
+                .map_err(|e| e.raw_os_error().map_or(Errno::EIO, Errno::from_raw))
+        } else {
+            let no_cmsgs: [ControlMessage<'_>; 0] = [];
+            sendmmsg(fd, &mut headers, &slices[..k], &addrs[..k], no_cmsgs, MsgFlags::empty()).map(|r| r.count())
+        };
+        match result {
+            Ok(count) => sent += count as u64,
             Err(Errno::EINTR) => {}
             Err(Errno::EAGAIN | Errno::ENOBUFS) => {
                 stalls += 1;
