@@ -11,7 +11,7 @@ use std::io;
 use std::time::Duration;
 
 use erl_dist::epmd::{EpmdClient, NodeEntry};
-use erl_dist::handshake::{ClientSideHandshake, HandshakeStatus, ServerSideHandshake};
+use erl_dist::handshake::{ClientSideHandshake, HandshakeError, HandshakeStatus, ServerSideHandshake};
 use erl_dist::message::Message;
 use erl_dist::node::{Creation, LocalNode, NodeName, PeerNode};
 use erl_dist::DistributionFlags;
@@ -38,6 +38,8 @@ pub enum DistError {
     Io(#[from] io::Error),
     #[error("handshake: {0}")]
     Handshake(String),
+    #[error("handshake: the peer's cookie digest does not match ours (wrong cookie)")]
+    WrongCookie,
     #[error("EPMD: {0}")]
     Epmd(String),
     #[error("node {0} is not registered with EPMD")]
@@ -69,12 +71,19 @@ fn handshake_error(e: impl std::fmt::Display) -> DistError {
     DistError::Handshake(e.to_string())
 }
 
+fn from_handshake(e: HandshakeError) -> DistError {
+    match e {
+        HandshakeError::CookieMismatch => DistError::WrongCookie,
+        other => handshake_error(other),
+    }
+}
+
 /// The server side of the handshake on an accepted socket.
 pub async fn accept(stream: TcpStream, local: LocalNode, cookie: &str) -> Result<(TcpStream, PeerNode), DistError> {
     let run = async {
         let mut hs = ServerSideHandshake::new(stream.compat(), local, cookie);
         hs.execute_recv_name().await.map_err(handshake_error)?;
-        let (stream, peer) = hs.execute_rest(HandshakeStatus::Ok).await.map_err(handshake_error)?;
+        let (stream, peer) = hs.execute_rest(HandshakeStatus::Ok).await.map_err(from_handshake)?;
         Ok((stream.into_inner(), peer))
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, run).await.map_err(|_| handshake_error("timed out"))?
@@ -103,7 +112,7 @@ pub async fn connect(peer: &NodeName, local: LocalNode, cookie: &str) -> Result<
         if status == HandshakeStatus::Alive {
             return Err(handshake_error(format!("{peer} says a connection to us is already up")));
         }
-        let (stream, node) = hs.execute_rest(true).await.map_err(handshake_error)?;
+        let (stream, node) = hs.execute_rest(true).await.map_err(from_handshake)?;
         Ok((stream.into_inner(), node))
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, run).await.map_err(|_| handshake_error("timed out"))?

@@ -280,8 +280,7 @@ impl Node {
         {
             Ok(pair) => pair,
             Err(e) => {
-                let hint = if e.to_string().contains("ookie") { " (wrong cookie?)" } else { "" };
-                tracing::warn!(%addr, error = %e, "Erlang handshake failed{hint}");
+                tracing::warn!(%addr, error = %e, "Erlang handshake failed");
                 bus::sink::tcp_disconnect(&self.bus, local, Some(addr), "erlang");
                 return;
             }
