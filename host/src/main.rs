@@ -13,7 +13,7 @@ use evrhost::bus::Target;
 use evrhost::config::{Config, ExecKind, PluginDef, RouteDef, RpcSettings, DEFAULT_RPC_LISTEN};
 use evrhost::dispatcher::Dispatcher;
 use evrhost::frontend::metrics::Registry;
-use evrhost::frontend::{client::RpcClient, http, udp, unix};
+use evrhost::frontend::{client::RpcClient, http, rpc_thread::RpcThread, udp, unix};
 use evrhost::runtime::{Export, Isolation, Origin, Request, Runtime};
 use evrhost::{exec, housekeeping};
 
@@ -191,15 +191,16 @@ async fn run(path: Option<&Path>, listen: Option<std::net::SocketAddr>) -> anyho
         tracing::info!("Erlang C-node {} on port {}", node.name, settings.listen.port());
         background.extend(tasks);
     }
+    let rpc_thread = RpcThread::start().context("cannot start the RPC thread")?;
     if let Some(addr) = config.rpc.listen {
-        let listener = http::bind(addr).await?;
+        let listener = http::bind(addr)?;
         let addr = listener.local_addr().unwrap_or(addr);
-        background.push(tokio::spawn(http::serve(listener, d.clone(), registry.clone(), config.rpc.token.clone())));
+        rpc_thread.spawn(http::serve(listener, d.clone(), registry.clone(), config.rpc.token.clone()));
         tracing::info!("JSON-RPC on http://{addr}/RPC, metrics on http://{addr}/metrics");
         tracing::info!("try: evrhost rpc -a {addr} evrexec.run evrexec:test mydata");
     }
     if let Some(path) = &config.rpc.unix {
-        background.push(tokio::spawn(unix::serve(unix::bind(path)?, d.clone())));
+        rpc_thread.spawn(unix::serve(unix::bind(path)?, d.clone()));
         tracing::info!("JSON-RPC on unix:{}", path.display());
     }
     let tasks = exec::Tasks::start(&d, &config.exec);
@@ -215,6 +216,7 @@ async fn run(path: Option<&Path>, listen: Option<std::net::SocketAddr>) -> anyho
     tracing::info!(ms = started.elapsed().as_secs_f64() * 1e3, "ready");
 
     wait_for_shutdown(&d).await?;
+    rpc_thread.stop();
     tasks.stop().await;
     for task in background {
         task.abort();

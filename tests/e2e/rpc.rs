@@ -140,3 +140,47 @@ async fn a_token_is_required_when_configured() {
         evrhost::frontend::client::RpcClient::connect(daemon.addr, Some("s3cret".into())).await.expect("connect");
     result(&client.call("core.version", json!([])).await.expect("rpc"));
 }
+
+/// The RPC front-ends share one thread: a long plugin call over one
+/// connection must not hold up the others (the call yields at every epoch
+/// tick), nor a UDP route on the main runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_call_does_not_hold_up_other_connections() {
+    const SLOW: &str = r#"
+[rpc]
+listen = "127.0.0.1:{PORT}"
+
+[[plugin]]
+name = "hostile"
+path = "{hostile}"
+deadline_ms = 5000
+fuel = 1000000000000
+
+[[plugin]]
+name = "echo"
+path = "{echo}"
+
+[[route]]
+name = "spin"
+plugin = "hostile"
+
+[[route]]
+name = "evrexec:test"
+plugin = "echo"
+"#;
+    let daemon = Daemon::start(SLOW).await;
+    let mut slow = daemon.client().await;
+    let spin = tokio::spawn(async move { slow.call("evrexec.run", json!(["spin", "1500"])).await });
+    // Give the slow call time to be running before the others start.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut other = daemon.client().await;
+    for i in 0..20 {
+        let answer = other.call("evrexec.run", json!(["evrexec:test", format!("call {i}")])).await.expect("rpc");
+        assert_eq!(result(&answer), &json!({}));
+        let version = other.call("core.version", json!([])).await.expect("rpc");
+        assert!(result(&version).as_str().is_some_and(|v| v.starts_with("evrhost ")));
+    }
+    assert!(!spin.is_finished(), "the slow call ended before the others: the test proves nothing");
+    let answer = spin.await.expect("task").expect("rpc");
+    assert_eq!(result(&answer), &json!({}), "the slow call itself succeeds");
+}

@@ -219,10 +219,14 @@ pub struct Bus {
     dispatcher: OnceLock<Weak<Dispatcher>>,
     /// (second, local, GMT) of the last event's dates.
     dates: Mutex<(u64, String, String)>,
+    /// Where delivery tasks run: not on the RPC thread that may subscribe.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Bus {
-    /// `queue`: events waiting per subscriber before overflow.
+    /// `queue`: events waiting per subscriber before overflow. Delivery
+    /// tasks run on the runtime this is called in (the daemon's main one),
+    /// whichever thread subscribes later.
     pub fn new(queue: usize) -> Arc<Bus> {
         let hostname =
             nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into());
@@ -235,7 +239,15 @@ impl Bus {
             queue: queue.max(1),
             dispatcher: OnceLock::new(),
             dates: Mutex::new((0, String::new(), String::new())),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         })
+    }
+
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        match &self.runtime {
+            Some(runtime) => drop(runtime.spawn(task)),
+            None => drop(tokio::spawn(task)),
+        }
     }
 
     /// Plugin subscribers are delivered through the dispatcher.
@@ -347,16 +359,16 @@ impl Bus {
         match target {
             Target::Plugin(plugin) => {
                 let dispatcher = self.dispatcher.get().cloned().unwrap_or_default();
-                tokio::spawn(sink::to_plugin(plugin, dispatcher, weak_sub, rx));
+                self.spawn(sink::to_plugin(plugin, dispatcher, weak_sub, rx));
             }
             Target::Udp(addr) => {
-                tokio::spawn(sink::to_udp(addr, weak_sub, rx));
+                self.spawn(sink::to_udp(addr, weak_sub, rx));
             }
             Target::Tcp { addr, method } => {
-                tokio::spawn(sink::to_tcp(addr, method, Arc::downgrade(self), weak_sub, rx));
+                self.spawn(sink::to_tcp(addr, method, Arc::downgrade(self), weak_sub, rx));
             }
             Target::Channel(channel) => {
-                tokio::spawn(sink::to_channel(channel, weak_sub, rx));
+                self.spawn(sink::to_channel(channel, weak_sub, rx));
             }
         }
         let mut next = (*current).clone();

@@ -26,8 +26,16 @@ pub const MAX_BODY: usize = 1 << 20;
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 1024;
 
-/// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, d: Arc<Dispatcher>, metrics: Arc<Registry>, token: Option<String>) {
+/// Serves until the task is dropped. The listener comes from `bind`; it
+/// joins the reactor of the runtime this runs on (the RPC thread's).
+pub async fn serve(listener: std::net::TcpListener, d: Arc<Dispatcher>, metrics: Arc<Registry>, token: Option<String>) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "the RPC listener cannot join the runtime; no JSON-RPC over HTTP");
+            return;
+        }
+    };
     let token: Option<Arc<str>> = token.map(Into::into);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -119,7 +127,11 @@ async fn respond(
     }
 }
 
-/// Binds the listener; the address in the error names what failed.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+/// Binds the listener (non-blocking, for `serve`); the address in the
+/// error names what failed.
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }

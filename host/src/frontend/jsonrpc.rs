@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::bus::{split_event, Target};
@@ -57,6 +58,9 @@ pub const METHODS: [(&str, &str); 19] = [
 /// Answers one JSON-RPC document given as bytes. `None` when there is
 /// nothing to send back (only notifications).
 pub async fn handle(d: &Arc<Dispatcher>, body: &[u8]) -> Option<Vec<u8>> {
+    if let Some(plain) = PlainCall::read(body) {
+        return plain.answer(d).await;
+    }
     let response = match serde_json::from_slice(body) {
         Ok(doc) => handle_value(d, doc).await?,
         Err(e) => parse_error(&e.to_string()),
@@ -86,6 +90,74 @@ pub async fn handle_value(d: &Arc<Dispatcher>, doc: Value) -> Option<Value> {
             (!out.is_empty()).then_some(Value::Array(out))
         }
         single => handle_one(d, single).await,
+    }
+}
+
+/// A request in the shape nearly every client sends — an object with
+/// `"jsonrpc": "2.0"`, a string `method`, `params` an array (or absent) and
+/// `id` a number, a string or null (or absent) — read without building a
+/// `Value` tree for the document, and answered with the id's own text.
+/// Everything else (a batch, params as an object, a field of a wrong type,
+/// a duplicate key, an escaped `"2.0"`) takes the general path, which
+/// names each fault; for these shapes both paths give the same answer.
+///
+/// Why: a round trip's parse and encode measured ~3 µs through `Value`
+/// trees, a tenth of an `evrexec.run` round trip.
+#[derive(serde::Deserialize)]
+struct PlainCall<'a> {
+    jsonrpc: &'a str,
+    #[serde(borrow)]
+    method: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    params: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+}
+
+/// A field that is present, `null` included (serde reads `null` as an
+/// absent `Option` otherwise, and a null id is not a notification).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+impl PlainCall<'_> {
+    fn read(body: &[u8]) -> Option<PlainCall<'_>> {
+        let call: PlainCall = serde_json::from_slice(body).ok()?;
+        let id_ok = call.id.is_none_or(|id| {
+            let text = id.get();
+            text == "null" || text.starts_with(|c: char| c == '"' || c == '-' || c.is_ascii_digit())
+        });
+        let params_ok = call.params.is_none_or(|p| p.get().starts_with('['));
+        (call.jsonrpc == "2.0" && id_ok && params_ok).then_some(call)
+    }
+
+    async fn answer(self, d: &Arc<Dispatcher>) -> Option<Vec<u8>> {
+        let params = match self.params {
+            None => Vec::new(),
+            Some(raw) => match serde_json::from_str(raw.get()) {
+                Ok(items) => items,
+                // `read` saw an array; RawValue checked it is well-formed.
+                Err(e) => return Some(encode(&parse_error(&e.to_string()))),
+            },
+        };
+        let result = call(d, &self.method, Params(params)).await;
+        let id = self.id?.get();
+        let mut out = Vec::with_capacity(64);
+        match result {
+            Ok(result) => {
+                out.extend_from_slice(br#"{"jsonrpc":"2.0","result":"#);
+                // Serializing a `Value` into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut out, &result);
+            }
+            Err(e) => {
+                out.extend_from_slice(br#"{"jsonrpc":"2.0","error":"#);
+                let _ = serde_json::to_writer(&mut out, &json!({"code": e.code, "message": e.message}));
+            }
+        }
+        out.extend_from_slice(br#","id":"#);
+        out.extend_from_slice(id.as_bytes());
+        out.push(b'}');
+        Some(out)
     }
 }
 
@@ -210,9 +282,9 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
             let command = p.required(0, "command")?;
             let args: Vec<String> = (1..p.0.len()).filter_map(|i| p.text(i)).collect();
             let job = uuid::Uuid::new_v4().to_string();
-            let (d, reply_job) = (d.clone(), job.clone());
-            tokio::spawn(async move {
-                d.run_background(&job, &command, &args.join(" "), &crate::bus::Caller::host("api.bgrun")).await;
+            let (d2, reply_job) = (d.clone(), job.clone());
+            d.spawn(async move {
+                d2.run_background(&job, &command, &args.join(" "), &crate::bus::Caller::host("api.bgrun")).await;
             });
             Ok(json!({"job_uuid": reply_job}))
         }
@@ -313,5 +385,85 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
                 .ok_or_else(|| RpcError::new(-32601, format!("Method Not Found: {m}")))
         }
         _ => Err(RpcError::new(-32601, format!("Method Not Found: {method}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::runtime::Runtime;
+
+    async fn dispatcher() -> Arc<Dispatcher> {
+        let mut config = Config::parse("", "(test)", std::path::Path::new(".")).expect("an empty config is valid");
+        config.cache_dir = None;
+        let runtime = Runtime::new(config.engine.clone(), None).expect("the engine builds");
+        Dispatcher::start(runtime, &config).await.expect("an empty dispatcher starts")
+    }
+
+    /// The answer the general path gives.
+    async fn general(d: &Arc<Dispatcher>, doc: &str) -> Option<Value> {
+        let doc: Value = serde_json::from_str(doc).expect("test documents are JSON");
+        handle_value(d, doc).await
+    }
+
+    #[tokio::test]
+    async fn plain_calls_answer_as_the_general_path_does() {
+        let d = dispatcher().await;
+        let plain = [
+            r#"{"jsonrpc":"2.0","method":"core.version","id":1}"#,
+            r#"{"id":"a\"b","method":"system.methodHelp","params":["evrexec.run"],"jsonrpc":"2.0"}"#,
+            r#"{"jsonrpc":"2.0","method":"system.methodHelp","params":[],"id":null}"#,
+            r#"{"jsonrpc":"2.0","method":"no.such","params":[1,true],"id":-7}"#,
+            r#"{"jsonrpc":"2.0","method":"evrexec.run","params":["nowhere","data"],"id":2,"extra":{}}"#,
+            r#"{"jsonrpc":"2.0","method":"evrexec.run","id":3}"#,
+            r#" {"jsonrpc" : "2.0", "method" : "api.run", "params" : ["status"], "id" : 4} "#,
+        ];
+        for doc in plain {
+            assert!(PlainCall::read(doc.as_bytes()).is_some(), "{doc} should take the plain path");
+            let fast = handle(&d, doc.as_bytes()).await.expect("a request with an id is answered");
+            let fast: Value = serde_json::from_slice(&fast).expect("the answer is JSON");
+            assert_eq!(Some(fast), general(&d, doc).await, "{doc}");
+        }
+        // A notification is run and not answered, on either path.
+        let note = r#"{"jsonrpc":"2.0","method":"core.uptime"}"#;
+        assert!(PlainCall::read(note.as_bytes()).is_some());
+        assert_eq!(handle(&d, note.as_bytes()).await, None);
+
+        let batch = r#"[{"jsonrpc":"2.0","method":"core.version","id":1}]"#;
+        assert!(PlainCall::read(batch.as_bytes()).is_none());
+        let answer: Value = serde_json::from_slice(&handle(&d, batch.as_bytes()).await.expect("answered")).unwrap();
+        assert_eq!(answer[0]["result"], format!("evrhost {}", env!("CARGO_PKG_VERSION")));
+
+        // Valid, but not plain: params by name, an escaped version, a
+        // duplicate key (the last one counts, as serde_json's maps keep it).
+        for doc in [
+            r#"{"jsonrpc":"2.0","method":"core.version","method":"system.methodHelp","params":["core.uptime"],"id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"system.methodHelp","params":{"m":"core.uptime"},"id":1}"#,
+            r#"{"jsonrpc":"2\u002e0","method":"system.methodHelp","params":["core.uptime"],"id":1}"#,
+        ] {
+            assert!(PlainCall::read(doc.as_bytes()).is_none(), "{doc}");
+            let answer: Value = serde_json::from_slice(&handle(&d, doc.as_bytes()).await.expect("answered")).unwrap();
+            assert_eq!(answer["result"], "— seconds since start", "{doc}");
+        }
+
+        // Each of these is refused, by the general path.
+        let general_only = [
+            r#"{"jsonrpc":"2.0","method":"core.version","params":null,"id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"core.version","params":"x","id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"core.version","id":[1]}"#,
+            r#"{"jsonrpc":"2.0","method":"core.version","id":true}"#,
+            r#"{"jsonrpc":"1.0","method":"core.version","id":1}"#,
+            r#"{"jsonrpc":"2.0","method":5,"id":1}"#,
+            r#"{"jsonrpc":"2.0","id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"core.version","id":1"#,
+            r#"42"#,
+        ];
+        for doc in general_only {
+            assert!(PlainCall::read(doc.as_bytes()).is_none(), "{doc} should take the general path");
+            let answer = handle(&d, doc.as_bytes()).await.expect("every one of these is answered");
+            let answer: Value = serde_json::from_slice(&answer).expect("the answer is JSON");
+            assert!(answer["error"]["code"].is_i64(), "{doc}: {answer}");
+        }
     }
 }

@@ -6,5 +6,6 @@ pub mod erlang;
 pub mod http;
 pub mod jsonrpc;
 pub mod metrics;
+pub mod rpc_thread;
 pub mod udp;
 pub mod unix;

@@ -15,18 +15,29 @@ use crate::dispatcher::Dispatcher;
 
 /// Binds `path`, replacing a stale socket left by an earlier run (but never
 /// a file that is not a socket).
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+pub fn bind(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
             std::fs::remove_file(path)?;
         }
     }
-    UnixListener::bind(path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, d: Arc<Dispatcher>) {
+/// Serves until the task is dropped; the listener joins the reactor of the
+/// runtime this runs on.
+pub async fn serve(listener: std::os::unix::net::UnixListener, d: Arc<Dispatcher>) {
+    let listener = match UnixListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "the RPC UNIX listener cannot join the runtime; no JSON-RPC over it");
+            return;
+        }
+    };
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
