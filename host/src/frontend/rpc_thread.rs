@@ -49,8 +49,9 @@ impl RpcThread {
             // Tasks spawned through `handle` run while this blocks; an
             // error means the sender is gone, which is a stop as well.
             let _ = runtime.block_on(stopped);
-            // Dropping the runtime cancels the tasks still on it.
-            drop(runtime);
+            // Cancels the tasks still on it; a compile a `plugin.load` left
+            // on the blocking pool is not waited for past a second.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
         })?;
         Ok(RpcThread { handle, stop: Some(stop), thread: Some(thread) })
     }
