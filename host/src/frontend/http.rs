@@ -130,8 +130,14 @@ async fn respond(
 /// Binds the listener (non-blocking, for `serve`); the address in the
 /// error names what failed.
 pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let listener = std::net::TcpListener::bind(addr)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
+    use socket2::{Domain, Socket, Type};
+    let context = |e: std::io::Error| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"));
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(context)?;
+    // As tokio's own bind: a restart finds the port free at once, and a
+    // burst of connects waits in a backlog as deep as MAX_CONNECTIONS.
+    socket.set_reuse_address(true).map_err(context)?;
+    socket.set_nonblocking(true).map_err(context)?;
+    socket.bind(&addr.into()).map_err(context)?;
+    socket.listen(MAX_CONNECTIONS as i32).map_err(context)?;
+    Ok(socket.into())
 }
