@@ -10,7 +10,7 @@
 //! behind UDP batches on the main runtime's workers, nor they behind it.
 //!
 //! Invariants:
-//! - What a request starts that outlives it (a `api.bgrun` job, an event
+//! - What a request starts that outlives it (an `api.bgrun` job, an event
 //!   subscriber's delivery task) runs on the main runtime
 //!   (`Dispatcher::spawn`, the bus), not here.
 //! - A plugin call made here is the same async call as anywhere else: past
