@@ -253,9 +253,6 @@ pub struct Dispatcher {
     fetcher: std::sync::OnceLock<Arc<dyn Fetcher>>,
     /// Commands front-ends add: name → (usage, description, run).
     extensions: Mutex<BTreeMap<String, (String, String, CommandFn)>>,
-    /// The runtime `start` ran in, for background jobs started from a
-    /// front-end's own thread.
-    main: tokio::runtime::Handle,
 }
 
 impl Dispatcher {
@@ -277,7 +274,6 @@ impl Dispatcher {
             remote: std::sync::OnceLock::new(),
             fetcher: std::sync::OnceLock::new(),
             extensions: Mutex::new(BTreeMap::new()),
-            main: tokio::runtime::Handle::current(),
         });
         bus.attach(Arc::downgrade(&dispatcher));
         let mut plugins = BTreeMap::new();
@@ -514,11 +510,6 @@ impl Dispatcher {
         let event = Event { name: "BACKGROUND_JOB".into(), subclass: None, headers, body: Some(output.clone()) };
         self.bus.fire(event, caller);
         (ok, output)
-    }
-
-    /// Runs `task` on the daemon's main runtime, whatever thread asks.
-    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        drop(self.main.spawn(task));
     }
 
     /// Every command: built-ins first, then front-ends', then the plugins'.

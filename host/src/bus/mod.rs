@@ -219,14 +219,14 @@ pub struct Bus {
     dispatcher: OnceLock<Weak<Dispatcher>>,
     /// (second, local, GMT) of the last event's dates.
     dates: Mutex<(u64, String, String)>,
-    /// Where delivery tasks run: not on the RPC thread that may subscribe.
-    runtime: Option<tokio::runtime::Handle>,
+    /// The daemon's main runtime: delivery tasks and background jobs run
+    /// there, whichever thread (the RPC thread's) starts them.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Bus {
-    /// `queue`: events waiting per subscriber before overflow. Delivery
-    /// tasks run on the runtime this is called in (the daemon's main one),
-    /// whichever thread subscribes later.
+    /// `queue`: events waiting per subscriber before overflow. Must be
+    /// called inside the runtime that is to run the bus's tasks (`spawn`).
     pub fn new(queue: usize) -> Arc<Bus> {
         let hostname =
             nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into());
@@ -239,15 +239,13 @@ impl Bus {
             queue: queue.max(1),
             dispatcher: OnceLock::new(),
             dates: Mutex::new((0, String::new(), String::new())),
-            runtime: tokio::runtime::Handle::try_current().ok(),
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 
-    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        match &self.runtime {
-            Some(runtime) => drop(runtime.spawn(task)),
-            None => drop(tokio::spawn(task)),
-        }
+    /// Runs `task` on the daemon's main runtime, whatever thread asks.
+    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        drop(self.runtime.spawn(task));
     }
 
     /// Plugin subscribers are delivered through the dispatcher.

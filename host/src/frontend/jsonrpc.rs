@@ -283,7 +283,7 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
             let args: Vec<String> = (1..p.0.len()).filter_map(|i| p.text(i)).collect();
             let job = uuid::Uuid::new_v4().to_string();
             let (d2, reply_job) = (d.clone(), job.clone());
-            d.spawn(async move {
+            d.bus().spawn(async move {
                 d2.run_background(&job, &command, &args.join(" "), &crate::bus::Caller::host("api.bgrun")).await;
             });
             Ok(json!({"job_uuid": reply_job}))

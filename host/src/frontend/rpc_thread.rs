@@ -11,8 +11,8 @@
 //!
 //! Invariants:
 //! - What a request starts that outlives it (an `api.bgrun` job, an event
-//!   subscriber's delivery task) runs on the main runtime
-//!   (`Dispatcher::spawn`, the bus), not here.
+//!   subscriber's delivery task) runs on the main runtime (`Bus::spawn`),
+//!   not here.
 //! - A plugin call made here is the same async call as anywhere else: past
 //!   its second epoch tick it yields at every tick, and the reactor is
 //!   polled after every task poll, so a slow route delays the other RPC
