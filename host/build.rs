@@ -1,14 +1,24 @@
 //! Builds the example plugins and hostile fixtures in `plugins/` for
 //! wasm32-wasip2, so that the daemon can embed the examples and the tests
 //! can load real components. Nothing is built by hand; no `.wasm` is
-//! committed.
+//! committed. The plugins are the members of `plugins/Cargo.toml`, the one
+//! place that lists them; the tests find them in EVRHOST_PLUGINS_DIR.
 
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PLUGINS: [&str; 9] =
-    ["echo", "counter", "hostile", "timer", "xlog", "kvcount", "sipoptions", "listener", "directory"];
+/// The `members = [...]` of the plugins' workspace manifest.
+fn members(manifest: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(manifest).unwrap_or_else(|e| panic!("cannot read {}: {e}", manifest.display()));
+    let list = text
+        .split_once("members")
+        .and_then(|(_, rest)| rest.split_once('['))
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(list, _)| list)
+        .unwrap_or_else(|| panic!("{}: no `members = [...]`", manifest.display()));
+    list.split(',').map(|m| m.trim().trim_matches('"').to_string()).filter(|m| !m.is_empty()).collect()
+}
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
@@ -52,7 +62,7 @@ fn main() {
 
     let dest = out_dir.join("plugins");
     std::fs::create_dir_all(&dest).expect("cannot create OUT_DIR/plugins");
-    for name in PLUGINS {
+    for name in members(&root.join("plugins/Cargo.toml")) {
         let built = target_dir.join("wasm32-wasip2/release").join(format!("{name}.wasm"));
         copy(&built, &dest.join(format!("{name}.wasm")));
     }

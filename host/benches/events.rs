@@ -16,9 +16,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use evrhost::bus::{notification, Caller, Target};
+use evrhost::bus::Caller;
 use evrhost::config::Config;
+use evrhost::config::EventSocket;
 use evrhost::dispatcher::Dispatcher;
+use evrhost::frontend::event_sinks::{self, notification};
 use evrhost::runtime::{Event, Origin, Request, Runtime};
 
 mod common;
@@ -171,9 +173,7 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(300));
         received.store(0, Ordering::Relaxed);
 
-        rt.block_on(async {
-            d.bus().subscribe(Target::Udp(addr), "CUSTOM", Some("bench"), None).map_err(anyhow::Error::msg)
-        })?;
+        rt.block_on(async { event_sinks::subscribe(d.bus(), &EventSocket::Udp(addr), "CUSTOM", Some("bench"), None) })?;
         let started = Instant::now();
         rt.block_on(async {
             fire(&d, events).await;
@@ -220,9 +220,8 @@ fn main() -> anyhow::Result<()> {
         // With somebody listening, the records are built and delivered.
         let sink = UdpSocket::bind("127.0.0.1:0")?;
         rt.block_on(async {
-            d.bus()
-                .subscribe(Target::Udp(sink.local_addr().unwrap_or(addr)), "E_PROFILING_SCRIPT", None, None)
-                .map_err(anyhow::Error::msg)
+            let socket = EventSocket::Udp(sink.local_addr().unwrap_or(addr));
+            event_sinks::subscribe(d.bus(), &socket, "E_PROFILING_SCRIPT", None, None)
         })?;
         for _ in 0..50 {
             on.push(sample(&profiled));

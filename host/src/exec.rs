@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
-use crate::config::{ExecDef, ExecKind};
+use crate::config::ExecDef;
 use crate::dispatcher::Dispatcher;
 
 pub struct Tasks {
@@ -23,25 +23,23 @@ pub struct Tasks {
 }
 
 impl Tasks {
-    /// Starts every startup task in `defs` (UDP entries are front-ends).
+    /// Starts every startup task in `defs`.
     pub fn start(d: &Arc<Dispatcher>, defs: &[ExecDef]) -> Tasks {
         let mut handles = Vec::new();
         for def in defs {
-            if let ExecKind::Task { plugin, workers, wait, backoff_min, backoff_max } = &def.kind {
-                for worker in 0..*workers {
-                    let run = Worker {
-                        d: d.clone(),
-                        name: def.name.clone(),
-                        plugin: plugin.clone(),
-                        worker: worker.to_string(),
-                        backoff: (*backoff_min, *backoff_max),
-                    };
-                    let wait = *wait;
-                    handles.push(tokio::spawn(async move {
-                        tokio::time::sleep(wait).await;
-                        run.run().await
-                    }));
-                }
+            for worker in 0..def.workers {
+                let run = Worker {
+                    d: d.clone(),
+                    name: def.name.clone(),
+                    plugin: def.plugin.clone(),
+                    worker: worker.to_string(),
+                    backoff: (def.backoff_min, def.backoff_max),
+                };
+                let wait = def.wait;
+                handles.push(tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    run.run().await
+                }));
             }
         }
         Tasks { handles }

@@ -9,13 +9,11 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
-use evrhost::bus::Target;
-use evrhost::config::{Config, ExecKind, PluginDef, RouteDef, RpcSettings, DEFAULT_RPC_LISTEN};
-use evrhost::dispatcher::Dispatcher;
-use evrhost::frontend::metrics::Registry;
-use evrhost::frontend::{client::RpcClient, http, rpc_thread::RpcThread, udp, unix};
-use evrhost::runtime::{Export, Isolation, Origin, Request, Runtime};
-use evrhost::{exec, housekeeping};
+use evrhost::bus::log_layer::{BusLayer, LogHub};
+use evrhost::config::{Config, PluginDef, RouteDef, DEFAULT_RPC_LISTEN};
+use evrhost::daemon::{self, start};
+use evrhost::frontend::client::RpcClient;
+use evrhost::runtime::{Export, Isolation, Origin, Request};
 
 #[derive(Parser)]
 #[command(name = "evrhost", version, about = "Runs sandboxed WebAssembly components as event-route handlers")]
@@ -88,10 +86,11 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = LogHub::new();
     {
         use tracing_subscriber::prelude::*;
         let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
-        tracing_subscriber::registry().with(fmt).with(evrhost::bus::log_layer::BusLayer).init();
+        tracing_subscriber::registry().with(fmt).with(BusLayer::new(logs.clone())).init();
     }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -100,7 +99,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(dispatch(cli.command)) {
+    match rt.block_on(dispatch(cli.command, logs)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -109,9 +108,9 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+async fn dispatch(command: Command, logs: Arc<LogHub>) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config, listen } => run(config.as_deref(), listen).await,
+        Command::Run { config, listen } => run(config.as_deref(), listen, logs).await,
         Command::Call { plugin, route, data, params, fuel, deadline_ms, memory_mb, per_call } => {
             let mut def = plugin_def(&plugin)?;
             let limits = &mut def.spec.limits;
@@ -135,26 +134,18 @@ fn plugin_def(path: &Path) -> anyhow::Result<PluginDef> {
     let name: String =
         stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).take(64).collect();
     let path = path.to_str().with_context(|| format!("{}: the path is not UTF-8", path.display()))?;
-    PluginDef::with_defaults(&name, path).map_err(anyhow::Error::msg)
+    Ok(PluginDef::with_defaults(&name, path)?)
 }
 
 /// A config holding one plugin, for the one-shot commands.
 fn single(def: PluginDef, routes: Vec<RouteDef>) -> Config {
-    let mut config = Config::parse("", "(command line)", Path::new(".")).expect("an empty config is valid");
+    let mut config = Config::empty();
     config.plugins = vec![def];
     config.routes = routes;
-    config.rpc = RpcSettings { listen: None, unix: None, token: None };
-    config.exec = Vec::new();
     config
 }
 
-async fn start(config: &Config) -> anyhow::Result<Arc<Dispatcher>> {
-    let runtime = Runtime::new(config.engine.clone(), config.cache_dir.clone())?;
-    Ok(Dispatcher::start(runtime, config).await?)
-}
-
-async fn run(path: Option<&Path>, listen: Option<std::net::SocketAddr>) -> anyhow::Result<ExitCode> {
-    let started = std::time::Instant::now();
+async fn run(path: Option<&Path>, listen: Option<std::net::SocketAddr>, logs: Arc<LogHub>) -> anyhow::Result<ExitCode> {
     let (mut config, origin) = match path {
         Some(path) => (Config::load(path)?, path.display().to_string()),
         None => (Config::embedded_default()?, "the embedded default config".to_string()),
@@ -162,92 +153,8 @@ async fn run(path: Option<&Path>, listen: Option<std::net::SocketAddr>) -> anyho
     if listen.is_some() {
         config.rpc.listen = listen;
     }
-    let d = start(&config).await?;
-    let registry = Arc::new(Registry::default());
-    let mut background = vec![housekeeping::spawn(d.clone(), config.events.clone())];
-    if let Some(level) = config.events.log {
-        evrhost::bus::log_layer::enable(Arc::downgrade(d.bus()), level);
-    }
-    for (event, socket) in &config.events.subscribe {
-        // Checked when the config was read.
-        if let Ok(target) = Target::parse(socket) {
-            let (name, subclass) = evrhost::bus::split_event(event);
-            d.bus().subscribe(target, name, subclass, None).map_err(anyhow::Error::msg)?;
-        }
-    }
-
-    for exec in &config.exec {
-        if let ExecKind::Udp(def) = &exec.kind {
-            let socket = udp::bind(def)?;
-            let (endpoint, tasks) = udp::start(&exec.name, def, socket, d.clone())?;
-            tracing::info!(route = %exec.name, workers = def.workers, "UDP on udp:{}", endpoint.addr);
-            registry.add_udp(endpoint);
-            background.extend(tasks);
-        }
-    }
-    // Before the RPC listener: once that answers, peers can find the node.
-    if let Some(settings) = &config.erlang {
-        let (node, tasks) = evrhost::frontend::erlang::Node::start(settings.clone(), &d).await?;
-        tracing::info!("Erlang C-node {} on port {}", node.name, settings.listen.port());
-        background.extend(tasks);
-    }
-    let rpc_thread = RpcThread::start().context("cannot start the RPC thread")?;
-    if let Some(addr) = config.rpc.listen {
-        let listener = http::bind(addr)?;
-        let addr = listener.local_addr().unwrap_or(addr);
-        rpc_thread.spawn(http::serve(listener, d.clone(), registry.clone(), config.rpc.token.clone()));
-        tracing::info!("JSON-RPC on http://{addr}/RPC, metrics on http://{addr}/metrics");
-        tracing::info!("try: evrhost rpc -a {addr} evrexec.run evrexec:test mydata");
-    }
-    if let Some(path) = &config.rpc.unix {
-        rpc_thread.spawn(unix::serve(unix::bind(path)?, d.clone()));
-        tracing::info!("JSON-RPC on unix:{}", path.display());
-    }
-    let tasks = exec::Tasks::start(&d, &config.exec);
-
-    let plugins: Vec<String> = d.plugins().into_iter().map(|p| format!("{} ({})", p.name, p.source)).collect();
-    let routes: Vec<String> = d.routes().into_iter().map(|r| r.name).collect();
-    tracing::info!(config = %origin, "evrhost {} serving", env!("CARGO_PKG_VERSION"));
-    tracing::info!("plugins: {}", plugins.join(", "));
-    tracing::info!("routes: {}", routes.join(", "));
-    if !tasks.is_empty() {
-        tracing::info!("exec tasks: {} workers", tasks.len());
-    }
-    tracing::info!(ms = started.elapsed().as_secs_f64() * 1e3, "ready");
-
-    wait_for_shutdown(&d).await?;
-    rpc_thread.stop();
-    tasks.stop().await;
-    for task in background {
-        task.abort();
-    }
-    if let Some(path) = &config.rpc.unix {
-        let _ = std::fs::remove_file(path);
-    }
-    tracing::info!("evrhost stopped");
+    daemon::run(config, &origin, logs).await?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Returns on SIGINT or SIGTERM; SIGHUP reloads every plugin from where it
-/// was loaded (an unchanged one comes from the compiled cache).
-async fn wait_for_shutdown(d: &Arc<Dispatcher>) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading every plugin");
-                for p in d.plugins() {
-                    // Errors are logged by reload; the old version serves on.
-                    let _ = d.reload(&p.name, None).await;
-                }
-            }
-        }
-    }
 }
 
 async fn call(def: PluginDef, route: &str, data: String, params: Vec<(String, String)>) -> anyhow::Result<ExitCode> {
@@ -318,8 +225,7 @@ async fn inspect(path: &Path) -> anyhow::Result<ExitCode> {
 }
 
 async fn check(path: &Path) -> anyhow::Result<ExitCode> {
-    let mut config = Config::load(path)?;
-    config.rpc.listen = None;
+    let config = Config::load(path)?;
     let d = start(&config).await?;
     println!(
         "{}: ok: {} plugins, {} routes, {} commands",

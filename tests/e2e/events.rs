@@ -135,7 +135,7 @@ async fn custom_events_reach_a_plugin_a_udp_and_a_tcp_subscriber_filtered() {
     assert_eq!(result(&run(&mut c, "watcher.subscribe", "CUSTOM acme::login").await)["retval"], json!("subscribed"));
     assert_eq!(
         result(&run(&mut c, "watcher.filter", "add User alice").await)["retval"],
-        json!("+OK filter added. [User]=[alice]")
+        json!("filter added: [User]=[alice]")
     );
     let r = c.call("event.subscribe", json!(["CUSTOM:acme::login", udp.socket()])).await.expect("rpc");
     assert_eq!(result(&r), &json!("OK"));

@@ -1,7 +1,6 @@
 //! Starting the daemon on a config of the test's own, and talking to it.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,15 +9,7 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_evrhost");
 
-/// The components built from `plugins/`; `{NAME}` in a test's config
-/// stands for one's path.
-pub const PLUGINS: [&str; 9] =
-    ["echo", "counter", "hostile", "timer", "xlog", "kvcount", "sipoptions", "listener", "directory"];
-
-/// A component built from `plugins/` by the host's build script.
-pub fn plugin(name: &str) -> PathBuf {
-    Path::new(env!("EVRHOST_PLUGINS_DIR")).join(format!("{name}.wasm"))
-}
+pub use evrhost::harness::plugin;
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
@@ -57,13 +48,12 @@ impl Daemon {
     pub async fn start(config: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
-        let mut text = config
-            .replace("{PORT}", &port.to_string())
-            .replace("{UDP}", &free_udp_port().to_string())
-            .replace("{DIR}", &dir.path().display().to_string());
-        for name in PLUGINS {
-            text = text.replace(&format!("{{{name}}}"), &plugin(name).display().to_string());
-        }
+        let text = evrhost::harness::with_plugin_paths(
+            &config
+                .replace("{PORT}", &port.to_string())
+                .replace("{UDP}", &free_udp_port().to_string())
+                .replace("{DIR}", &dir.path().display().to_string()),
+        );
         let path = dir.path().join("evrhost.toml");
         std::fs::write(&path, text).expect("write config");
         let log = std::fs::File::create(dir.path().join("evrhost.log")).expect("log file");

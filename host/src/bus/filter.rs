@@ -7,6 +7,9 @@
 //! - a raw value starting with `/` is a regex (`/^acme::/`), anything else
 //!   compares case-insensitively. As in FreeSWITCH, the regex test looks at
 //!   the raw first character, so an exclude (`-/x/`) compares as text.
+//!
+//! A filter command's outcome is typed ([`FilterChange`], [`FilterError`]):
+//! each front-end renders it in its own protocol.
 
 use regex::Regex;
 
@@ -30,6 +33,44 @@ enum Matcher {
     Regex(Regex),
 }
 
+/// What a filter command did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FilterChange {
+    Added {
+        header: String,
+        value: String,
+    },
+    /// Filters on `header` (with this raw value, if given) were removed.
+    Deleted {
+        header: String,
+        value: Option<String>,
+    },
+    DeletedAll,
+}
+
+impl std::fmt::Display for FilterChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FilterChange::Added { header, value } => write!(f, "filter added: [{header}]=[{value}]"),
+            FilterChange::Deleted { header, value } => {
+                write!(f, "filter deleted: [{header}][{}]", value.as_deref().unwrap_or(""))
+            }
+            FilterChange::DeletedAll => write!(f, "filter deleted: [all]"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FilterError {
+    /// Not one of the command shapes.
+    #[error("invalid syntax")]
+    Syntax,
+    #[error("{MAX_FILTERS} filters already; delete some first")]
+    TooMany,
+    #[error("bad regex `{pattern}`: {message}")]
+    Regex { pattern: String, message: String },
+}
+
 #[derive(Debug, Default)]
 pub struct Filters {
     list: Vec<Filter>,
@@ -45,16 +86,19 @@ impl Filters {
     }
 
     /// Adds a filter; an invalid regex is refused.
-    pub fn add(&mut self, header: &str, raw: &str) -> Result<(), String> {
+    pub fn add(&mut self, header: &str, raw: &str) -> Result<(), FilterError> {
         if self.list.len() >= MAX_FILTERS {
-            return Err(format!("{MAX_FILTERS} filters already; delete some first"));
+            return Err(FilterError::TooMany);
         }
         let consumed = raw.trim_start_matches(['+', '-', ' ']);
         let exclude = raw[..raw.len() - consumed.len()].contains('-');
         let matcher = match raw.strip_prefix('/') {
             Some(pattern) => {
                 let pattern = pattern.strip_suffix('/').unwrap_or(pattern);
-                Matcher::Regex(Regex::new(pattern).map_err(|e| format!("bad regex `{pattern}`: {e}"))?)
+                Matcher::Regex(
+                    Regex::new(pattern)
+                        .map_err(|e| FilterError::Regex { pattern: pattern.to_string(), message: e.to_string() })?,
+                )
             }
             None => Matcher::Text(consumed.to_string()),
         };
@@ -75,34 +119,34 @@ impl Filters {
 
     /// A mod_event_socket `filter` command: `HEADER VALUE`, `add HEADER
     /// VALUE`, `delete HEADER [VALUE]` or `delete all`. The value is the
-    /// rest of the line. Returns the reply text.
-    pub fn command(&mut self, command: &str) -> Result<String, String> {
+    /// rest of the line.
+    pub fn command(&mut self, command: &str) -> Result<FilterChange, FilterError> {
         let command = command.trim();
         let (first, rest) = command.split_once(' ').map_or((command, ""), |(a, b)| (a, b.trim()));
         match first {
-            "" => Err("-ERR invalid syntax".into()),
+            "" => Err(FilterError::Syntax),
             "delete" if rest == "all" => {
                 self.clear();
-                Ok("+OK filter deleted. [all]".into())
+                Ok(FilterChange::DeletedAll)
             }
             "delete" => {
                 let (header, value) = rest.split_once(' ').map_or((rest, None), |(h, v)| (h, Some(v.trim())));
                 if header.is_empty() {
-                    return Err("-ERR invalid syntax".into());
+                    return Err(FilterError::Syntax);
                 }
                 self.delete(header, value);
-                Ok(format!("+OK filter deleted. [{header}][{}]", value.unwrap_or("")))
+                Ok(FilterChange::Deleted { header: header.to_string(), value: value.map(str::to_string) })
             }
             _ => {
                 let line = if first == "add" { rest } else { command };
                 let Some((header, value)) = line.split_once(' ').map(|(h, v)| (h, v.trim())) else {
-                    return Err("-ERR invalid syntax".into());
+                    return Err(FilterError::Syntax);
                 };
                 if header.is_empty() || value.is_empty() {
-                    return Err("-ERR invalid syntax".into());
+                    return Err(FilterError::Syntax);
                 }
-                self.add(header, value).map_err(|e| format!("-ERR {e}"))?;
-                Ok(format!("+OK filter added. [{header}]=[{value}]"))
+                self.add(header, value)?;
+                Ok(FilterChange::Added { header: header.to_string(), value: value.to_string() })
             }
         }
     }
@@ -127,14 +171,12 @@ impl Filters {
         }
         send
     }
-}
 
-impl Filters {
-    /// mod_erlang_event's test, which differs from mod_event_socket's: an
-    /// event starts as sent, so include filters change nothing and only a
+    /// The other rule FreeSWITCH applies (mod_erlang_event's): an event
+    /// starts as sent, so include filters change nothing and only a
     /// matching exclude stops it; an exclude with nothing after its `-`
     /// matches the header's mere presence.
-    pub fn passes_erlang(&self, event: &Event) -> bool {
+    pub fn passes_excludes_only(&self, event: &Event) -> bool {
         !self.list.iter().any(|f| {
             f.exclude
                 && header(event, &f.header).is_some_and(|value| match &f.matcher {
@@ -182,35 +224,36 @@ mod tests {
         assert!(f.passes(&event(&[("User", "bob")])), "the regex on the subclass matches");
         f.command("add Realm -spam.example").unwrap();
         assert!(!f.passes(&event(&[("User", "alice"), ("Realm", "spam.example")])), "an exclude wins");
-        assert_eq!(f.command("delete Realm").unwrap(), "+OK filter deleted. [Realm][]");
+        assert_eq!(f.command("delete Realm"), Ok(FilterChange::Deleted { header: "Realm".into(), value: None }));
         assert!(f.passes(&event(&[("User", "alice"), ("Realm", "spam.example")])));
-        f.command("delete all").unwrap();
+        assert_eq!(f.command("delete all"), Ok(FilterChange::DeletedAll));
         assert!(f.is_empty());
     }
 
     #[test]
     fn bad_commands_are_refused() {
         let mut f = Filters::default();
-        assert_eq!(f.command("add User").unwrap_err(), "-ERR invalid syntax");
-        assert_eq!(f.command("").unwrap_err(), "-ERR invalid syntax");
-        assert!(f.command("add User /(unclosed/").unwrap_err().contains("bad regex"));
+        assert_eq!(f.command("add User"), Err(FilterError::Syntax));
+        assert_eq!(f.command(""), Err(FilterError::Syntax));
+        assert_eq!(f.command("delete"), Err(FilterError::Syntax));
+        assert!(matches!(f.command("add User /(unclosed/"), Err(FilterError::Regex { .. })));
         assert!(f.is_empty());
         for i in 0..MAX_FILTERS {
             f.command(&format!("add User u{i}")).unwrap();
         }
-        assert!(f.command("add User one-too-many").unwrap_err().contains("filters already"));
+        assert_eq!(f.command("add User one-too-many"), Err(FilterError::TooMany));
     }
 
     #[test]
-    fn erlang_filters_only_exclude() {
+    fn excludes_only_rule() {
         let mut f = Filters::default();
         f.command("add User alice").unwrap();
-        assert!(f.passes_erlang(&event(&[("User", "bob")])), "an include does not restrict");
+        assert!(f.passes_excludes_only(&event(&[("User", "bob")])), "an include does not restrict");
         f.command("add Realm -spam.example").unwrap();
-        assert!(!f.passes_erlang(&event(&[("Realm", "SPAM.example")])));
+        assert!(!f.passes_excludes_only(&event(&[("Realm", "SPAM.example")])));
         f.command("add X-Debug -").unwrap();
-        assert!(!f.passes_erlang(&event(&[("X-Debug", "1")])), "an empty exclude: the header's presence");
-        assert!(f.passes_erlang(&event(&[("Realm", "good.example")])));
+        assert!(!f.passes_excludes_only(&event(&[("X-Debug", "1")])), "an empty exclude: the header's presence");
+        assert!(f.passes_excludes_only(&event(&[("Realm", "good.example")])));
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! E_CORE_LOG: each log line as an event, when `[events] log` names a
-//! level; and taps: log lines as records for a front-end (an Erlang log
-//! handler), each tap at a level of its own. The layer reads the levels
-//! from atomics (off until enabled), so it costs two loads per log line
-//! otherwise.
+//! Log lines as events and as records. A [`LogHub`] belongs to one daemon:
+//! it turns log lines into E_CORE_LOG events on that daemon's bus when
+//! `[events] log` names a level, and hands them as records to taps (an
+//! Erlang log handler), each tap at a level of its own. [`BusLayer`] is the
+//! tracing layer that feeds a hub; it reads the levels from atomics (off
+//! until enabled), so it costs two loads per log line otherwise.
 //!
 //! A log line raised while a subscriber handles an E_CORE_LOG event is not
 //! turned into another event (OpenSIPS suppresses them the same way), or a
@@ -12,23 +13,16 @@ use std::cell::Cell;
 use std::fmt::Write;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::sync::{Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use tokio::sync::mpsc;
-
 use tracing::field::{Field, Visit};
 use tracing::Level;
 use tracing_subscriber::layer::{Context, Layer};
 
 use super::{Bus, Caller};
+use crate::sync::lock;
 
-/// 0 = off, else 1 (error) … 5 (trace).
-static LEVEL: AtomicU8 = AtomicU8::new(0);
-static BUS: OnceLock<Weak<Bus>> = OnceLock::new();
-/// The most verbose level any tap wants; 0 = no tap.
-static TAP_LEVEL: AtomicU8 = AtomicU8::new(0);
-static TAPS: Mutex<Vec<Tap>> = Mutex::new(Vec::new());
-static TAP_IDS: AtomicU64 = AtomicU64::new(1);
 /// Records waiting per tap; a slow consumer loses the rest.
 const TAP_QUEUE: usize = 1024;
 
@@ -48,37 +42,56 @@ pub struct LogRecord {
     pub text: String,
 }
 
-fn taps() -> std::sync::MutexGuard<'static, Vec<Tap>> {
-    // Updates are single pushes, retains and assignments.
-    TAPS.lock().unwrap_or_else(|p| p.into_inner())
+/// Where one daemon's log lines go besides stderr.
+#[derive(Default)]
+pub struct LogHub {
+    /// 0 = off, else 1 (error) … 5 (trace).
+    level: AtomicU8,
+    bus: OnceLock<Weak<Bus>>,
+    /// The most verbose level any tap wants; 0 = no tap.
+    tap_level: AtomicU8,
+    taps: Mutex<Vec<Tap>>,
+    tap_ids: AtomicU64,
 }
 
-fn refresh_tap_level(taps: &[Tap]) {
-    TAP_LEVEL.store(taps.iter().map(|t| t.level).max().unwrap_or(0), Relaxed);
-}
-
-/// Log lines at `level` and above, as records, until `untap`.
-pub fn tap(level: Level) -> (u64, mpsc::Receiver<LogRecord>) {
-    let id = TAP_IDS.fetch_add(1, Relaxed);
-    let (tx, rx) = mpsc::channel(TAP_QUEUE);
-    let mut taps = taps();
-    taps.push(Tap { id, level: rank(&level), tx });
-    refresh_tap_level(&taps);
-    (id, rx)
-}
-
-pub fn set_tap_level(id: u64, level: Level) {
-    let mut taps = taps();
-    if let Some(t) = taps.iter_mut().find(|t| t.id == id) {
-        t.level = rank(&level);
+impl LogHub {
+    pub fn new() -> Arc<LogHub> {
+        Arc::new(LogHub::default())
     }
-    refresh_tap_level(&taps);
-}
 
-pub fn untap(id: u64) {
-    let mut taps = taps();
-    taps.retain(|t| t.id != id);
-    refresh_tap_level(&taps);
+    /// Turns log lines at `level` and above into E_CORE_LOG events on `bus`.
+    pub fn enable(&self, bus: Weak<Bus>, level: Level) {
+        let _ = self.bus.set(bus);
+        self.level.store(rank(&level), Relaxed);
+    }
+
+    /// Log lines at `level` and above, as records, until `untap`.
+    pub fn tap(&self, level: Level) -> (u64, mpsc::Receiver<LogRecord>) {
+        let id = self.tap_ids.fetch_add(1, Relaxed) + 1;
+        let (tx, rx) = mpsc::channel(TAP_QUEUE);
+        let mut taps = lock(&self.taps);
+        taps.push(Tap { id, level: rank(&level), tx });
+        self.refresh_tap_level(&taps);
+        (id, rx)
+    }
+
+    pub fn set_tap_level(&self, id: u64, level: Level) {
+        let mut taps = lock(&self.taps);
+        if let Some(t) = taps.iter_mut().find(|t| t.id == id) {
+            t.level = rank(&level);
+        }
+        self.refresh_tap_level(&taps);
+    }
+
+    pub fn untap(&self, id: u64) {
+        let mut taps = lock(&self.taps);
+        taps.retain(|t| t.id != id);
+        self.refresh_tap_level(&taps);
+    }
+
+    fn refresh_tap_level(&self, taps: &[Tap]) {
+        self.tap_level.store(taps.iter().map(|t| t.level).max().unwrap_or(0), Relaxed);
+    }
 }
 
 tokio::task_local! {
@@ -99,19 +112,21 @@ fn rank(level: &Level) -> u8 {
     }
 }
 
-/// Turns log lines at `level` and above into E_CORE_LOG events on `bus`.
-pub fn enable(bus: Weak<Bus>, level: Level) {
-    let _ = BUS.set(bus);
-    LEVEL.store(rank(&level), Relaxed);
-}
-
-/// Runs `f` with its log lines kept off the bus.
+/// Runs `f` with its log lines kept off the bus and the taps.
 pub async fn suppressed<F: Future>(f: F) -> F::Output {
     SUPPRESSED.scope((), f).await
 }
 
-/// The layer to install in the tracing subscriber.
-pub struct BusLayer;
+/// The layer to install in the tracing subscriber, feeding `hub`.
+pub struct BusLayer {
+    hub: Arc<LogHub>,
+}
+
+impl BusLayer {
+    pub fn new(hub: Arc<LogHub>) -> BusLayer {
+        BusLayer { hub }
+    }
+}
 
 #[derive(Default)]
 struct Message {
@@ -139,10 +154,11 @@ impl Visit for Message {
 
 impl<S: tracing::Subscriber> Layer<S> for BusLayer {
     fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        let hub = &self.hub;
         let meta = event.metadata();
         let rank = rank(meta.level());
-        let to_bus = rank <= LEVEL.load(Relaxed);
-        let to_taps = rank <= TAP_LEVEL.load(Relaxed);
+        let to_bus = rank <= hub.level.load(Relaxed);
+        let to_taps = rank <= hub.tap_level.load(Relaxed);
         if !to_bus && !to_taps {
             return;
         }
@@ -159,14 +175,14 @@ impl<S: tracing::Subscriber> Layer<S> for BusLayer {
                 line: meta.line().unwrap_or(0),
                 text: format!("{}{}", message.text, message.fields),
             };
-            for t in taps().iter().filter(|t| rank <= t.level) {
+            for t in lock(&hub.taps).iter().filter(|t| rank <= t.level) {
                 let _ = t.tx.try_send(record.clone());
             }
         }
         if !to_bus {
             return;
         }
-        let Some(bus) = BUS.get().and_then(Weak::upgrade) else { return };
+        let Some(bus) = hub.bus.get().and_then(Weak::upgrade) else { return };
         let level = match *meta.level() {
             Level::ERROR => "ERROR",
             Level::WARN => "WARN",

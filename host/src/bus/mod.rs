@@ -1,8 +1,9 @@
 //! The event bus: events fired by plugins, raised by evrhost about itself
 //! (thresholds, pool scaling, disconnects, log lines, profiling) or sent by
-//! peers, delivered to subscribers — plugins (their `subscriber` export)
-//! and external JSON-RPC sinks over UDP and TCP, as OpenSIPS's
-//! event_datagram and event_stream deliver them.
+//! peers, delivered to subscribers. A subscriber is an id and a [`Sink`]:
+//! the dispatcher makes the sinks of plugins (their `subscriber` export),
+//! front-ends make theirs (OpenSIPS's event_datagram and event_stream, an
+//! Erlang node's event handler). The bus knows none of them.
 //!
 //! Invariants:
 //! - `fire` never blocks and never fails because of a subscriber. Each
@@ -16,22 +17,20 @@
 mod filter;
 pub mod log_layer;
 mod profile;
-pub mod sink;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-pub use filter::Filters;
+pub use filter::{FilterChange, FilterError, Filters, MAX_FILTERS};
 pub use profile::Profiler;
 
-use crate::dispatcher::Dispatcher;
 use crate::runtime::Event;
+use crate::sync::lock;
 
 /// Subscriptions one subscriber may hold; past this `subscribe` fails, so a
 /// plugin or a peer cannot grow the bus without bound.
@@ -83,79 +82,24 @@ impl Caller {
     }
 }
 
-/// Where a subscriber's events go.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Target {
-    Plugin(String),
-    /// event_datagram: one JSON-RPC notification per datagram.
-    Udp(SocketAddr),
-    /// event_stream: JSON-RPC notifications back to back on one TCP
-    /// connection; `method` replaces the event name when given.
-    Tcp {
-        addr: SocketAddr,
-        method: Option<String>,
-    },
-    /// A front-end's own consumer (an Erlang node's event handler).
-    Channel(ChannelSink),
+/// Where one subscriber's events go. The bus calls `deliver` from the
+/// subscriber's own task, one event at a time, in the order they were
+/// fired; a slow sink delays only itself.
+#[async_trait::async_trait]
+pub trait Sink: Send + 'static {
+    /// True when the event was delivered (counted as delivered, else as
+    /// failed).
+    async fn deliver(&mut self, event: &Event) -> bool;
 }
 
-/// Delivery to a front-end: `deliver` gets each event (true: delivered).
-/// Two sinks are the same target when their ids are equal.
-#[derive(Clone)]
-pub struct ChannelSink {
-    pub id: String,
-    pub deliver: Arc<dyn Fn(&Event) -> bool + Send + Sync>,
-}
-
-impl ChannelSink {
-    pub fn new(id: String, deliver: impl Fn(&Event) -> bool + Send + Sync + 'static) -> ChannelSink {
-        ChannelSink { id, deliver: Arc::new(deliver) }
-    }
-}
-
-impl PartialEq for ChannelSink {
-    fn eq(&self, other: &Self) -> bool {
-        self.id == other.id
-    }
-}
-
-impl Eq for ChannelSink {}
-
-impl std::fmt::Debug for ChannelSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ChannelSink({})", self.id)
-    }
-}
-
-impl Target {
-    /// `udp:HOST:PORT` or `tcp:HOST:PORT[/METHOD]`, as OpenSIPS writes
-    /// sockets; HOST is an IP address.
-    pub fn parse(socket: &str) -> Result<Target, String> {
-        let (proto, rest) = socket
-            .split_once(':')
-            .ok_or_else(|| format!("`{socket}`: expected udp:IP:PORT or tcp:IP:PORT[/METHOD]"))?;
-        let (hostport, method) = match (proto, rest.split_once('/')) {
-            ("tcp", Some((hp, m))) if !m.is_empty() => (hp, Some(m.to_string())),
-            _ => (rest, None),
-        };
-        let addr = crate::config::parse_sockaddr(&format!("udp:{hostport}"))
-            .map_err(|e| e.replace("udp:", &format!("{proto}:")))?;
-        match proto {
-            "udp" => Ok(Target::Udp(addr)),
-            "tcp" => Ok(Target::Tcp { addr, method }),
-            other => Err(format!("`{socket}`: unknown transport `{other}` (udp or tcp)")),
-        }
-    }
-
-    pub fn id(&self) -> String {
-        match self {
-            Target::Plugin(name) => format!("plugin:{name}"),
-            Target::Udp(addr) => format!("udp:{addr}"),
-            Target::Tcp { addr, method: None } => format!("tcp:{addr}"),
-            Target::Tcp { addr, method: Some(m) } => format!("tcp:{addr}/{m}"),
-            Target::Channel(sink) => sink.id.clone(),
-        }
-    }
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BusError {
+    #[error("{id} holds {MAX_SUBSCRIPTIONS} subscriptions already")]
+    TooManySubscriptions { id: String },
+    #[error("{id} subscribes to nothing; subscribe first")]
+    NotSubscribed { id: String },
+    #[error(transparent)]
+    Filter(#[from] FilterError),
 }
 
 #[derive(Clone, Debug)]
@@ -174,16 +118,23 @@ impl Subscription {
     }
 }
 
-pub struct Subscriber {
-    pub target: Target,
+struct Subscriber {
+    /// What subscribe, unsubscribe, filter and remove know it by:
+    /// `plugin:NAME`, `udp:IP:PORT`, …
+    id: String,
     subscriptions: Mutex<Vec<Subscription>>,
     filters: Mutex<Filters>,
     tx: mpsc::Sender<Arc<Event>>,
-    pub delivered: AtomicU64,
+    counters: Arc<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
+    delivered: AtomicU64,
     /// Dropped because the subscriber's queue was full.
-    pub overflow: AtomicU64,
+    overflow: AtomicU64,
     /// Delivery attempts that failed (an unreachable peer, a plugin error).
-    pub failed: AtomicU64,
+    failed: AtomicU64,
 }
 
 impl Subscriber {
@@ -191,11 +142,6 @@ impl Subscriber {
         let subscribed = lock(&self.subscriptions).iter().any(|s| s.matches(event, now));
         subscribed && lock(&self.filters).passes(event)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every update under these locks is one push, retain or clear.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[derive(Debug, Serialize)]
@@ -216,9 +162,10 @@ pub struct Bus {
     subscribers: ArcSwap<Vec<Arc<Subscriber>>>,
     admin: Mutex<()>,
     queue: usize,
-    dispatcher: OnceLock<Weak<Dispatcher>>,
     /// (second, local, GMT) of the last event's dates.
     dates: Mutex<(u64, String, String)>,
+    /// Profiling sessions opened so far (E_PROFILING_* `session`).
+    pub(crate) profiling_sessions: AtomicU64,
     /// The daemon's main runtime: delivery tasks and background jobs run
     /// there, whichever thread (the RPC thread's) starts them.
     runtime: tokio::runtime::Handle,
@@ -237,8 +184,8 @@ impl Bus {
             subscribers: ArcSwap::from_pointee(Vec::new()),
             admin: Mutex::new(()),
             queue: queue.max(1),
-            dispatcher: OnceLock::new(),
             dates: Mutex::new((0, String::new(), String::new())),
+            profiling_sessions: AtomicU64::new(0),
             runtime: tokio::runtime::Handle::current(),
         })
     }
@@ -246,11 +193,6 @@ impl Bus {
     /// Runs `task` on the daemon's main runtime, whatever thread asks.
     pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         drop(self.runtime.spawn(task));
-    }
-
-    /// Plugin subscribers are delivered through the dispatcher.
-    pub fn attach(&self, dispatcher: Weak<Dispatcher>) {
-        let _ = self.dispatcher.set(dispatcher);
     }
 
     /// Adds the standard headers and hands the event to every subscriber
@@ -285,7 +227,7 @@ impl Bus {
                 continue;
             }
             if sub.tx.try_send(event.clone()).is_err() {
-                sub.overflow.fetch_add(1, Relaxed);
+                sub.counters.overflow.fetch_add(1, Relaxed);
             }
         }
     }
@@ -319,56 +261,42 @@ impl Bus {
         self.subscribers.load().iter().any(|s| lock(&s.subscriptions).iter().any(|x| x.name == name || x.name == "ALL"))
     }
 
-    /// Subscribes `target` to `name` (`ALL` for every event; `subclass`
-    /// narrows CUSTOM events). Subscribing again refreshes the expiry, as
-    /// OpenSIPS does. `expire` None never expires.
+    /// Subscribes the subscriber `id` to `name` (`ALL` for every event;
+    /// `subclass` narrows CUSTOM events). A new subscriber's events go to
+    /// the sink `sink` makes (called only then). Subscribing again
+    /// refreshes the expiry, as OpenSIPS does. `expire` None never expires.
     pub fn subscribe(
-        self: &Arc<Self>,
-        target: Target,
+        &self,
+        id: &str,
+        sink: impl FnOnce() -> Box<dyn Sink>,
         name: &str,
         subclass: Option<&str>,
         expire: Option<Duration>,
-    ) -> Result<(), String> {
+    ) -> Result<(), BusError> {
         let _admin = lock(&self.admin);
         // An expiry too far to represent is no expiry.
         let expires = expire.and_then(|d| Instant::now().checked_add(d));
         let subscription = Subscription { name: name.to_string(), subclass: subclass.map(str::to_string), expires };
         let current = self.subscribers.load_full();
-        if let Some(sub) = current.iter().find(|s| s.target == target) {
+        if let Some(sub) = current.iter().find(|s| s.id == id) {
             let mut subs = lock(&sub.subscriptions);
             subs.retain(|s| !(s.name == subscription.name && s.subclass == subscription.subclass));
             if subs.len() >= MAX_SUBSCRIPTIONS {
-                return Err(format!("{} holds {MAX_SUBSCRIPTIONS} subscriptions already", target.id()));
+                return Err(BusError::TooManySubscriptions { id: id.to_string() });
             }
             subs.push(subscription);
             return Ok(());
         }
         let (tx, rx) = mpsc::channel(self.queue);
+        let counters = Arc::new(Counters::default());
         let sub = Arc::new(Subscriber {
-            target: target.clone(),
+            id: id.to_string(),
             subscriptions: Mutex::new(vec![subscription]),
             filters: Mutex::new(Filters::default()),
             tx,
-            delivered: AtomicU64::new(0),
-            overflow: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
+            counters: counters.clone(),
         });
-        let weak_sub = Arc::downgrade(&sub);
-        match target {
-            Target::Plugin(plugin) => {
-                let dispatcher = self.dispatcher.get().cloned().unwrap_or_default();
-                self.spawn(sink::to_plugin(plugin, dispatcher, weak_sub, rx));
-            }
-            Target::Udp(addr) => {
-                self.spawn(sink::to_udp(addr, weak_sub, rx));
-            }
-            Target::Tcp { addr, method } => {
-                self.spawn(sink::to_tcp(addr, method, Arc::downgrade(self), weak_sub, rx));
-            }
-            Target::Channel(channel) => {
-                self.spawn(sink::to_channel(channel, weak_sub, rx));
-            }
-        }
+        self.spawn(deliver(sink(), rx, counters));
         let mut next = (*current).clone();
         next.push(sub);
         self.subscribers.store(Arc::new(next));
@@ -376,10 +304,10 @@ impl Bus {
     }
 
     /// Removes a subscription; true when there was one.
-    pub fn unsubscribe(&self, target: &Target, name: &str, subclass: Option<&str>) -> bool {
+    pub fn unsubscribe(&self, id: &str, name: &str, subclass: Option<&str>) -> bool {
         let _admin = lock(&self.admin);
         let current = self.subscribers.load_full();
-        let Some(sub) = current.iter().find(|s| &s.target == target) else { return false };
+        let Some(sub) = current.iter().find(|s| s.id == id) else { return false };
         let removed = {
             let mut subs = lock(&sub.subscriptions);
             let before = subs.len();
@@ -390,25 +318,23 @@ impl Bus {
         removed
     }
 
-    /// Removes every subscription of a target (an unloaded plugin).
-    pub fn remove(&self, target: &Target) {
+    /// Removes a subscriber and every subscription it holds; its delivery
+    /// task ends once its queue is drained.
+    pub fn remove(&self, id: &str) {
         let _admin = lock(&self.admin);
         let current = self.subscribers.load_full();
-        if current.iter().any(|s| &s.target == target) {
-            let next: Vec<Arc<Subscriber>> = current.iter().filter(|s| &s.target != target).cloned().collect();
+        if current.iter().any(|s| s.id == id) {
+            let next: Vec<Arc<Subscriber>> = current.iter().filter(|s| s.id != id).cloned().collect();
             self.subscribers.store(Arc::new(next));
         }
     }
 
     /// A filter command for a subscriber (see `Filters::command`).
-    pub fn filter(&self, target: &Target, command: &str) -> Result<String, String> {
+    pub fn filter(&self, id: &str, command: &str) -> Result<FilterChange, BusError> {
         let current = self.subscribers.load();
-        let sub = current
-            .iter()
-            .find(|s| &s.target == target)
-            .ok_or_else(|| format!("{} subscribes to nothing; subscribe first", target.id()))?;
-        let reply = lock(&sub.filters).command(command);
-        reply
+        let sub = current.iter().find(|s| s.id == id).ok_or_else(|| BusError::NotSubscribed { id: id.to_string() })?;
+        let change = lock(&sub.filters).command(command)?;
+        Ok(change)
     }
 
     /// Drops expired subscriptions and subscribers left with none.
@@ -435,7 +361,7 @@ impl Bus {
             .load()
             .iter()
             .map(|s| SubscriberInfo {
-                target: s.target.id(),
+                target: s.id.clone(),
                 events: lock(&s.subscriptions)
                     .iter()
                     .map(|x| match &x.subclass {
@@ -445,79 +371,19 @@ impl Bus {
                     .collect(),
                 filters: lock(&s.filters).len(),
                 queued: self.queue - s.tx.capacity(),
-                delivered: s.delivered.load(Relaxed),
-                overflow: s.overflow.load(Relaxed),
-                failed: s.failed.load(Relaxed),
+                delivered: s.counters.delivered.load(Relaxed),
+                overflow: s.counters.overflow.load(Relaxed),
+                failed: s.counters.failed.load(Relaxed),
             })
             .collect()
     }
 }
 
-/// An event as an OpenSIPS JSON-RPC notification (protocols.md §3.3): the
-/// headers as `params`, in order, the body as `_body`. For OpenSIPS's own
-/// events (`E_…`) integer values are JSON numbers, as OpenSIPS types them.
-pub fn notification(event: &Event, method: Option<&str>) -> Vec<u8> {
-    let doc = Notification { jsonrpc: "2.0", method: method.unwrap_or(&event.name), params: Params(event) };
-    serde_json::to_vec(&doc).unwrap_or_default()
-}
-
-/// Serialized straight from the event's headers: no intermediate map.
-#[derive(Serialize)]
-struct Notification<'a> {
-    jsonrpc: &'static str,
-    method: &'a str,
-    params: Params<'a>,
-}
-
-struct Params<'a>(&'a Event);
-
-impl Serialize for Params<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let event = self.0;
-        let numeric = event.name.starts_with("E_");
-        let mut map = serializer.serialize_map(Some(event.headers.len() + usize::from(event.body.is_some())))?;
-        for (k, v) in &event.headers {
-            match v.parse::<i64>() {
-                Ok(n) if numeric && n.to_string() == *v => map.serialize_entry(k, &n)?,
-                _ => map.serialize_entry(k, v)?,
-            }
-        }
-        if let Some(body) = &event.body {
-            map.serialize_entry("_body", body)?;
-        }
-        map.end()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sockets_parse_as_opensips_writes_them() {
-        assert_eq!(Target::parse("udp:127.0.0.1:8888"), Ok(Target::Udp("127.0.0.1:8888".parse().unwrap())));
-        assert_eq!(
-            Target::parse("tcp:127.0.0.1:9000/notify"),
-            Ok(Target::Tcp { addr: "127.0.0.1:9000".parse().unwrap(), method: Some("notify".into()) })
-        );
-        assert_eq!(Target::parse("tcp:[::1]:9000").map(|t| t.id()), Ok("tcp:[::1]:9000".to_string()));
-        assert!(Target::parse("unix:/tmp/x").is_err());
-        assert!(Target::parse("udp:nohost").is_err());
-    }
-
-    #[test]
-    fn notifications_type_opensips_params() {
-        let event = Event {
-            name: "E_CORE_THRESHOLD".into(),
-            subclass: None,
-            headers: vec![("source".into(), "plugin x".into()), ("time".into(), "1500".into())],
-            body: None,
-        };
-        let doc: serde_json::Value = serde_json::from_slice(&notification(&event, None)).unwrap();
-        assert_eq!(doc["method"], "E_CORE_THRESHOLD");
-        assert_eq!(doc["params"]["time"], 1500);
-        assert_eq!(doc["params"]["source"], "plugin x");
-        assert!(doc.get("id").is_none(), "a notification has no id");
+/// A subscriber's delivery task: ends when the subscriber is removed (its
+/// queue's sender dropped) and the queue is drained.
+async fn deliver(mut sink: Box<dyn Sink>, mut rx: mpsc::Receiver<Arc<Event>>, counters: Arc<Counters>) {
+    while let Some(event) = rx.recv().await {
+        let ok = sink.deliver(&event).await;
+        if ok { &counters.delivered } else { &counters.failed }.fetch_add(1, Relaxed);
     }
 }

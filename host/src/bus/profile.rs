@@ -4,12 +4,10 @@
 //! name, type, depth; `file` and `line` on enter/exit; `status` on
 //! exit/end.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{Bus, Caller};
-
-static SESSIONS: AtomicU64 = AtomicU64::new(0);
 
 pub struct Profiler<'b> {
     bus: &'b Bus,
@@ -21,7 +19,7 @@ pub struct Profiler<'b> {
 impl<'b> Profiler<'b> {
     /// Opens a session (`event`: "E_PROFILING_SCRIPT" or "E_PROFILING_PROC").
     pub fn start(bus: &'b Bus, event: &'static str, name: &str) -> Profiler<'b> {
-        let p = Profiler { bus, event, session: SESSIONS.fetch_add(1, Relaxed) + 1, depth: 0 };
+        let p = Profiler { bus, event, session: bus.profiling_sessions.fetch_add(1, Relaxed) + 1, depth: 0 };
         p.record("start", name, None, None);
         p
     }

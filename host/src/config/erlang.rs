@@ -1,7 +1,8 @@
 //! `[erlang]`: the C-node front-end, with mod_erlang_event's parameter
 //! names (`listen-ip`, `listen-port`, `nodename`, `cookie`, `cookie-file`,
 //! `shortname`, `encoding`, `apply-inbound-acl`), and the Erlang targets a
-//! `[[route]]` may name instead of a plugin.
+//! `[[route]]` may name instead of a plugin (`route.rs` reads those; they
+//! travel here, to the front-end that registers them).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -10,10 +11,26 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Checker, ConfigError};
-use crate::frontend::erlang::term::Encoding;
+use super::checker::Checker;
+use super::{BadValue, ConfigError};
 
 pub const DEFAULT_ERLANG_PORT: u16 = 8031;
+
+/// How text goes out to Erlang: as strings (lists of bytes, what
+/// mod_erlang_event sends by default) or as binaries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    String,
+    Binary,
+}
+
+/// A route handler that is an Erlang process.
+#[derive(Clone, Debug)]
+pub struct ErlangRoute {
+    pub route: String,
+    pub priority: i32,
+    pub target: ErlangTarget,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -56,6 +73,8 @@ pub struct ErlangSettings {
     pub fetch_timeout: Duration,
     /// A peer that reads nothing for this long is disconnected.
     pub write_timeout: Duration,
+    /// Routes handled by Erlang processes.
+    pub routes: Vec<ErlangRoute>,
 }
 
 /// An IP network, `10.0.0.0/8` or `::1/128`; a bare address is one host.
@@ -66,9 +85,9 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    pub fn parse(s: &str) -> Result<Cidr, String> {
+    pub fn parse(s: &str) -> Result<Cidr, BadValue> {
         let (ip, prefix) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
-        let net: IpAddr = ip.trim().parse().map_err(|_| format!("`{s}`: not an IP address or CIDR"))?;
+        let net: IpAddr = ip.trim().parse().map_err(|_| BadValue(format!("`{s}`: not an IP address or CIDR")))?;
         let max = if net.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -77,7 +96,7 @@ impl Cidr {
                 .parse::<u8>()
                 .ok()
                 .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to {max}"))?,
+                .ok_or_else(|| BadValue(format!("`{s}`: the prefix length must be 0 to {max}")))?,
         };
         Ok(Cidr { net, prefix })
     }
@@ -116,17 +135,17 @@ pub enum ErlangTarget {
 }
 
 impl ErlangTarget {
-    pub fn parse(s: &str) -> Result<ErlangTarget, String> {
+    pub fn parse(s: &str) -> Result<ErlangTarget, BadValue> {
         let usage = "expected `process node@host`, `process:! node@host` or `module:function node@host`";
         let mut words = s.split_whitespace();
         let (Some(what), Some(node), None) = (words.next(), words.next(), words.next()) else {
-            return Err(format!("`{s}`: {usage}"));
+            return Err(BadValue(format!("`{s}`: {usage}")));
         };
         let Some((name, host)) = node.split_once('@') else {
-            return Err(format!("`{node}`: a node name is name@host"));
+            return Err(BadValue(format!("`{node}`: a node name is name@host")));
         };
         if name.is_empty() || host.is_empty() {
-            return Err(format!("`{node}`: a node name is name@host"));
+            return Err(BadValue(format!("`{node}`: a node name is name@host")));
         }
         let node = node.to_string();
         let atom_ok = |a: &str| !a.is_empty() && a.len() <= 255;
@@ -136,7 +155,7 @@ impl ErlangTarget {
             Some((module, function)) if atom_ok(module) && atom_ok(function) => {
                 Ok(ErlangTarget::Rpc { module: module.into(), function: function.into(), node })
             }
-            _ => Err(format!("`{s}`: {usage}")),
+            _ => Err(BadValue(format!("`{s}`: {usage}"))),
         }
     }
 
@@ -190,7 +209,14 @@ fn cookie(ck: &Checker, e: &ErlangSection, base: &Path) -> Result<String, Config
     }
 }
 
-pub(super) fn check(ck: &Checker, e: &ErlangSection, base: &Path) -> Result<ErlangSettings, ConfigError> {
+/// The section's settings; `routes` are the Erlang handlers `[[route]]`
+/// entries named.
+pub(super) fn check(
+    ck: &Checker,
+    e: &ErlangSection,
+    base: &Path,
+    routes: Vec<ErlangRoute>,
+) -> Result<ErlangSettings, ConfigError> {
     let ip: IpAddr = match &e.listen_ip {
         None => IpAddr::from([0, 0, 0, 0]),
         Some(s) => s.get_ref().parse().map_err(|_| ck.at(s, "erlang.listen-ip", "not an IP address"))?,
@@ -218,7 +244,7 @@ pub(super) fn check(ck: &Checker, e: &ErlangSection, base: &Path) -> Result<Erla
     };
     let mut acl = Vec::new();
     for entry in &e.apply_inbound_acl {
-        acl.push(Cidr::parse(entry.get_ref()).map_err(|m| ck.at(entry, "erlang.apply-inbound-acl", m))?);
+        acl.push(Cidr::parse(entry.get_ref()).map_err(|m| ck.at(entry, "erlang.apply-inbound-acl", m.0))?);
     }
     let max_frame_kb = ck.positive(&e.max_frame_kb, "erlang.max-frame-kb")?.unwrap_or(16 * 1024);
     Ok(ErlangSettings {
@@ -238,6 +264,7 @@ pub(super) fn check(ck: &Checker, e: &ErlangSection, base: &Path) -> Result<Erla
         write_timeout: Duration::from_millis(
             ck.millis(&e.write_timeout_ms, "erlang.write-timeout-ms")?.unwrap_or(10_000),
         ),
+        routes,
     })
 }
 

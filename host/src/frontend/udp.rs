@@ -21,6 +21,7 @@
 //!   kernel buffers what arrives meanwhile, and the next hand-over carries
 //!   more datagrams per worker wake-up. A lone datagram is never delayed.
 
+use std::fmt::Write;
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd};
@@ -33,6 +34,8 @@ use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
+use super::metrics::{header, Metrics};
+use super::{Context, Frontend, FrontendError, Running};
 use crate::bus::Profiler;
 use crate::config::UdpDef;
 use crate::dispatcher::Dispatcher;
@@ -54,11 +57,58 @@ pub struct UdpStats {
     pub reply_errors: AtomicU64,
 }
 
-/// One UDP socket as the metrics and RPC see it.
+/// One UDP socket as the metrics see it.
 pub struct UdpEndpoint {
     pub name: String,
     pub addr: SocketAddr,
     pub stats: Arc<UdpStats>,
+}
+
+/// The UDP front-end: every `[[exec]]` with a `sockaddr`.
+pub struct Udp;
+
+impl Frontend for Udp {
+    type Settings = Vec<UdpDef>;
+    const NAME: &'static str = "udp";
+
+    async fn start(defs: Vec<UdpDef>, ctx: &Context) -> Result<Running, FrontendError> {
+        let mut running = Running::new(Self::NAME);
+        let mut endpoints = Vec::new();
+        for def in &defs {
+            let socket = bind(def).map_err(|e| FrontendError::new(Self::NAME, e))?;
+            let (endpoint, tasks) =
+                start(def, socket, ctx.dispatcher.clone()).map_err(|e| FrontendError::new(Self::NAME, e))?;
+            tracing::info!(route = %def.route, workers = def.workers, "UDP on udp:{}", endpoint.addr);
+            endpoints.push(endpoint);
+            for task in tasks {
+                running.task(task);
+            }
+        }
+        running.metrics(Arc::new(UdpMetrics(endpoints)));
+        Ok(running)
+    }
+}
+
+/// Datagrams received, dropped, failed and replied, per socket.
+struct UdpMetrics(Vec<UdpEndpoint>);
+
+impl Metrics for UdpMetrics {
+    fn render(&self, out: &mut String) {
+        type Counter = (&'static str, &'static str, fn(&UdpStats) -> &AtomicU64);
+        let counters: [Counter; 4] = [
+            ("evrhost_udp_received_total", "Datagrams received.", |s| &s.received),
+            ("evrhost_udp_dropped_total", "Datagrams dropped because the queue was full.", |s| &s.dropped),
+            ("evrhost_udp_failed_total", "Datagrams whose call failed.", |s| &s.failed),
+            ("evrhost_udp_replies_total", "Reply datagrams sent.", |s| &s.replies),
+        ];
+        for (metric, help, value) in counters {
+            header(out, metric, "counter", help);
+            for e in &self.0 {
+                let n = value(&e.stats).load(Relaxed);
+                let _ = writeln!(out, "{metric}{{route=\"{}\",addr=\"{}\"}} {n}", e.name, e.addr);
+            }
+        }
+    }
 }
 
 /// Binds `def.addr` (non-blocking) with the configured receive buffer.
@@ -110,15 +160,14 @@ struct Backlog {
     limit: usize,
 }
 
-/// Serves `route` on `socket`: the receiver thread ends once the returned
-/// worker tasks are aborted (it sees the queue closed).
+/// Serves `def.route` on `socket`: the receiver thread ends once the
+/// returned worker tasks are aborted (it sees the queue closed).
 pub fn start(
-    route: &str,
     def: &UdpDef,
     socket: std::net::UdpSocket,
     d: Arc<Dispatcher>,
 ) -> io::Result<(UdpEndpoint, Vec<JoinHandle<()>>)> {
-    let addr = socket.local_addr().unwrap_or(def.addr);
+    let (route, addr) = (def.route.as_str(), socket.local_addr().unwrap_or(def.addr));
     // Replies go out through a clone of the socket registered with tokio.
     let sender = Arc::new(UdpSocket::from_std(socket.try_clone()?)?);
     let stats = Arc::new(UdpStats::default());

@@ -26,11 +26,13 @@ use eetf::{Pid, Term};
 use erl_dist::message::Message;
 use tokio::sync::{mpsc, watch};
 
+use super::fetch::FetchReplyError;
 use super::term::{self, as_atom, as_pairs, as_text, atom, tuple};
 use super::{Key, Node, Work};
-use crate::bus::log_layer::{self, LogRecord};
-use crate::bus::{self, ChannelSink, Filters, Target};
+use crate::bus::log_layer::{self, LogHub, LogRecord};
+use crate::bus::{self, FilterChange, Filters, Sink};
 use crate::runtime::Event;
+use crate::sync::lock;
 
 /// Commands waiting for the session's worker; past this the reader waits.
 pub const COMMAND_QUEUE: usize = 256;
@@ -41,6 +43,7 @@ const MAX_JOBS: usize = 256;
 pub const MAX_BINDINGS: usize = 256;
 
 pub struct Session {
+    logs: Arc<LogHub>,
     /// The peer's node name.
     pub peer: String,
     pub addr: Option<SocketAddr>,
@@ -59,17 +62,12 @@ pub struct Session {
 #[derive(Default)]
 struct State {
     event_handler: Option<Pid>,
-    /// Erlang filters: only excludes take effect (see `Filters::passes_erlang`).
+    /// Erlang filters: only excludes take effect (see `Filters::passes_excludes_only`).
     filters: Filters,
     subscribed: bool,
     log_handler: Option<Pid>,
     log_level: Option<tracing::Level>,
     log_tap: Option<u64>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Updates under this lock are single assignments.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn ok() -> Term {
@@ -81,8 +79,15 @@ fn error(reason: &str) -> Term {
 }
 
 impl Session {
-    pub fn new(peer: String, addr: Option<SocketAddr>, pid: Pid, tx: mpsc::Sender<Message>) -> Arc<Session> {
+    pub fn new(
+        peer: String,
+        addr: Option<SocketAddr>,
+        pid: Pid,
+        tx: mpsc::Sender<Message>,
+        logs: Arc<LogHub>,
+    ) -> Arc<Session> {
         Arc::new(Session {
+            logs,
             peer,
             addr,
             pid,
@@ -125,12 +130,9 @@ impl Session {
         self.try_send(Message::link(self.pid.clone(), to.clone()));
     }
 
-    /// The bus target of this session (one per connection: a reconnecting
-    /// peer's new session never shares the old one's subscriptions).
-    fn target(&self) -> Target {
-        Target::Channel(ChannelSink::new(self.target_id(), |_| true))
-    }
-
+    /// The session's id as a bus subscriber (one per connection: a
+    /// reconnecting peer's new session never shares the old one's
+    /// subscriptions).
     fn target_id(&self) -> String {
         format!("erlang:{}#{}.{}", self.peer, self.pid.id, self.pid.serial)
     }
@@ -138,9 +140,9 @@ impl Session {
     /// Ends what the session set up: its bus subscription and log tap (the
     /// node drops its fetch bindings and calls).
     pub fn teardown(&self, bus: &bus::Bus) {
-        bus.remove(&self.target());
+        bus.remove(&self.target_id());
         if let Some(id) = lock(&self.state).log_tap.take() {
-            log_layer::untap(id);
+            self.logs.untap(id);
         }
     }
 
@@ -153,7 +155,7 @@ impl Session {
         if state.log_handler.as_ref() == Some(pid) {
             state.log_handler = None;
             if let Some(id) = state.log_tap.take() {
-                log_layer::untap(id);
+                self.logs.untap(id);
             }
         }
     }
@@ -177,7 +179,8 @@ impl Session {
                     (Some(id), [xml]) => match as_text(xml) {
                         Some(xml) => match node.fetch_reply(&id, xml) {
                             Ok(()) => tuple(vec![atom("ok"), uuid.clone()]),
-                            Err(why) => tuple(vec![atom("error"), uuid.clone(), atom(why)]),
+                            Err(FetchReplyError::Late(why)) => tuple(vec![atom("error"), uuid.clone(), atom(why)]),
+                            Err(FetchReplyError::Unknown) => error("invalid_uuid"),
                         },
                         None => error("badarg"),
                     },
@@ -255,7 +258,7 @@ impl Session {
                 state.log_handler = None;
                 match state.log_tap.take() {
                     Some(id) => {
-                        log_layer::untap(id);
+                        self.logs.untap(id);
                         ok()
                     }
                     None => error("notlistening"),
@@ -263,7 +266,7 @@ impl Session {
             }
             "noevents" | "session_noevents" => {
                 let was = std::mem::take(&mut lock(&self.state).subscribed);
-                node.bus().remove(&self.target());
+                node.bus().remove(&self.target_id());
                 if was {
                     ok()
                 } else {
@@ -290,7 +293,7 @@ impl Session {
                         let mut state = lock(&self.state);
                         state.log_level = Some(level);
                         if let Some(id) = state.log_tap {
-                            log_layer::set_tap_level(id, level);
+                            self.logs.set_tap_level(id, level);
                         }
                         ok()
                     }
@@ -350,19 +353,20 @@ impl Session {
             return error("badarg");
         }
         let bus = node.bus();
-        let target = self.sink(node);
+        let id = self.target_id();
         if replace {
-            bus.remove(&target);
+            bus.remove(&id);
         }
         let mut custom = false;
         for name in names {
+            let sink = || self.sink(node);
             let result = if custom {
-                bus.subscribe(target.clone(), "CUSTOM", Some(name), None)
+                bus.subscribe(&id, sink, "CUSTOM", Some(name), None)
             } else if name == "CUSTOM" {
                 custom = true;
                 continue;
             } else {
-                bus.subscribe(target.clone(), name, None, None)
+                bus.subscribe(&id, sink, name, None, None)
             };
             if let Err(e) = result {
                 tracing::warn!(peer = %self.peer, error = %e, "event subscription refused");
@@ -381,33 +385,29 @@ impl Session {
         if !lock(&self.state).subscribed {
             return error("notlistening");
         }
-        let target = self.target();
+        let id = self.target_id();
         let mut custom = false;
         for name in names {
             if custom {
-                node.bus().unsubscribe(&target, "CUSTOM", Some(name));
+                node.bus().unsubscribe(&id, "CUSTOM", Some(name));
             } else if name == "CUSTOM" {
                 custom = true;
             } else {
-                node.bus().unsubscribe(&target, name, None);
+                node.bus().unsubscribe(&id, name, None);
             }
         }
         ok()
     }
 
-    /// The bus target whose deliveries go to this session's event handler.
-    fn sink(self: &Arc<Self>, node: &Node) -> Target {
-        let session = Arc::downgrade(self);
-        let encoding = node.encoding;
-        Target::Channel(ChannelSink::new(self.target_id(), move |event: &Event| {
-            session.upgrade().is_some_and(|s| s.deliver(event, encoding))
-        }))
+    /// Where the bus delivers this session's events: to its event handler.
+    fn sink(self: &Arc<Self>, node: &Node) -> Box<dyn Sink> {
+        Box::new(EventHandlerSink { session: Arc::downgrade(self), encoding: node.encoding })
     }
 
     fn deliver(&self, event: &Event, encoding: term::Encoding) -> bool {
         let handler = {
             let state = lock(&self.state);
-            if !state.filters.passes_erlang(event) {
+            if !state.filters.passes_excludes_only(event) {
                 return true;
             }
             state.event_handler.clone()
@@ -418,45 +418,29 @@ impl Session {
         sent
     }
 
-    /// `{filter, 'Hdr val', 'add Hdr val', 'delete Hdr [val]', 'delete all'}`.
+    /// `{filter, 'Hdr val', 'add Hdr val', 'delete Hdr [val]', 'delete all'}`:
+    /// each atom a mod_event_socket filter command.
     fn filter(&self, args: &[Term]) -> Term {
         if args.is_empty() {
             return error("badarg");
         }
-        let mut log = Vec::new();
         let mut state = lock(&self.state);
-        for arg in args {
-            let Some(line) = as_atom(arg).map(str::trim) else {
-                log.push(atom("-ERR invalid syntax"));
-                continue;
-            };
-            let (first, rest) = line.split_once(' ').map_or((line, ""), |(a, b)| (a, b.trim()));
-            let entry = match first {
-                "delete" if rest == "all" => {
-                    state.filters.clear();
-                    Some(("deleted", "all".to_string(), String::new()))
-                }
-                "delete" if !rest.is_empty() => {
-                    let (h, v) = rest.split_once(' ').map_or((rest, None), |(h, v)| (h, Some(v.trim())));
-                    state.filters.delete(h, v);
-                    Some(("deleted", h.to_string(), v.unwrap_or("").to_string()))
-                }
-                "delete" | "" => None,
-                _ => {
-                    let line = if first == "add" { rest } else { line };
-                    match line.split_once(' ').map(|(h, v)| (h, v.trim())) {
-                        Some((h, v)) if !h.is_empty() && !v.is_empty() && state.filters.add(h, v).is_ok() => {
-                            Some(("added", h.to_string(), v.to_string()))
-                        }
-                        _ => None,
+        let log = args
+            .iter()
+            .map(|arg| {
+                let change = as_atom(arg).and_then(|line| state.filters.command(line).ok());
+                let entry =
+                    |what: &str, h: &str, v: &str| tuple(vec![term::string(what), term::string(h), term::string(v)]);
+                match change {
+                    Some(FilterChange::Added { header, value }) => entry("added", &header, &value),
+                    Some(FilterChange::Deleted { header, value }) => {
+                        entry("deleted", &header, value.as_deref().unwrap_or(""))
                     }
+                    Some(FilterChange::DeletedAll) => entry("deleted", "all", ""),
+                    None => atom("-ERR invalid syntax"),
                 }
-            };
-            log.push(match entry {
-                Some((what, h, v)) => tuple(vec![term::string(what), term::string(&h), term::string(&v)]),
-                None => atom("-ERR invalid syntax"),
-            });
-        }
+            })
+            .collect();
         tuple(vec![atom("filter_command_processing_log"), term::list(log)])
     }
 
@@ -499,7 +483,7 @@ impl Session {
         if state.log_tap.is_some() {
             return;
         }
-        let (id, mut rx) = log_layer::tap(level);
+        let (id, mut rx) = self.logs.tap(level);
         state.log_tap = Some(id);
         let session = Arc::downgrade(self);
         let encoding = node.encoding;
@@ -514,13 +498,27 @@ impl Session {
     }
 }
 
+/// A session's event handler as a bus subscriber.
+struct EventHandlerSink {
+    session: std::sync::Weak<Session>,
+    encoding: term::Encoding,
+}
+
+#[async_trait::async_trait]
+impl Sink for EventHandlerSink {
+    async fn deliver(&mut self, event: &Event) -> bool {
+        self.session.upgrade().is_some_and(|s| s.deliver(event, self.encoding))
+    }
+}
+
 /// The sections a process may bind to, as mod_xml_curl names them.
 const SECTIONS: [&str; 7] = ["configuration", "directory", "dialplan", "phrases", "languages", "chatplan", "channels"];
 
-/// `{api, Cmd, Args}`: Cmd an atom (or text), Args text.
+/// `{api, Cmd, Args}`: Cmd an atom, as mod_erlang_event decodes it (a
+/// command given as a string or binary is `badarg`); Args text.
 fn command_args(args: &[Term]) -> Option<(String, String)> {
     match args {
-        [command, args] => Some((as_text(command)?, as_text(args)?)),
+        [command, args] => Some((as_atom(command)?.to_string(), as_text(args)?)),
         _ => None,
     }
 }

@@ -186,13 +186,7 @@ pub fn pid_term(pid: &Pid) -> Term {
     Term::from(pid.clone())
 }
 
-/// How text goes out: the `encoding` setting.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Encoding {
-    /// Erlang strings: lists of bytes (UTF-8, as FreeSWITCH sends them).
-    String,
-    Binary,
-}
+pub use crate::config::Encoding;
 
 impl Encoding {
     pub fn text(self, s: &str) -> Term {

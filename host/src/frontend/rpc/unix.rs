@@ -44,7 +44,7 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, d: Arc<Dispatcher
                 let d = d.clone();
                 tokio::spawn(async move {
                     connection(stream, d.clone()).await;
-                    crate::bus::sink::tcp_disconnect(d.bus(), None, None, "unix");
+                    crate::frontend::disconnected(d.bus(), None, None, "unix");
                 });
             }
             Err(e) => {

@@ -13,9 +13,10 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
-use crate::bus::{split_event, Target};
-use crate::config::PluginDef;
+use crate::bus::{split_event, FilterChange, FilterError};
+use crate::config::{EventSocket, PluginDef};
 use crate::dispatcher::{DispatchError, Dispatcher};
+use crate::frontend::event_sinks;
 use crate::runtime::{Origin, Request};
 
 /// Requests in one batch; more is refused as a whole.
@@ -275,7 +276,7 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
         "api.list" => Ok(Value::Array(
             d.commands()
                 .into_iter()
-                .map(|(name, usage, description)| json!({"name": name, "usage": usage, "description": description}))
+                .map(|c| json!({"name": c.name, "usage": c.usage, "description": c.description}))
                 .collect(),
         )),
         "api.bgrun" => {
@@ -284,7 +285,8 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
             let job = uuid::Uuid::new_v4().to_string();
             let (d2, reply_job) = (d.clone(), job.clone());
             d.bus().spawn(async move {
-                d2.run_background(&job, &command, &args.join(" "), &crate::bus::Caller::host("api.bgrun")).await;
+                let caller = crate::bus::Caller::host("api.bgrun");
+                d2.run_background(&job, &command, &args.join(" "), &caller, |_, e| format!("-ERR {e}")).await;
             });
             Ok(json!({"job_uuid": reply_job}))
         }
@@ -301,27 +303,27 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
             if expire < 0 {
                 return Err(RpcError::new(-32602, "Negative expire value"));
             }
-            let target = Target::parse(&socket).map_err(|_| RpcError::new(400, "Bad parameter value"))?;
+            let socket = EventSocket::parse(&socket).map_err(|_| RpcError::new(400, "Bad parameter value"))?;
             let (name, subclass) = split_event(&event);
             if name.is_empty() {
                 return Err(RpcError::new(400, "Bad parameter value"));
             }
             // OpenSIPS: an expire of 0 removes the subscription.
             if expire == 0 {
-                d.bus().unsubscribe(&target, name, subclass);
+                d.bus().unsubscribe(&socket.id(), name, subclass);
             } else {
-                d.bus()
-                    .subscribe(target, name, subclass, Some(std::time::Duration::from_secs(expire as u64)))
-                    .map_err(|e| RpcError::new(400, e))?;
+                let expire = Some(std::time::Duration::from_secs(expire as u64));
+                event_sinks::subscribe(d.bus(), &socket, name, subclass, expire)
+                    .map_err(|e| RpcError::new(400, e.to_string()))?;
             }
             Ok(Value::String("OK".into()))
         }
         "event.unsubscribe" => {
             let event = p.required(0, "event")?;
             let socket = p.required(1, "socket")?;
-            let target = Target::parse(&socket).map_err(|_| RpcError::new(400, "Bad parameter value"))?;
+            let target = EventSocket::parse(&socket).map_err(|_| RpcError::new(400, "Bad parameter value"))?;
             let (name, subclass) = split_event(&event);
-            if d.bus().unsubscribe(&target, name, subclass) {
+            if d.bus().unsubscribe(&target.id(), name, subclass) {
                 Ok(Value::String("OK".into()))
             } else {
                 Err(RpcError::new(404, format!("{socket} is not subscribed to {event}")))
@@ -330,9 +332,13 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
         "event.list" => Ok(serde_json::to_value(d.bus().list()).unwrap_or(Value::Null)),
         "event.filter" => {
             let socket = p.required(0, "socket")?;
-            let target = Target::parse(&socket).map_err(|_| RpcError::new(400, "Bad parameter value"))?;
+            let target = EventSocket::parse(&socket).map_err(|_| RpcError::new(400, "Bad parameter value"))?;
             let command: Vec<String> = (1..p.0.len()).filter_map(|i| p.text(i)).collect();
-            d.bus().filter(&target, &command.join(" ")).map(Value::String).map_err(|e| RpcError::new(400, e))
+            match d.bus().filter(&target.id(), &command.join(" ")) {
+                Ok(change) => Ok(Value::String(filter_reply(&change))),
+                Err(crate::bus::BusError::Filter(e)) => Err(RpcError::new(400, filter_error(&e))),
+                Err(e) => Err(RpcError::new(400, e.to_string())),
+            }
         }
         "plugin.list" => Ok(serde_json::to_value(d.plugins()).unwrap_or(Value::Null)),
         "plugin.stats" => {
@@ -351,7 +357,7 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
         "plugin.load" => {
             let name = p.required(0, "plugin name")?;
             let path = p.required(1, "path")?;
-            let def = PluginDef::with_defaults(&name, &path).map_err(|m| RpcError::new(-32602, m))?;
+            let def = PluginDef::with_defaults(&name, &path).map_err(|m| RpcError::new(-32602, m.0))?;
             let v = d.load(def).await.map_err(dispatch_error)?;
             Ok(
                 json!({"name": name, "hash": v.short_hash(), "exports": v.exports().iter().map(|e| e.name()).collect::<Vec<_>>()}),
@@ -360,7 +366,9 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
         "plugin.reload" => {
             let name = p.required(0, "plugin name")?;
             let code = match p.text(1) {
-                Some(path) => Some(PluginDef::with_defaults(&name, &path).map_err(|m| RpcError::new(-32602, m))?.code),
+                Some(path) => {
+                    Some(PluginDef::with_defaults(&name, &path).map_err(|m| RpcError::new(-32602, m.0))?.code)
+                }
                 None => None,
             };
             let started = std::time::Instant::now();
@@ -388,6 +396,24 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
     }
 }
 
+/// A filter command's outcome as mod_event_socket answers it.
+fn filter_reply(change: &FilterChange) -> String {
+    match change {
+        FilterChange::Added { header, value } => format!("+OK filter added. [{header}]=[{value}]"),
+        FilterChange::Deleted { header, value } => {
+            format!("+OK filter deleted. [{header}][{}]", value.as_deref().unwrap_or(""))
+        }
+        FilterChange::DeletedAll => "+OK filter deleted. [all]".to_string(),
+    }
+}
+
+fn filter_error(e: &FilterError) -> String {
+    match e {
+        FilterError::Syntax => "-ERR invalid syntax".to_string(),
+        other => format!("-ERR {other}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,10 +421,12 @@ mod tests {
     use crate::runtime::Runtime;
 
     async fn dispatcher() -> Arc<Dispatcher> {
-        let mut config = Config::parse("", "(test)", std::path::Path::new(".")).expect("an empty config is valid");
+        let mut config = Config::empty();
         config.cache_dir = None;
         let runtime = Runtime::new(config.engine.clone(), None).expect("the engine builds");
-        Dispatcher::start(runtime, &config).await.expect("an empty dispatcher starts")
+        let d = Dispatcher::start(runtime, &config).await.expect("an empty dispatcher starts");
+        crate::builtins::install(&d).await.expect("the built-in commands install");
+        d
     }
 
     /// The answer the general path gives.

@@ -18,8 +18,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::jsonrpc;
-use super::metrics::Registry;
 use crate::dispatcher::Dispatcher;
+use crate::frontend::metrics::Registry;
 
 /// A request body over this is refused with 413.
 pub const MAX_BODY: usize = 1 << 20;
@@ -66,7 +66,7 @@ pub async fn serve(listener: std::net::TcpListener, d: Arc<Dispatcher>, metrics:
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "rpc connection ended with an error");
             }
-            crate::bus::sink::tcp_disconnect(&bus, local, Some(peer), "tcp");
+            crate::frontend::disconnected(&bus, local, Some(peer), "tcp");
             drop(permit);
         });
     }

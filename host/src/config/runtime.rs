@@ -1,0 +1,44 @@
+//! `[runtime]`: the engine's settings and the compiled-code cache.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::checker::Checker;
+use super::ConfigError;
+use crate::runtime::{ComponentCache, EngineSettings};
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RuntimeSection {
+    /// false disables the compiled-code cache.
+    cache: Option<bool>,
+    cache_dir: Option<String>,
+    epoch_tick_ms: Option<Spanned<u64>>,
+    max_instances: Option<Spanned<u32>>,
+    max_memory_mb: Option<Spanned<u64>>,
+}
+
+/// The engine's settings, and the cache directory (None: no cache).
+pub(super) fn check(
+    ck: &Checker,
+    rt: &RuntimeSection,
+    base: &Path,
+) -> Result<(EngineSettings, Option<PathBuf>), ConfigError> {
+    let defaults = EngineSettings::default();
+    let tick_ms = ck.positive(&rt.epoch_tick_ms, "runtime.epoch_tick_ms")?.unwrap_or(1);
+    let max_memory_mb = ck.positive(&rt.max_memory_mb, "runtime.max_memory_mb")?;
+    let engine = EngineSettings {
+        tick: Duration::from_millis(tick_ms),
+        total_instances: ck.positive(&rt.max_instances, "runtime.max_instances")?.unwrap_or(defaults.total_instances),
+        max_memory_bytes: max_memory_mb.map_or(defaults.max_memory_bytes, |mb| (mb as usize) << 20),
+    };
+    let cache_dir = match (rt.cache, &rt.cache_dir) {
+        (Some(false), _) => None,
+        (_, Some(dir)) => Some(base.join(dir)),
+        _ => ComponentCache::default_dir(),
+    };
+    Ok((engine, cache_dir))
+}

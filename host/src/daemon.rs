@@ -1,0 +1,116 @@
+//! The daemon: a runtime and a dispatcher with the built-in commands, the
+//! configured event subscribers, the front-ends, exec tasks and periodic
+//! work, until SIGINT or SIGTERM; SIGHUP reloads every plugin.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::log_layer::LogHub;
+use crate::bus::{split_event, BusError};
+use crate::config::Config;
+use crate::dispatcher::{DispatchError, Dispatcher};
+use crate::frontend::erlang::Erlang;
+use crate::frontend::metrics::Registry;
+use crate::frontend::rpc::Rpc;
+use crate::frontend::udp::Udp;
+use crate::frontend::{event_sinks, launch, Context, FrontendError};
+use crate::runtime::{Runtime, RuntimeError};
+use crate::{builtins, exec, housekeeping};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Dispatch(#[from] DispatchError),
+    #[error(transparent)]
+    Frontend(#[from] FrontendError),
+    #[error("[[events.subscribe]]: {0}")]
+    Subscribe(#[from] BusError),
+    #[error("cannot watch for signals: {0}")]
+    Signals(std::io::Error),
+}
+
+/// A runtime and a dispatcher for `config`, with the built-in commands: all
+/// that `evrhost call`, `inspect` and `check` need.
+pub async fn start(config: &Config) -> Result<Arc<Dispatcher>, DaemonError> {
+    let runtime = Runtime::new(config.engine.clone(), config.cache_dir.clone())?;
+    let d = Dispatcher::start(runtime, config).await?;
+    builtins::install(&d).await?;
+    Ok(d)
+}
+
+/// Serves `config` until a signal stops it. `origin` names the config in
+/// the log; `logs` is the hub the process's tracing layer feeds.
+pub async fn run(config: Config, origin: &str, logs: Arc<LogHub>) -> Result<(), DaemonError> {
+    let started = Instant::now();
+    let d = start(&config).await?;
+    let periodic = housekeeping::spawn(d.clone(), config.events.clone());
+    if let Some(level) = config.events.log {
+        logs.enable(Arc::downgrade(d.bus()), level);
+    }
+    for (event, socket) in &config.events.subscribe {
+        let (name, subclass) = split_event(event);
+        event_sinks::subscribe(d.bus(), socket, name, subclass, None)?;
+    }
+
+    let ctx = Context {
+        dispatcher: d.clone(),
+        logs,
+        metrics: Arc::new(Registry::default()),
+        shutdown: CancellationToken::new(),
+    };
+    let rpc = &config.rpc;
+    // One line per front-end. The RPC listener comes last: once it answers,
+    // the daemon is ready (and Erlang peers can find the node).
+    let frontends = [
+        launch::<Udp>((!config.udp.is_empty()).then(|| config.udp.clone()), &ctx).await?,
+        launch::<Erlang>(config.erlang.clone(), &ctx).await?,
+        launch::<Rpc>((rpc.listen.is_some() || rpc.unix.is_some()).then(|| rpc.clone()), &ctx).await?,
+    ];
+    let tasks = exec::Tasks::start(&d, &config.exec);
+
+    let plugins: Vec<String> = d.plugins().into_iter().map(|p| format!("{} ({})", p.name, p.source)).collect();
+    let routes: Vec<String> = d.routes().into_iter().map(|r| r.name).collect();
+    tracing::info!(config = %origin, "evrhost {} serving", env!("CARGO_PKG_VERSION"));
+    tracing::info!("plugins: {}", plugins.join(", "));
+    tracing::info!("routes: {}", routes.join(", "));
+    if !tasks.is_empty() {
+        tracing::info!("exec tasks: {} workers", tasks.len());
+    }
+    tracing::info!(ms = started.elapsed().as_secs_f64() * 1e3, "ready");
+
+    wait_for_shutdown(&d).await?;
+    ctx.shutdown.cancel();
+    for frontend in frontends.into_iter().rev().flatten() {
+        frontend.stop().await;
+    }
+    tasks.stop().await;
+    periodic.abort();
+    tracing::info!("evrhost stopped");
+    Ok(())
+}
+
+/// Returns on SIGINT or SIGTERM; SIGHUP reloads every plugin from where it
+/// was loaded (an unchanged one comes from the compiled cache).
+async fn wait_for_shutdown(d: &Arc<Dispatcher>) -> Result<(), DaemonError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading every plugin");
+                for p in d.plugins() {
+                    // Errors are logged by reload; the old version serves on.
+                    let _ = d.reload(&p.name, None).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! API commands: those the host and its front-ends answer themselves
+//! (registered with `add_command`), then the plugins' (their `api`
+//! export), and background jobs that run either.
+
+use std::sync::Arc;
+
+use super::table::{Spec, Table};
+use super::{DispatchError, Dispatcher};
+use crate::bus::Caller;
+use crate::runtime::{CommandInfo, Event};
+
+/// A command the host or a front-end answers: its arguments as one text
+/// in, its text out.
+#[async_trait::async_trait]
+pub trait Command: Send + Sync + 'static {
+    async fn run(&self, args: &str) -> Result<String, CommandError>;
+}
+
+/// Why a host command failed, in its own words.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CommandError(pub String);
+
+/// A registered host command.
+#[derive(Clone)]
+pub struct HostCommand {
+    pub info: CommandInfo,
+    pub run: Arc<dyn Command>,
+}
+
+impl Dispatcher {
+    /// Adds a command the host or a front-end answers. Refused when a
+    /// plugin or another host command has the name already.
+    pub async fn add_command(&self, info: CommandInfo, run: Arc<dyn Command>) -> Result<(), DispatchError> {
+        let _admin = self.admin.lock().await;
+        let table = self.table.load_full();
+        let name = info.name.clone();
+        if table.spec.host_commands.contains_key(&name) {
+            return Err(DispatchError::HostCommandConflict(name));
+        }
+        if let Some(slot) = table.commands.get(&name) {
+            return Err(DispatchError::CommandConflict {
+                command: name,
+                plugin: slot.name.to_string(),
+                other: "evrhost (built-in)".into(),
+            });
+        }
+        let mut spec: Spec = table.spec.clone();
+        spec.host_commands.insert(name, HostCommand { info, run });
+        self.table.store(Arc::new(Table::build(spec, None)?));
+        Ok(())
+    }
+
+    /// Runs an API command: the host's or a plugin's. `depth` counts nested
+    /// command calls.
+    pub async fn run_command(&self, command: &str, args: &str, depth: u32) -> Result<String, DispatchError> {
+        let (host, slot) = {
+            let table = self.table.load();
+            (table.spec.host_commands.get(command).map(|c| c.run.clone()), table.commands.get(command).cloned())
+        };
+        if let Some(run) = host {
+            return Ok(run.run(args).await?);
+        }
+        let Some(slot) = slot else { return Err(DispatchError::CommandNotFound(command.to_string())) };
+        let (result, _) = slot.current().execute(command, args, depth).await;
+        result.map_err(|e| DispatchError::Call(Box::new(e)))
+    }
+
+    /// Runs a command in the background as a job (`bgapi`, `api.bgrun`):
+    /// fires BACKGROUND_JOB with its output when done, and returns
+    /// (succeeded, output). A failure's output is `failure(error)`, the
+    /// text the asking front-end gives errors in.
+    pub async fn run_background(
+        &self,
+        job: &str,
+        command: &str,
+        args: &str,
+        caller: &Caller,
+        failure: impl FnOnce(&str, &DispatchError) -> String,
+    ) -> (bool, String) {
+        let (ok, output) = match self.run_command(command, args, 0).await {
+            Ok(text) => (true, text),
+            Err(e) => (false, failure(command, &e)),
+        };
+        let mut headers = vec![
+            ("Job-UUID".to_string(), job.to_string()),
+            ("Job-Command".to_string(), command.to_string()),
+            ("Job-Successful".to_string(), ok.to_string()),
+        ];
+        if !args.is_empty() {
+            headers.push(("Job-Command-Arg".to_string(), args.to_string()));
+        }
+        let event = Event { name: "BACKGROUND_JOB".into(), subclass: None, headers, body: Some(output.clone()) };
+        self.bus.fire(event, caller);
+        (ok, output)
+    }
+
+    /// Every command: the host's first, then the plugins'.
+    pub fn commands(&self) -> Vec<CommandInfo> {
+        let table = self.table.load();
+        let mut all: Vec<CommandInfo> = table.spec.host_commands.values().map(|c| c.info.clone()).collect();
+        for slot in table.spec.plugins.values() {
+            all.extend(slot.current().commands().iter().cloned());
+        }
+        all
+    }
+}

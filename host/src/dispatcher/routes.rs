@@ -1,0 +1,104 @@
+//! Running a route: its handlers in priority order until one replies
+//! `handled`. A handler is a plugin or a remote target; both take the same
+//! path.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::table::Target;
+use super::{DispatchError, Dispatcher, RouteOutcome, Slot};
+use crate::bus::Profiler;
+use crate::runtime::{CallReport, Reply, Request};
+
+/// A route handler that is not a plugin: a process behind a front-end. The
+/// front-end that owns it registers it (`Dispatcher::add_remote_route`);
+/// to the dispatcher it is opaque.
+#[async_trait::async_trait]
+pub trait RemoteHandler: Send + Sync + 'static {
+    /// How `route.list`, outcomes and logs name it, e.g. `scheme:target`.
+    fn name(&self) -> &str;
+    async fn handle(&self, request: &Request) -> Result<Reply, RemoteError>;
+}
+
+/// Why a remote target gave no reply, in its front-end's words.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RemoteError(pub String);
+
+impl Dispatcher {
+    /// Runs the route `request.route`: its handlers in priority order until
+    /// one replies `handled`. A handler that fails is logged and the next
+    /// one runs; the error is returned only when no handler replied at all.
+    pub async fn run_route(&self, request: &Request) -> Result<RouteOutcome, DispatchError> {
+        let route = request.route.as_str();
+        let handlers: Vec<Target> = {
+            // A guard, not an Arc: no shared count to bounce between cores.
+            let table = self.table.load();
+            let Some(handlers) = table.routes.get(route) else {
+                return Err(DispatchError::RouteNotFound(route.to_string()));
+            };
+            if let [only] = handlers.as_slice() {
+                let target = only.target.clone();
+                drop(table);
+                return self.run_target(&target, request).await;
+            }
+            handlers.iter().map(|h| h.target.clone()).collect()
+        };
+        let mut declined: Option<RouteOutcome> = None;
+        let mut failed: Option<DispatchError> = None;
+        for target in &handlers {
+            match self.run_target(target, request).await {
+                Ok(outcome) if outcome.reply.handled => return Ok(outcome),
+                Ok(outcome) => declined = Some(outcome),
+                Err(e) => {
+                    tracing::warn!(route, handler = %target.name(), error = %e, "route handler failed; trying the next");
+                    failed = Some(e);
+                }
+            }
+        }
+        match (declined, failed) {
+            (Some(outcome), _) => Ok(outcome),
+            (None, Some(e)) => Err(e),
+            (None, None) => Err(DispatchError::RouteNotFound(route.to_string())),
+        }
+    }
+
+    async fn run_target(&self, target: &Target, request: &Request) -> Result<RouteOutcome, DispatchError> {
+        match target {
+            Target::Plugin(slot) => self.run_plugin(slot, request).await,
+            Target::Remote(handler) => {
+                let started = Instant::now();
+                let reply = handler.handle(request).await.inspect_err(|e| {
+                    tracing::warn!(route = %request.route, handler = %handler.name(), error = %e, "remote route failed");
+                })?;
+                let report = CallReport { elapsed: started.elapsed(), fuel: 0 };
+                Ok(RouteOutcome { reply, plugin: handler.name().into(), report })
+            }
+        }
+    }
+
+    /// A plugin's reply, handled or not, with E_PROFILING_SCRIPT records
+    /// when the plugin asks for them and somebody listens.
+    async fn run_plugin(&self, slot: &Arc<Slot>, request: &Request) -> Result<RouteOutcome, DispatchError> {
+        let version = slot.current();
+        let (result, report) = if version.spec.profiling && self.bus.wanted("E_PROFILING_SCRIPT") {
+            let mut profiler = Profiler::start(&self.bus, "E_PROFILING_SCRIPT", &request.route);
+            profiler.enter(&request.route, &slot.name, 0);
+            let outcome = version.handle(request, 0).await;
+            let status = match &outcome.0 {
+                Ok(reply) if reply.handled => 1,
+                Ok(_) => 0,
+                Err(_) => -1,
+            };
+            profiler.exit(&request.route, &slot.name, 0, status);
+            profiler.end(&request.route, status);
+            outcome
+        } else {
+            version.handle(request, 0).await
+        };
+        match result {
+            Ok(reply) => Ok(RouteOutcome { reply, plugin: slot.name.clone(), report }),
+            Err(e) => Err(DispatchError::Call(Box::new(e))),
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! OpenSIPS's external event subscribers (protocols.md §3.3): each event
+//! as a JSON-RPC notification, one per datagram to `udp:IP:PORT`
+//! (event_datagram), or back to back on one TCP connection to
+//! `tcp:IP:PORT[/METHOD]` (event_stream, which reconnects with backoff).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpStream, UdpSocket};
+
+use crate::bus::{Bus, BusError, Sink};
+use crate::config::EventSocket;
+use crate::runtime::Event;
+
+/// event_stream's default: one second for a connect or a write.
+const TCP_TIMEOUT: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Subscribes `socket` to `event` (`NAME`, `ALL` or `CUSTOM:SUBCLASS`).
+pub fn subscribe(
+    bus: &Arc<Bus>,
+    socket: &EventSocket,
+    name: &str,
+    subclass: Option<&str>,
+    expire: Option<Duration>,
+) -> Result<(), BusError> {
+    bus.subscribe(&socket.id(), || sink(socket, bus), name, subclass, expire)
+}
+
+fn sink(socket: &EventSocket, bus: &Arc<Bus>) -> Box<dyn Sink> {
+    match socket {
+        EventSocket::Udp(addr) => Box::new(UdpSink { addr: *addr, socket: None }),
+        EventSocket::Tcp { addr, method } => Box::new(TcpSink {
+            addr: *addr,
+            method: method.clone(),
+            bus: Arc::downgrade(bus),
+            stream: None,
+            backoff: Duration::from_millis(100),
+            retry_at: tokio::time::Instant::now(),
+        }),
+    }
+}
+
+/// event_datagram: no retry; a momentarily full local send buffer is
+/// waited for, briefly (the task is this peer's alone).
+struct UdpSink {
+    addr: SocketAddr,
+    socket: Option<UdpSocket>,
+}
+
+#[async_trait::async_trait]
+impl Sink for UdpSink {
+    async fn deliver(&mut self, event: &Event) -> bool {
+        if self.socket.is_none() {
+            let local = if self.addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+            match UdpSocket::bind(local).await {
+                Ok(socket) => self.socket = Some(socket),
+                Err(e) => {
+                    tracing::error!(addr = %self.addr, error = %e, "cannot open a UDP socket for event delivery");
+                    return false;
+                }
+            }
+        }
+        let Some(socket) = &self.socket else { return false };
+        let payload = notification(event, None);
+        let send = socket.send_to(&payload, self.addr);
+        matches!(tokio::time::timeout(Duration::from_millis(100), send).await, Ok(Ok(_)))
+    }
+}
+
+/// event_stream: one connection, reopened after a backoff that doubles up
+/// to 30 s; events that arrive while it backs off are lost (and counted).
+struct TcpSink {
+    addr: SocketAddr,
+    method: Option<String>,
+    bus: Weak<Bus>,
+    stream: Option<TcpStream>,
+    backoff: Duration,
+    retry_at: tokio::time::Instant,
+}
+
+#[async_trait::async_trait]
+impl Sink for TcpSink {
+    async fn deliver(&mut self, event: &Event) -> bool {
+        let addr = self.addr;
+        if self.stream.is_none() {
+            if tokio::time::Instant::now() < self.retry_at {
+                return false;
+            }
+            match tokio::time::timeout(TCP_TIMEOUT, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    tracing::info!(%addr, "event stream connected");
+                    self.stream = Some(s);
+                    self.backoff = Duration::from_millis(100);
+                }
+                _ => {
+                    tracing::warn!(%addr, retry_ms = self.backoff.as_millis() as u64, "event stream: cannot connect");
+                    self.retry_at = tokio::time::Instant::now() + self.backoff;
+                    self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                    return false;
+                }
+            }
+        }
+        let Some(s) = self.stream.as_mut() else { return false };
+        let bytes = notification(event, self.method.as_deref());
+        match tokio::time::timeout(TCP_TIMEOUT, s.write_all(&bytes)).await {
+            Ok(Ok(())) => true,
+            failure => {
+                let why = match failure {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "write timed out (the peer stopped reading)".to_string(),
+                };
+                tracing::warn!(%addr, error = %why, "event stream lost");
+                if let (Some(bus), Some(s)) = (self.bus.upgrade(), self.stream.take()) {
+                    super::disconnected(&bus, s.local_addr().ok(), s.peer_addr().ok(), "tcp");
+                }
+                self.retry_at = tokio::time::Instant::now() + self.backoff;
+                false
+            }
+        }
+    }
+}
+
+/// An event as an OpenSIPS JSON-RPC notification (protocols.md §3.3): the
+/// headers as `params`, in order, the body as `_body`. For OpenSIPS's own
+/// events (`E_…`) integer values are JSON numbers, as OpenSIPS types them.
+pub fn notification(event: &Event, method: Option<&str>) -> Vec<u8> {
+    let doc = Notification { jsonrpc: "2.0", method: method.unwrap_or(&event.name), params: Params(event) };
+    serde_json::to_vec(&doc).unwrap_or_default()
+}
+
+/// Serialized straight from the event's headers: no intermediate map.
+#[derive(Serialize)]
+struct Notification<'a> {
+    jsonrpc: &'static str,
+    method: &'a str,
+    params: Params<'a>,
+}
+
+struct Params<'a>(&'a Event);
+
+impl Serialize for Params<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let event = self.0;
+        let numeric = event.name.starts_with("E_");
+        let mut map = serializer.serialize_map(Some(event.headers.len() + usize::from(event.body.is_some())))?;
+        for (k, v) in &event.headers {
+            match v.parse::<i64>() {
+                Ok(n) if numeric && n.to_string() == *v => map.serialize_entry(k, &n)?,
+                _ => map.serialize_entry(k, v)?,
+            }
+        }
+        if let Some(body) = &event.body {
+            map.serialize_entry("_body", body)?;
+        }
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_type_opensips_params() {
+        let event = Event {
+            name: "E_CORE_THRESHOLD".into(),
+            subclass: None,
+            headers: vec![("source".into(), "plugin x".into()), ("time".into(), "1500".into())],
+            body: None,
+        };
+        let doc: serde_json::Value = serde_json::from_slice(&notification(&event, None)).unwrap();
+        assert_eq!(doc["method"], "E_CORE_THRESHOLD");
+        assert_eq!(doc["params"]["time"], 1500);
+        assert_eq!(doc["params"]["source"], "plugin x");
+        assert!(doc.get("id").is_none(), "a notification has no id");
+    }
+}

@@ -1,0 +1,136 @@
+//! An in-process host for tests and benchmarks (the shape of Spin's
+//! `factors-test`): a config's runtime and dispatcher with the built-in
+//! commands, and the front-ends it configures, in this process — no
+//! binary, no waiting for log lines. Events are watched on the bus itself.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use evrhost::harness::TestHost;
+//! let host = TestHost::start("[[plugin]]\nname = \"echo\"\npath = \"{echo}\"\n").await?;
+//! let mut loads = host.watch("PLUGIN_RELOAD")?;
+//! host.dispatcher.reload("echo", None).await?;
+//! assert!(loads.next(std::time::Duration::from_secs(1)).await.is_some());
+//! # Ok(()) }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::log_layer::LogHub;
+use crate::bus::{split_event, BusError, Sink};
+use crate::config::{Config, ConfigError};
+use crate::daemon::{self, DaemonError};
+use crate::dispatcher::Dispatcher;
+use crate::frontend::metrics::Registry;
+use crate::frontend::{launch, udp::Udp, Context, Running};
+use crate::runtime::Event;
+
+/// A component built from `plugins/` by the host's build script.
+pub fn plugin(name: &str) -> PathBuf {
+    Path::new(env!("EVRHOST_PLUGINS_DIR")).join(format!("{name}.wasm"))
+}
+
+/// The names of the components built from `plugins/`.
+pub fn plugins() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(env!("EVRHOST_PLUGINS_DIR"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".wasm").map(str::to_string)).collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// `{NAME}` in a test's config stands for the path of plugin NAME.
+pub fn with_plugin_paths(config: &str) -> String {
+    let mut text = config.to_string();
+    for name in plugins() {
+        text = text.replace(&format!("{{{name}}}"), &plugin(&name).display().to_string());
+    }
+    text
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error(transparent)]
+    Frontend(#[from] crate::frontend::FrontendError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// A host in this process; its front-ends stop when it is dropped.
+pub struct TestHost {
+    pub dispatcher: Arc<Dispatcher>,
+    pub ctx: Context,
+    frontends: Vec<Running>,
+}
+
+impl TestHost {
+    /// Starts `config` (with `{NAME}` plugin paths filled in, no compiled
+    /// cache, no RPC listener) and its UDP front-end. Must run in a tokio
+    /// runtime.
+    pub async fn start(config: &str) -> Result<TestHost, HarnessError> {
+        let mut config = Config::parse(&with_plugin_paths(config), "(test)", Path::new("."))?;
+        config.cache_dir = None;
+        let dispatcher = daemon::start(&config).await?;
+        let ctx = Context {
+            dispatcher: dispatcher.clone(),
+            logs: LogHub::new(),
+            metrics: Arc::new(Registry::default()),
+            shutdown: CancellationToken::new(),
+        };
+        let mut frontends = Vec::new();
+        frontends.extend(launch::<Udp>((!config.udp.is_empty()).then(|| config.udp.clone()), &ctx).await?);
+        Ok(TestHost { dispatcher, ctx, frontends })
+    }
+
+    /// Events named `event` (`NAME`, `ALL` or `CUSTOM:SUBCLASS`) from now on.
+    pub fn watch(&self, event: &str) -> Result<Watch, HarnessError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (name, subclass) = split_event(event);
+        let id = format!("harness:{}", uuid::Uuid::new_v4());
+        self.dispatcher.bus().subscribe(&id, || Box::new(ChannelSink(tx)), name, subclass, None)?;
+        Ok(Watch { rx })
+    }
+
+    /// Stops the front-ends.
+    pub async fn stop(mut self) {
+        for frontend in self.frontends.drain(..) {
+            frontend.stop().await;
+        }
+    }
+}
+
+/// Events as the bus delivers them to a subscriber.
+pub struct Watch {
+    rx: mpsc::UnboundedReceiver<Arc<Event>>,
+}
+
+impl Watch {
+    /// The next event, or None after `within`.
+    pub async fn next(&mut self, within: Duration) -> Option<Arc<Event>> {
+        tokio::time::timeout(within, self.rx.recv()).await.ok().flatten()
+    }
+}
+
+struct ChannelSink(mpsc::UnboundedSender<Arc<Event>>);
+
+#[async_trait::async_trait]
+impl Sink for ChannelSink {
+    async fn deliver(&mut self, event: &Event) -> bool {
+        self.0.send(Arc::new(event.clone())).is_ok()
+    }
+}
+
+/// The value of a header of `event`.
+pub fn header<'e>(event: &'e Event, name: &str) -> Option<&'e str> {
+    event.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
