@@ -45,14 +45,14 @@ use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context as _};
+use anyhow::anyhow;
 use bytes::Bytes;
 use evrhost::frontend::client::RpcClient;
+use evrhost::harness::Spawned;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::service::service_fn;
@@ -138,17 +138,10 @@ impl Drop for Scratch {
 
 /// `evrhost run`, killed on drop.
 struct Daemon {
-    child: Child,
+    process: Spawned,
     rpc: SocketAddr,
     udp: SocketAddr,
     log: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn free_tcp_port() -> anyhow::Result<u16> {
@@ -231,36 +224,14 @@ fn start_daemon(dir: &Path, workers: usize) -> anyhow::Result<Daemon> {
     let config = dir.join("udp-bench.toml");
     std::fs::write(&config, daemon_config(&dir.join("cache"), rpc, udp, workers))?;
     let log = dir.join("evrhost.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_evrhost"))
-        .arg("run")
-        .arg("-c")
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()
-        .context("cannot spawn evrhost run")?;
-    let mut daemon = Daemon { child, rpc, udp, log };
-    let start = Instant::now();
-    loop {
-        if let Some(status) = daemon.child.try_wait()? {
-            let tail = std::fs::read_to_string(&daemon.log).unwrap_or_default();
-            return Err(anyhow!("evrhost run exited ({status}) before serving; its log:\n{tail}"));
-        }
-        if matches!(http_get(rpc, "/health"), Some((200, _))) {
-            return Ok(daemon);
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            return Err(anyhow!("evrhost run did not answer GET /health within 30 s"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let bin = Path::new(env!("CARGO_BIN_EXE_evrhost"));
+    let process = Spawned::start(bin, &config, rpc, &log, &[], Duration::from_secs(30))?;
+    Ok(Daemon { process, rpc, udp, log })
 }
 
 impl Daemon {
     fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.process.alive()
     }
 
     /// The sum of a metric's samples, all labels together.
@@ -285,7 +256,7 @@ impl Daemon {
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 }
 

@@ -134,3 +134,82 @@ impl Sink for ChannelSink {
 pub fn header<'e>(event: &'e Event, name: &str) -> Option<&'e str> {
     event.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
+
+/// `evrhost run -c CONFIG` in a child process, killed on drop: the daemon
+/// the end-to-end tests and the benches talk to over real sockets. `bin` is
+/// the binary (`env!("CARGO_BIN_EXE_evrhost")` where cargo gives it).
+pub struct Spawned {
+    child: std::process::Child,
+    pub rpc: std::net::SocketAddr,
+    log: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot start evrhost: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("evrhost exited with {status} before serving:\n{log}")]
+    Exited { status: std::process::ExitStatus, log: String },
+    #[error("evrhost did not listen on {rpc} within {within:?}:\n{log}")]
+    NotReady { rpc: std::net::SocketAddr, within: Duration, log: String },
+}
+
+impl Spawned {
+    /// Starts the daemon on the config file `config`, its log (stderr) to
+    /// `log`, with `env` set, and waits until its RPC listener `rpc`
+    /// accepts connections.
+    pub fn start(
+        bin: &Path,
+        config: &Path,
+        rpc: std::net::SocketAddr,
+        log: &Path,
+        env: &[(&str, &str)],
+        within: Duration,
+    ) -> Result<Spawned, SpawnError> {
+        use std::process::{Command, Stdio};
+        let mut command = Command::new(bin);
+        command.arg("run").arg("-c").arg(config).env_remove("RUST_LOG");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()?;
+        let mut spawned = Spawned { child, rpc, log: log.to_path_buf() };
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = spawned.child.try_wait()? {
+                return Err(SpawnError::Exited { status, log: spawned.log() });
+            }
+            if std::net::TcpStream::connect_timeout(&rpc, Duration::from_millis(200)).is_ok() {
+                return Ok(spawned);
+            }
+            if started.elapsed() > within {
+                return Err(SpawnError::NotReady { rpc, within, log: spawned.log() });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -111,7 +111,6 @@ async fn a_bad_version_is_refused_and_the_old_one_serves_on() {
     let after = client.call("plugin.list", json!([])).await.expect("rpc");
     assert_eq!(result(&after)[0]["hash"], hash, "the old version is still the one loaded");
     assert_eq!(result(&after)[0]["reloads"], json!(0));
-    assert!(daemon.log().contains("reload refused; the old version serves on"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

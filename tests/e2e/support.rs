@@ -1,10 +1,12 @@
 //! Starting the daemon on a config of the test's own, and talking to it.
 
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use evrhost::frontend::client::RpcClient;
+use evrhost::harness::Spawned;
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_evrhost");
@@ -35,7 +37,7 @@ pub fn text(bytes: &[u8]) -> String {
 /// A running daemon; killed on drop. Its log goes to a file, readable with
 /// `log()`.
 pub struct Daemon {
-    child: Child,
+    process: Spawned,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
 }
@@ -56,34 +58,16 @@ impl Daemon {
         );
         let path = dir.path().join("evrhost.toml");
         std::fs::write(&path, text).expect("write config");
-        let log = std::fs::File::create(dir.path().join("evrhost.log")).expect("log file");
-        let child = Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn evrhost run");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let mut daemon = Daemon { child, addr, dir };
-        daemon.wait_ready().await;
-        daemon
-    }
-
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("evrhost exited with {status} before serving:\n{}", self.log());
-            }
-            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "evrhost did not listen within 60 s:\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let log = dir.path().join("evrhost.log");
+        let env = [("RUST_LOG", "info"), ("NO_COLOR", "1")];
+        let process = tokio::task::spawn_blocking(move || {
+            Spawned::start(Path::new(BIN), &path, addr, &log, &env, Duration::from_secs(60))
+        })
+        .await
+        .expect("the start task")
+        .unwrap_or_else(|e| panic!("{e}"));
+        Daemon { process, addr, dir }
     }
 
     pub async fn client(&self) -> RpcClient {
@@ -124,14 +108,7 @@ impl Daemon {
     }
 
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.alive()
     }
 }
 

@@ -25,6 +25,26 @@ main([Self, Evr, Cookie, Names]) ->
     {ok, "0"} = recv(),
     ok("api plugin command"),
 
+    %% As mod_erlang_event decodes it, the command is an atom.
+    Fs ! {api, "status", ""},
+    {error, badarg} = recv(),
+    Fs ! {api, <<"status">>, ""},
+    {error, badarg} = recv(),
+    ok("api command as text"),
+
+    Fs ! {api, echo, "hello there"},
+    {ok, "hello there"} = recv(),
+    ok("api echo"),
+
+    Fs ! {bgapi, no_such_cmd, ""},
+    {ok, Job0} = recv(),
+    {bgerror, Job0, "no_such_cmd: Command not found!\n"} = recv(),
+    ok("bgapi unknown command"),
+
+    Fs ! {fetch_reply, "not-a-fetch-of-ours", "<document/>"},
+    {error, invalid_uuid} = recv(),
+    ok("fetch_reply unknown"),
+
     Fs ! {bgapi, status, ""},
     {ok, Job} = recv(),
     {bgok, Job, "UP " ++ _} = recv(),
@@ -85,6 +105,8 @@ main([Self, Evr, Cookie, Names]) ->
     {log, Log} = recv_log("reload"),
     6 = proplists:get_value(level, Log),
     true = is_integer(proplists:get_value(line, Log)),
+    Fs ! {api, log, "warning hello from erlang"},
+    ok = api_log("hello from erlang", false, false),
     Fs ! nolog,
     ok = recv(),
     drain(),
@@ -139,6 +161,19 @@ recv_log(Word) ->
                 _ -> Log
             end;
         Other -> error({expected_log, Other})
+    end.
+
+%% The `log` command's answer and the log line it wrote, in either order.
+api_log(_, true, true) -> ok;
+api_log(Word, Answered, Logged) ->
+    case recv() of
+        {ok, "+OK"} -> api_log(Word, true, Logged);
+        {log, L} ->
+            case string:find(proplists:get_value(data, L), Word) of
+                nomatch -> api_log(Word, Answered, Logged);
+                _ -> 4 = proplists:get_value(level, L), api_log(Word, Answered, true)
+            end;
+        Other -> error({expected_log_or_answer, Other})
     end.
 
 drain() -> receive _ -> drain() after 200 -> ok end.

@@ -12,9 +12,11 @@ pub mod error;
 mod imports;
 pub mod limits;
 mod output;
+mod exports;
 pub mod plugin;
 mod pool;
 pub mod services;
+mod spec;
 mod state;
 pub mod stats;
 
@@ -29,13 +31,15 @@ pub use cache::{CacheOutcome, ComponentCache};
 pub use engine::{config as engine_config, EngineSettings};
 pub use error::{CallError, Cause, LoadError};
 pub use limits::{Capabilities, Isolation, Limits, Preopen};
-pub use plugin::{Export, Outcome, PluginSpec, PluginVersion};
+pub use exports::Export;
+pub use plugin::{Outcome, PluginVersion};
+pub use spec::PluginSpec;
 pub use pool::CallReport;
 pub use services::{FetchQuery, Services};
 pub use stats::{Stats, StatsSnapshot};
 
 use crate::kv::KvSpace;
-use plugin::ExportIndices;
+use exports::ExportIndices;
 use pool::Pool;
 use state::{HostState, PluginCtx};
 
@@ -142,7 +146,7 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(|e| LoadError::Link { plugin: name.clone(), message: format!("{e:#}") })?;
         let indices =
-            ExportIndices::new(&pre).map_err(|message| LoadError::Invalid { plugin: name.clone(), message })?;
+            ExportIndices::new(&pre).map_err(|e| LoadError::Invalid { plugin: name.clone(), message: e.to_string() })?;
         let spec = Arc::new(spec);
         let tick = self.settings.tick.as_nanos().max(1);
         let deadline_ticks = u64::try_from(spec.limits.deadline.as_nanos().div_ceil(tick)).unwrap_or(u64::MAX).max(1);

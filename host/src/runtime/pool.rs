@@ -33,26 +33,18 @@ use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
-use super::bindings::{api, route, subscriber, task, Level};
+use super::bindings::Level;
 use super::clock::{self, Stamp};
 use super::error::{chain, Cause};
 use super::imports::emit_log;
 use super::output::OutputCapture;
-use super::plugin::ExportIndices;
+use super::exports::{ExportIndices, WorkerExports};
 use super::state::{CallCtx, HostState, MemoryLimiter, PluginCtx};
 use super::stats::Stats;
 use super::Isolation;
 
 /// Bytes of stdout and of stderr kept per call.
 const OUTPUT_CAP: usize = 64 << 10;
-
-/// The loaded exports of one instance.
-pub(crate) struct WorkerExports {
-    pub route: Option<route::Guest>,
-    pub api: Option<api::Guest>,
-    pub subscriber: Option<subscriber::Guest>,
-    pub task: Option<task::Guest>,
-}
 
 pub(crate) struct Worker {
     store: Store<HostState>,

@@ -8,7 +8,7 @@ use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::output::OutputCapture;
-use super::plugin::PluginSpec;
+use super::spec::PluginSpec;
 use super::services::Services;
 use crate::kv::KvSpace;
 

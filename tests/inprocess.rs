@@ -1,0 +1,225 @@
+//! The dispatcher, reload, routes, commands and pools tested in process
+//! (`evrhost::harness::TestHost`): no binary, no sockets unless a test asks
+//! for a front-end, no waiting for log lines — what happened is read from
+//! the bus and the dispatcher.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use evrhost::bus::log_layer::BusLayer;
+use evrhost::config::CodeSource;
+use evrhost::dispatcher::{Command, CommandError, DispatchError, RemoteError, RemoteHandler, RemoteRoute};
+use evrhost::harness::{header, plugin, TestHost};
+use evrhost::runtime::{CommandInfo, Origin, Reply, Request};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn request(route: &str, data: &str) -> Request {
+    Request { route: route.into(), data: data.as_bytes().to_vec(), params: Vec::new(), origin: Origin::Cli }
+}
+
+const ECHO: &str = r#"
+[[plugin]]
+name = "echo"
+path = "{echo}"
+
+[[route]]
+name = "echo"
+plugin = "echo"
+"#;
+
+#[tokio::test]
+async fn a_refused_reload_raises_plugin_fail_and_the_old_version_serves_on() {
+    let host = TestHost::start(ECHO).await.expect("the host starts");
+    let d = &host.dispatcher;
+    let before = d.plugin("echo").expect("echo is loaded").hash.clone();
+    let mut fails = host.watch("PLUGIN_FAIL").expect("watch");
+    let mut reloads = host.watch("PLUGIN_RELOAD").expect("watch");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"not wasm").expect("write");
+    let cases = [
+        (CodeSource::File(garbage), "is not WebAssembly"),
+        (CodeSource::File(dir.path().join("missing.wasm")), "cannot read"),
+        (CodeSource::File(plugin("timer")), "does not export `evrhost:plugin/route@0.1.0`, which route `echo` needs"),
+    ];
+    for (code, expected) in cases {
+        let Err(err) = d.reload("echo", Some(code)).await else { panic!("a bad version must be refused") };
+        assert!(err.to_string().contains(expected), "{err}");
+        let event = fails.next(SECOND).await.expect("PLUGIN_FAIL is raised");
+        assert_eq!(header(&event, "Plugin"), Some("echo"));
+        assert!(header(&event, "Error").is_some_and(|e| e.contains(expected)), "{event:?}");
+        let outcome = d.run_route(&request("echo", "still here")).await.expect("the old version serves");
+        assert_eq!(outcome.reply.data.as_deref(), Some(&b"still here"[..]));
+    }
+    assert_eq!(d.plugin("echo").expect("loaded").hash, before, "nothing was swapped");
+    assert!(reloads.next(Duration::from_millis(50)).await.is_none(), "no PLUGIN_RELOAD for a refused version");
+
+    let new = d.reload("echo", Some(CodeSource::File(plugin("echo")))).await.expect("a good reload");
+    let event = reloads.next(SECOND).await.expect("PLUGIN_RELOAD");
+    assert_eq!(header(&event, "Plugin-Hash"), Some(new.short_hash()));
+}
+
+/// A remote target that answers with a fixed reply, or declines.
+struct Fixed {
+    name: String,
+    handled: bool,
+}
+
+#[async_trait::async_trait]
+impl RemoteHandler for Fixed {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    async fn handle(&self, _request: &Request) -> Result<Reply, RemoteError> {
+        if self.name.contains("broken") {
+            return Err(RemoteError("the peer is gone".into()));
+        }
+        Ok(Reply { handled: self.handled, retval: self.name.clone(), params: Vec::new(), data: None })
+    }
+}
+
+fn remote(route: &str, priority: i32, name: &str, handled: bool) -> RemoteRoute {
+    RemoteRoute { route: route.into(), priority, handler: Arc::new(Fixed { name: name.into(), handled }) }
+}
+
+#[tokio::test]
+async fn plugins_and_remote_targets_share_one_routing_path_in_priority_order() {
+    // echo answers handled with retval "ok", at priority 100.
+    let host = TestHost::start(ECHO).await.expect("the host starts");
+    let d = &host.dispatcher;
+    d.add_remote_route(remote("echo", 10, "test:declines", false)).await.expect("added");
+    d.add_remote_route(remote("echo", 20, "test:broken", true)).await.expect("added");
+    let outcome = d.run_route(&request("echo", "x")).await.expect("echo answers after the remote ones");
+    assert_eq!((&*outcome.plugin, outcome.reply.retval.as_str()), ("echo", "ok"));
+
+    d.add_remote_route(remote("echo", 30, "test:takes", true)).await.expect("added");
+    let outcome = d.run_route(&request("echo", "x")).await.expect("handled");
+    assert_eq!(&*outcome.plugin, "test:takes", "priority 30 runs before echo's 100");
+
+    let routes = d.routes();
+    let echo = routes.iter().find(|r| r.name == "echo").expect("the echo route");
+    let order: Vec<&str> = echo.handlers.iter().map(|(h, _)| h.as_str()).collect();
+    assert_eq!(order, ["test:declines", "test:broken", "test:takes", "echo"]);
+
+    // A route only remote targets serve; when all fail, the error says why.
+    d.add_remote_route(remote("gone", 0, "test:broken", true)).await.expect("added");
+    match d.run_route(&request("gone", "")).await {
+        Err(DispatchError::Remote(e)) => assert_eq!(e.to_string(), "the peer is gone"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(d.run_route(&request("nowhere", "")).await, Err(DispatchError::RouteNotFound(_))));
+
+    // Unloading echo leaves the remote handlers of its route serving.
+    d.unload("echo").await.expect("unloaded");
+    let outcome = d.run_route(&request("echo", "x")).await.expect("handled");
+    assert_eq!(&*outcome.plugin, "test:takes");
+}
+
+struct Upper;
+
+#[async_trait::async_trait]
+impl Command for Upper {
+    async fn run(&self, args: &str) -> Result<String, CommandError> {
+        Ok(args.to_uppercase())
+    }
+}
+
+fn info(name: &str) -> CommandInfo {
+    CommandInfo { name: name.into(), usage: String::new(), description: String::new() }
+}
+
+#[tokio::test]
+async fn host_commands_are_answered_and_their_names_are_guarded() {
+    let host = TestHost::start(
+        "[[plugin]]\nname = \"counter\"\npath = \"{counter}\"\n[[route]]\nname = \"count\"\nplugin = \"counter\"\n",
+    )
+    .await
+    .expect("the host starts");
+    let d = &host.dispatcher;
+    assert_eq!(d.run_command("echo", "hello there", 0).await.expect("echo"), "hello there");
+    assert!(d.run_command("status", "", 0).await.expect("status").starts_with("UP "));
+    d.add_command(info("upper"), Arc::new(Upper)).await.expect("a new name");
+    assert_eq!(d.run_command("upper", "abc", 0).await.expect("upper"), "ABC");
+    assert!(matches!(
+        d.add_command(info("status"), Arc::new(Upper)).await,
+        Err(DispatchError::HostCommandConflict(name)) if name == "status"
+    ));
+    assert!(matches!(
+        d.add_command(info("counter.get"), Arc::new(Upper)).await,
+        Err(DispatchError::CommandConflict { plugin, .. }) if plugin == "counter"
+    ));
+    assert_eq!(d.run_command("counter.get", "nobody", 0).await.expect("the plugin's command"), "0");
+    let names: Vec<String> = d.commands().into_iter().map(|c| c.name).collect();
+    for name in ["version", "status", "echo", "log", "plugin.list", "plugin.reload", "route.list", "upper", "counter.get"] {
+        assert!(names.iter().any(|n| n == name), "{name} in {names:?}");
+    }
+    assert!(matches!(d.run_command("nope", "", 0).await, Err(DispatchError::CommandNotFound(_))));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_log_command_reaches_log_taps_of_its_own_host_only() {
+    use tracing_subscriber::prelude::*;
+    let host = TestHost::start("").await.expect("the host starts");
+    let other = TestHost::start("").await.expect("a second host in the same process");
+    // This thread's log lines feed the first host's hub alone.
+    let _guard = tracing_subscriber::registry().with(BusLayer::new(host.ctx.logs.clone())).set_default();
+    let (tap, mut records) = host.ctx.logs.tap(tracing::Level::INFO);
+    let (_, mut elsewhere) = other.ctx.logs.tap(tracing::Level::DEBUG);
+
+    assert_eq!(host.dispatcher.run_command("log", "notice hello from the api", 0).await.expect("log"), "+OK");
+    let record = records.try_recv().expect("the tap got the line");
+    assert_eq!((record.level, record.text.as_str()), (tracing::Level::INFO, "hello from the api"));
+    assert!(host.dispatcher.run_command("log", "debug too quiet", 0).await.is_ok());
+    assert!(records.try_recv().is_err(), "below the tap's level");
+    assert!(host.dispatcher.run_command("log", "loud nonsense", 0).await.is_err(), "an unknown level is refused");
+    assert!(elsewhere.try_recv().is_err(), "the other host's tap sees nothing");
+    host.ctx.logs.untap(tap);
+    assert!(host.dispatcher.run_command("log", "err after untap", 0).await.is_ok());
+    assert!(records.try_recv().is_err(), "an untapped receiver gets nothing more");
+}
+
+#[tokio::test]
+async fn a_pool_scales_up_under_load_and_down_when_idle() {
+    let host = TestHost::start(
+        r#"
+[[plugin]]
+name = "hostile"
+path = "{hostile}"
+min_instances = 1
+max_instances = 3
+idle_ms = 1
+
+[[route]]
+name = "spin"
+plugin = "hostile"
+"#,
+    )
+    .await
+    .expect("the host starts");
+    let d = host.dispatcher.clone();
+    let mut scale = host.watch("E_CORE_PROC_AUTO_SCALE").expect("watch");
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let d = d.clone();
+            tokio::spawn(async move { d.run_route(&request("spin", "30")).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.expect("the call task").expect("spin returns");
+    }
+    let mut ups = 0;
+    while let Some(event) = scale.next(Duration::from_millis(200)).await {
+        assert_eq!(header(&event, "group_filter"), Some("hostile"));
+        if header(&event, "scale") == Some("up") {
+            ups += 1;
+        }
+    }
+    assert!(ups >= 1, "three concurrent calls on one warm instance grew the pool");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    d.housekeeping();
+    let down = scale.next(SECOND).await.expect("an idle instance is dropped");
+    assert_eq!(header(&down, "scale"), Some("down"));
+    assert_eq!(d.plugin("hostile").expect("loaded").idle_instances(), 1, "down to min_instances");
+}
