@@ -152,7 +152,9 @@ async fn host_commands_are_answered_and_their_names_are_guarded() {
     ));
     assert_eq!(d.run_command("counter.get", "nobody", 0).await.expect("the plugin's command"), "0");
     let names: Vec<String> = d.commands().into_iter().map(|c| c.name).collect();
-    for name in ["version", "status", "echo", "log", "plugin.list", "plugin.reload", "route.list", "upper", "counter.get"] {
+    for name in
+        ["version", "status", "echo", "log", "plugin.list", "plugin.reload", "route.list", "upper", "counter.get"]
+    {
         assert!(names.iter().any(|n| n == name), "{name} in {names:?}");
     }
     assert!(matches!(d.run_command("nope", "", 0).await, Err(DispatchError::CommandNotFound(_))));

@@ -65,7 +65,7 @@ impl Command for Host {
             }
             Builtin::PluginReload => {
                 let name = args.trim();
-                let version = d.reload(name, None).await.map_err(|e| CommandError(e.to_string()))?;
+                let version = d.reload(name, None).await.map_err(|e| CommandError(crate::error::chain(&e)))?;
                 format!("+OK {name} reloaded: {}", version.short_hash())
             }
             Builtin::RouteList => d

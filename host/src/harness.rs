@@ -172,11 +172,7 @@ impl Spawned {
         for (k, v) in env {
             command.env(k, v);
         }
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log)?)
-            .spawn()?;
+        let child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(log)?).spawn()?;
         let mut spawned = Spawned { child, rpc, log: log.to_path_buf() };
         let started = std::time::Instant::now();
         loop {

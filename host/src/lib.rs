@@ -7,7 +7,7 @@
 //! ```
 //!
 //! The parts, from the bottom up (each uses only those before it):
-//! - [`sync`], [`kv`]: small shared pieces.
+//! - [`sync`], [`error`], [`kv`]: small shared pieces.
 //! - [`runtime`]: wasmtime, compiled-code cache, plugin versions and pools.
 //! - [`config`]: the TOML configuration, checked before anything runs,
 //!   stored as the runtime's and the front-ends' typed settings.
@@ -26,6 +26,7 @@ pub mod bus;
 pub mod config;
 pub mod daemon;
 pub mod dispatcher;
+pub mod error;
 pub mod exec;
 pub mod frontend;
 pub mod harness;

@@ -11,6 +11,7 @@ use super::table::{RemoteRoute, Table};
 use super::{DispatchError, Dispatcher, Slot};
 use crate::bus::Caller;
 use crate::config::{CodeSource, PluginDef, RouteDef};
+use crate::error::chain;
 use crate::runtime::{LoadError, PluginSpec, PluginVersion, Stats};
 use crate::sync::lock;
 
@@ -52,9 +53,10 @@ impl Dispatcher {
         let old = slot.current();
         let code = code.unwrap_or_else(|| slot.code());
         let def = PluginDef { spec: PluginSpec { source: code.describe(), ..(*old.spec).clone() }, code: code.clone() };
-        let refused = |e: &dyn std::fmt::Display| {
-            tracing::error!(plugin = %name, error = %e, "reload refused; the old version serves on");
-            self.plugin_event("PLUGIN_FAIL", name, &e.to_string());
+        let refused = |e: &(dyn std::error::Error + 'static)| {
+            let why = chain(e);
+            tracing::error!(plugin = %name, error = %why, "reload refused; the old version serves on");
+            self.plugin_event("PLUGIN_FAIL", name, &why);
         };
         let new = self.load_version(&def, slot.stats.clone()).await.inspect_err(|e| refused(e))?;
         // The whole table is checked against the new version first: what
@@ -88,7 +90,7 @@ impl Dispatcher {
         let version = self
             .load_version(&def, stats.clone())
             .await
-            .inspect_err(|e| self.plugin_event("PLUGIN_FAIL", &name, &e.to_string()))?;
+            .inspect_err(|e| self.plugin_event("PLUGIN_FAIL", &name, &chain(e)))?;
         self.plugin_event("PLUGIN_LOAD", &name, version.short_hash());
         let mut spec = table.spec.clone();
         spec.plugins.insert(name.clone(), Arc::new(Slot::new(&name, version.clone(), def.code.clone(), stats)));

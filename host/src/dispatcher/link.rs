@@ -64,7 +64,7 @@ impl Services for Link {
         let d = self.get()?;
         d.run_command(command, args, depth).await.map_err(|e| match e {
             DispatchError::CommandNotFound(c) => HostError::NotFound(format!("no command `{c}`")),
-            other => HostError::Failed(other.to_string()),
+            other => HostError::Failed(crate::error::chain(&other)),
         })
     }
 

@@ -187,7 +187,7 @@ impl Dispatcher {
             let version = dispatcher
                 .load_version(def, stats.clone())
                 .await
-                .inspect_err(|e| dispatcher.plugin_event("PLUGIN_FAIL", &def.spec.name, &e.to_string()))?;
+                .inspect_err(|e| dispatcher.plugin_event("PLUGIN_FAIL", &def.spec.name, &crate::error::chain(e)))?;
             dispatcher.plugin_event("PLUGIN_LOAD", &def.spec.name, version.short_hash());
             let slot = Slot::new(&def.spec.name, version, def.code.clone(), stats);
             spec.plugins.insert(def.spec.name.clone(), Arc::new(slot));

@@ -75,6 +75,11 @@ impl fmt::Display for Cause {
     }
 }
 
+impl std::error::Error for Cause {}
+
+/// Boxed sources of load errors (wasmtime's, mostly).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A failed call: which plugin, which route (or command, or event), why.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("plugin `{plugin}`, {what} `{target}`: {cause}")]
@@ -95,16 +100,16 @@ pub enum LoadError {
     CoreModule { plugin: String, path: String },
     #[error("plugin `{plugin}`: {path} is not WebAssembly (no `\\0asm` header)")]
     NotWasm { plugin: String, path: String },
-    #[error("plugin `{plugin}`: cannot compile {path}: {message}")]
-    Compile { plugin: String, path: String, message: String },
-    #[error("plugin `{plugin}`: cannot link: {message}")]
-    Link { plugin: String, message: String },
-    #[error("plugin `{plugin}`: cannot instantiate: {message}")]
-    Instantiate { plugin: String, message: String },
+    #[error("plugin `{plugin}`: cannot compile {path}")]
+    Compile { plugin: String, path: String, source: BoxError },
+    #[error("plugin `{plugin}`: cannot link")]
+    Link { plugin: String, source: BoxError },
+    #[error("plugin `{plugin}`: cannot instantiate")]
+    Instantiate { plugin: String, source: Cause },
     #[error("plugin `{plugin}` does not export `{export}`, which {needed_by} needs")]
     MissingExport { plugin: String, export: &'static str, needed_by: String },
-    #[error("plugin `{plugin}`: listing its commands failed: {cause}")]
-    Commands { plugin: String, cause: Cause },
+    #[error("plugin `{plugin}`: listing its commands failed")]
+    Commands { plugin: String, source: Cause },
     #[error("plugin `{plugin}`: {message}")]
     Invalid { plugin: String, message: String },
 }

@@ -9,10 +9,10 @@ pub mod cache;
 mod clock;
 mod engine;
 pub mod error;
+mod exports;
 mod imports;
 pub mod limits;
 mod output;
-mod exports;
 pub mod plugin;
 mod pool;
 pub mod services;
@@ -30,12 +30,12 @@ pub use bindings::{CommandInfo, Event, HostError, Level, Origin, Peer, Reply, Re
 pub use cache::{CacheOutcome, ComponentCache};
 pub use engine::{config as engine_config, EngineSettings};
 pub use error::{CallError, Cause, LoadError};
-pub use limits::{Capabilities, Isolation, Limits, Preopen};
 pub use exports::Export;
+pub use limits::{Capabilities, Isolation, Limits, Preopen};
 pub use plugin::{Outcome, PluginVersion};
-pub use spec::PluginSpec;
 pub use pool::CallReport;
 pub use services::{FetchQuery, Services};
+pub use spec::PluginSpec;
 pub use stats::{Stats, StatsSnapshot};
 
 use crate::kv::KvSpace;
@@ -73,7 +73,7 @@ fn check_header(name: &str, source: &str, wasm: &[u8]) -> Result<(), LoadError> 
     match (wasm.get(0..4), wasm.get(4..8)) {
         (Some(b"\0asm"), Some(version)) if version == COMPONENT_VERSION => Ok(()),
         (Some(b"\0asm"), Some([1, 0, 0, 0])) => Err(LoadError::CoreModule { plugin, path }),
-        (Some(b"\0asm"), _) => Err(LoadError::Compile { plugin, path, message: "unknown wasm version".into() }),
+        (Some(b"\0asm"), _) => Err(LoadError::Compile { plugin, path, source: "unknown wasm version".into() }),
         _ => Err(LoadError::NotWasm { plugin, path }),
     }
 }
@@ -99,7 +99,7 @@ impl Runtime {
         self.cache.load(&self.engine, wasm).map_err(|e| LoadError::Compile {
             plugin: name.to_string(),
             path: source.to_string(),
-            message: format!("{e:#}"),
+            source: e.into(),
         })
     }
 
@@ -137,16 +137,15 @@ impl Runtime {
         let hash = blake3::hash(&wasm).to_hex().to_string();
         let rt = self.clone();
         let (n, src) = (name.clone(), spec.source.clone());
-        let (component, cache) =
-            tokio::task::spawn_blocking(move || rt.compile(&n, &src, &wasm)).await.map_err(|e| {
-                LoadError::Compile { plugin: name.clone(), path: spec.source.clone(), message: e.to_string() }
-            })??;
+        let (component, cache) = tokio::task::spawn_blocking(move || rt.compile(&n, &src, &wasm))
+            .await
+            .map_err(|e| LoadError::Compile { plugin: name.clone(), path: spec.source.clone(), source: e.into() })??;
         let pre = self
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| LoadError::Link { plugin: name.clone(), message: format!("{e:#}") })?;
-        let indices =
-            ExportIndices::new(&pre).map_err(|e| LoadError::Invalid { plugin: name.clone(), message: e.to_string() })?;
+            .map_err(|e| LoadError::Link { plugin: name.clone(), source: e.into() })?;
+        let indices = ExportIndices::new(&pre)
+            .map_err(|e| LoadError::Invalid { plugin: name.clone(), message: e.to_string() })?;
         let spec = Arc::new(spec);
         let tick = self.settings.tick.as_nanos().max(1);
         let deadline_ticks = u64::try_from(spec.limits.deadline.as_nanos().div_ceil(tick)).unwrap_or(u64::MAX).max(1);
@@ -162,9 +161,9 @@ impl Runtime {
         };
         pool.warm(warm, spec.limits.isolation)
             .await
-            .map_err(|cause| LoadError::Instantiate { plugin: name.clone(), message: cause.to_string() })?;
+            .map_err(|cause| LoadError::Instantiate { plugin: name.clone(), source: cause })?;
         let mut version = PluginVersion::new(spec, hash, cache, &indices, pool, stats);
-        version.read_commands().await.map_err(|cause| LoadError::Commands { plugin: name, cause })?;
+        version.read_commands().await.map_err(|cause| LoadError::Commands { plugin: name, source: cause })?;
         Ok(Arc::new(version))
     }
 }

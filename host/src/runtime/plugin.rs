@@ -153,10 +153,11 @@ impl PluginVersion {
         if !self.has_export(Export::Api) {
             return Ok(());
         }
-        let (result, _): Outcome<Vec<CommandInfo>> = call_export!(self, "command", "(commands)", 0, false, |store, exports| {
-            let g = exports.api.as_ref().ok_or_else(|| missing(Export::Api))?;
-            g.call_commands(store).await.map_err(Failure::Wasm)
-        });
+        let (result, _): Outcome<Vec<CommandInfo>> =
+            call_export!(self, "command", "(commands)", 0, false, |store, exports| {
+                let g = exports.api.as_ref().ok_or_else(|| missing(Export::Api))?;
+                g.call_commands(store).await.map_err(Failure::Wasm)
+            });
         self.commands = result.map_err(|e| e.cause)?;
         Ok(())
     }

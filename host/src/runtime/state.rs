@@ -8,8 +8,8 @@ use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::output::OutputCapture;
-use super::spec::PluginSpec;
 use super::services::Services;
+use super::spec::PluginSpec;
 use crate::kv::KvSpace;
 
 /// Shared by every instance of one plugin version.

@@ -19,7 +19,7 @@ use crate::sync::lock;
 fn failure(command: &str, e: &DispatchError) -> String {
     match e {
         DispatchError::CommandNotFound(_) => format!("{command}: Command not found!\n"),
-        other => format!("-ERR {other}"),
+        other => format!("-ERR {}", crate::error::chain(other)),
     }
 }
 

@@ -228,7 +228,7 @@ fn dispatch_error(e: DispatchError) -> RpcError {
         DispatchError::RouteNotFound(_) | DispatchError::CommandNotFound(_) | DispatchError::PluginNotFound(_) => 404,
         _ => 500,
     };
-    RpcError::new(code, e.to_string())
+    RpcError::new(code, crate::error::chain(&e))
 }
 
 async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, RpcError> {
@@ -239,7 +239,7 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
             let request = Request { route: name, data: data.into_bytes(), params: Vec::new(), origin: Origin::Rpc };
             // Kamailio answers every failure with 500: "Event route not
             // found", or here the call's cause.
-            d.run_route(&request).await.map(|_| json!({})).map_err(|e| RpcError::new(500, e.to_string()))
+            d.run_route(&request).await.map(|_| json!({})).map_err(|e| RpcError::new(500, crate::error::chain(&e)))
         }
         "route.run" => {
             let name = p.required(0, "route name")?;
@@ -286,7 +286,8 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
             let (d2, reply_job) = (d.clone(), job.clone());
             d.bus().spawn(async move {
                 let caller = crate::bus::Caller::host("api.bgrun");
-                d2.run_background(&job, &command, &args.join(" "), &caller, |_, e| format!("-ERR {e}")).await;
+                let failure = |_: &str, e: &DispatchError| format!("-ERR {}", crate::error::chain(e));
+                d2.run_background(&job, &command, &args.join(" "), &caller, failure).await;
             });
             Ok(json!({"job_uuid": reply_job}))
         }
