@@ -1,6 +1,7 @@
 //! Tenant-scoped key-value spaces. In memory: they outlive plugin reloads
 //! but not the daemon.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -46,7 +47,7 @@ impl KvSpace {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
         // A panic while holding the lock cannot leave the map half-updated
         // (each operation is one insert or remove), so poison is harmless.
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.map)
     }
 
     fn check_key(&self, key: &str) -> Result<(), KvError> {
@@ -111,7 +112,7 @@ pub struct KvStore {
 
 impl KvStore {
     pub fn space(&self, tenant: &str, limits: KvLimits) -> Arc<KvSpace> {
-        let mut spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spaces = lock(&self.spaces);
         spaces.entry(tenant.to_string()).or_insert_with(|| Arc::new(KvSpace::new(tenant, limits))).clone()
     }
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
-use super::support::{error, free_port, result, text, Daemon};
+use super::support::{error, free_port, metric, result, text, Daemon};
 
 const COOKIE: &str = "ClueCon";
 
@@ -220,6 +220,11 @@ async fn routes_reach_erlang_processes_and_plugins_fetch_from_bound_ones() {
     assert_eq!(result(&first)["params"]["X-Pid"], result(&again)["params"]["X-Pid"], "the same process");
     let sessions = c.call("api.run", json!(["erlang", "sessions", format!("h{port}@{}", short_host())])).await.unwrap();
     assert!(result(&sessions).as_str().unwrap().contains("call c-1 route toerl_pid"), "{sessions}");
+    // The front-end's share of /metrics: the handler's node is connected.
+    let (status, metrics) = d.scrape();
+    assert!(status.contains("200"), "{status}");
+    assert!(metric(&metrics, "evrhost_erlang_nodes ") >= 1, "{metrics}");
+    assert!(metrics.contains(&format!("evrhost_erlang_events_sent_total{{node=\"h{port}@")), "{metrics}");
 
     // Declined, failed, and never answered (the route times out).
     let r = c.call("route.run", json!(["toerl", "decline"])).await.unwrap();

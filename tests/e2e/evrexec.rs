@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::support::{evrhost, result, text, Daemon};
+use super::support::{evrhost, metric, result, text, Daemon};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -195,21 +195,8 @@ async fn a_full_udp_queue_drops_counts_and_warns() {
     }
     daemon.wait_for_log(&["UDP queue full: datagrams dropped", "route=loop"], 10 * SECOND).await;
     let mut rpc = daemon.client().await;
-    let scrape = || -> (String, String) {
-        let mut req = std::net::TcpStream::connect(daemon.addr).expect("connect");
-        req.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
-        let mut body = String::new();
-        std::io::Read::read_to_string(&mut req, &mut body).expect("read");
-        (body.lines().next().unwrap_or("").to_string(), body)
-    };
-    let value = |metrics: &str, name: &str| -> u64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} in\n{metrics}"))
-    };
+    let scrape = || daemon.scrape();
+    let value = metric;
     // The warning comes with the first dropped batch; the receiver may
     // still be reading the rest (it pauses between reads under load).
     let deadline = std::time::Instant::now() + 10 * SECOND;

@@ -107,6 +107,16 @@ impl Daemon {
         evrhost::config::parse_sockaddr(&format!("udp:{}", sockaddr.trim_end_matches('"'))).expect("sockaddr")
     }
 
+    /// `GET /metrics`: the status line and the whole response.
+    pub fn scrape(&self) -> (String, String) {
+        use std::io::{Read, Write};
+        let mut req = std::net::TcpStream::connect(self.addr).expect("connect");
+        req.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+        let mut body = String::new();
+        req.read_to_string(&mut body).expect("read");
+        (body.lines().next().unwrap_or("").to_string(), body)
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.process.alive()
     }
@@ -124,4 +134,14 @@ pub fn result(response: &Value) -> &Value {
 pub fn error(response: &Value) -> (i64, String) {
     let error = response.get("error").unwrap_or_else(|| panic!("expected an error, got {response}"));
     (error["code"].as_i64().expect("numeric error code"), error["message"].as_str().expect("error message").to_string())
+}
+
+/// The value of the first sample of `metrics` whose line starts with `name`.
+pub fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in\n{metrics}"))
 }

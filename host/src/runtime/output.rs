@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use crate::sync::lock;
 use bytes::Bytes;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
@@ -35,7 +36,7 @@ impl OutputCapture {
     }
 
     fn append(&self, bytes: &[u8]) {
-        let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = lock(&self.inner);
         let room = c.cap.saturating_sub(c.buf.len());
         let kept = bytes.len().min(room);
         c.buf.extend_from_slice(&bytes[..kept]);
@@ -51,7 +52,7 @@ impl OutputCapture {
         if !self.written.load(Ordering::Relaxed) || !self.written.swap(false, Ordering::Acquire) {
             return (String::new(), 0);
         }
-        let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = lock(&self.inner);
         if c.buf.is_empty() && c.dropped == 0 {
             return (String::new(), 0);
         }

@@ -42,6 +42,7 @@ use super::output::OutputCapture;
 use super::state::{CallCtx, HostState, MemoryLimiter, PluginCtx};
 use super::stats::Stats;
 use super::Isolation;
+use crate::sync::lock;
 
 /// Bytes of stdout and of stderr kept per call.
 const OUTPUT_CAP: usize = 64 << 10;
@@ -94,7 +95,7 @@ impl Pool {
     fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {
         // Each update under the lock is a push, a pop or a counter step: a
         // panic cannot leave it half-done.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     pub fn idle_count(&self) -> usize {

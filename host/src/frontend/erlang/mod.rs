@@ -47,6 +47,7 @@ use erl_dist::node::{Creation, NodeName};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
+use super::metrics::{header, Metrics};
 use super::{Context, Frontend, FrontendError, Running};
 use crate::bus::log_layer::LogHub;
 use crate::bus::Bus;
@@ -139,7 +140,36 @@ impl Frontend for Erlang {
         for task in tasks {
             running.task(task);
         }
+        running.metrics(Arc::new(NodeMetrics(Arc::downgrade(&node))));
         Ok(running)
+    }
+}
+
+/// Connected nodes, and the events sent to and dropped for each.
+struct NodeMetrics(Weak<Node>);
+
+impl Metrics for NodeMetrics {
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let Some(node) = self.0.upgrade() else { return };
+        let sessions: Vec<Arc<Session>> = lock(&node.sessions).values().cloned().collect();
+        header(out, "evrhost_erlang_nodes", "gauge", "Erlang nodes connected.");
+        let _ = writeln!(out, "evrhost_erlang_nodes {}", sessions.len());
+        type Counter = (&'static str, &'static str, fn(&Session) -> u64);
+        let counters: [Counter; 2] = [
+            ("evrhost_erlang_events_sent_total", "Events sent to a node's event handler.", |s| {
+                s.events_sent.load(Relaxed)
+            }),
+            ("evrhost_erlang_events_dropped_total", "Events dropped because a node's queue was full.", |s| {
+                s.events_dropped.load(Relaxed)
+            }),
+        ];
+        for (name, help, value) in counters {
+            header(out, name, "counter", help);
+            for s in &sessions {
+                let _ = writeln!(out, "{name}{{node=\"{}\"}} {}", s.peer, value(s));
+            }
+        }
     }
 }
 
