@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use evrhost::bus::log_layer::BusLayer;
 use evrhost::config::CodeSource;
-use evrhost::dispatcher::{Command, CommandError, DispatchError, RemoteError, RemoteHandler, RemoteRoute};
+use evrhost::dispatcher::{Command, CommandError, DispatchError, HostCommand, RemoteError, RemoteHandler, RemoteRoute};
 use evrhost::harness::{header, plugin, TestHost};
 use evrhost::runtime::{CommandInfo, Origin, Reply, Request};
 
@@ -126,8 +126,9 @@ impl Command for Upper {
     }
 }
 
-fn info(name: &str) -> CommandInfo {
-    CommandInfo { name: name.into(), usage: String::new(), description: String::new() }
+fn upper(name: &str) -> HostCommand {
+    let info = CommandInfo { name: name.into(), usage: String::new(), description: String::new() };
+    HostCommand { info, run: Arc::new(Upper), admin: false }
 }
 
 #[tokio::test]
@@ -140,14 +141,14 @@ async fn host_commands_are_answered_and_their_names_are_guarded() {
     let d = &host.dispatcher;
     assert_eq!(d.run_command("echo", "hello there", 0).await.expect("echo"), "hello there");
     assert!(d.run_command("status", "", 0).await.expect("status").starts_with("UP "));
-    d.add_command(info("upper"), Arc::new(Upper)).await.expect("a new name");
+    d.add_command(upper("upper")).await.expect("a new name");
     assert_eq!(d.run_command("upper", "abc", 0).await.expect("upper"), "ABC");
     assert!(matches!(
-        d.add_command(info("status"), Arc::new(Upper)).await,
+        d.add_command(upper("status")).await,
         Err(DispatchError::HostCommandConflict(name)) if name == "status"
     ));
     assert!(matches!(
-        d.add_command(info("counter.get"), Arc::new(Upper)).await,
+        d.add_command(upper("counter.get")).await,
         Err(DispatchError::CommandConflict { plugin, .. }) if plugin == "counter"
     ));
     assert_eq!(d.run_command("counter.get", "nobody", 0).await.expect("the plugin's command"), "0");
@@ -224,4 +225,87 @@ plugin = "hostile"
     let down = scale.next(SECOND).await.expect("an idle instance is dropped");
     assert_eq!(header(&down, "scale"), Some("down"));
     assert_eq!(d.plugin("hostile").expect("loaded").idle_instances(), 1, "down to min_instances");
+}
+
+/// Tenant `acme`: the prober (hostile's `call` route) and kvcount; tenant
+/// `beta`: counter. `{GRANT}` is the prober's host_commands.
+const TENANTS: &str = r#"
+[[tenant]]
+name = "acme"
+[[tenant]]
+name = "beta"
+
+[[plugin]]
+name = "prober"
+path = "{hostile}"
+tenant = "acme"
+host_commands = [{GRANT}]
+
+[[plugin]]
+name = "kvcount"
+path = "{kvcount}"
+tenant = "acme"
+
+[[plugin]]
+name = "counter"
+path = "{counter}"
+tenant = "beta"
+
+[[route]]
+name = "call"
+plugin = "prober"
+"#;
+
+async fn probe(host: &TestHost, command: &str) -> String {
+    let outcome = host.dispatcher.run_route(&request("call", command)).await.expect("the prober answers");
+    outcome.reply.retval
+}
+
+#[tokio::test]
+async fn a_plugin_calls_only_its_tenants_commands_and_the_host_commands_it_is_granted() {
+    let host = TestHost::start(&TENANTS.replace("{GRANT}", "\"echo\"")).await.expect("the host starts");
+    assert_eq!(probe(&host, "kvcount.get x").await, "ok: 0", "its own tenant's plugin command");
+    assert_eq!(probe(&host, "counter.get x").await, "not found: no command `counter.get`", "beta's is not there");
+    assert_eq!(probe(&host, "counter.reset x").await, "not found: no command `counter.reset`");
+    assert_eq!(probe(&host, "no.such x").await, "not found: no command `no.such`", "indistinguishable");
+    assert_eq!(probe(&host, "echo granted").await, "ok: granted", "a granted host command");
+    // Every other host command is refused, the admin ones first of all.
+    let host_commands: Vec<String> = host
+        .dispatcher
+        .commands()
+        .into_iter()
+        .map(|c| c.name)
+        .filter(|n| !n.contains('.') || n.starts_with("plugin.") || n.starts_with("route."))
+        .collect();
+    for name in ["version", "status", "log", "plugin.list", "plugin.reload", "route.list"] {
+        assert!(host_commands.iter().any(|c| c == name), "{name} is a host command: {host_commands:?}");
+        let answer = probe(&host, &format!("{name} prober")).await;
+        assert!(answer.starts_with("denied: ") && answer.contains("host_commands"), "{name}: {answer}");
+    }
+    // From outside (RPC, Erlang) every command still answers.
+    assert_eq!(host.dispatcher.run_command("counter.get", "x", 0).await.expect("an operator's call"), "0");
+}
+
+#[tokio::test]
+async fn a_plugin_reloading_from_its_commands_export_never_deadlocks_the_admin_path() {
+    let config = r#"
+[[plugin]]
+name = "reentrant"
+path = "{reentrant}"
+host_commands = ["plugin.reload"]
+"#;
+    let host = TestHost::start(config).await.expect("the host starts; its own reload found nothing to reload");
+    let d = host.dispatcher.clone();
+    // Each reload reads the new version's commands, which calls
+    // plugin.reload while this reload holds the admin lock.
+    for _ in 0..3 {
+        let reload = tokio::time::timeout(5 * SECOND, d.reload("reentrant", None)).await;
+        assert!(matches!(reload, Ok(Ok(_))), "a reload finished in time");
+    }
+    let text = tokio::time::timeout(5 * SECOND, d.run_command("plugin.reload", "reentrant", 0)).await;
+    assert!(matches!(&text, Ok(Ok(t)) if t.starts_with("+OK reentrant reloaded")), "{text:?}");
+    assert_eq!(d.run_command("reentrant.ping", "", 0).await.expect("the plugin serves"), "pong");
+    let other = TestHost::start(&TENANTS.replace("{GRANT}", "\"plugin.reload\"")).await.expect("starts");
+    // Granted and no admin change running: the prober may reload itself.
+    assert!(probe(&other, "plugin.reload kvcount").await.starts_with("ok: +OK kvcount reloaded"));
 }

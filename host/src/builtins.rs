@@ -3,11 +3,12 @@
 //! error), so that a client written for FreeSWITCH's API finds its stock
 //! commands: `version`, `status`, `echo`, `log`, and the admin ones
 //! (`plugin.list`, `plugin.reload`, `route.list`). They are registered on
-//! the dispatcher like any front-end's command.
+//! the dispatcher like any front-end's command. Plugins reach none of them
+//! unless their config grants it (`host_commands`).
 
 use std::sync::{Arc, Weak};
 
-use crate::dispatcher::{Command, CommandError, DispatchError, Dispatcher};
+use crate::dispatcher::{Command, CommandError, DispatchError, Dispatcher, HostCommand};
 use crate::runtime::CommandInfo;
 
 #[derive(Clone, Copy)]
@@ -40,7 +41,8 @@ struct Host {
 pub async fn install(d: &Arc<Dispatcher>) -> Result<(), DispatchError> {
     for (which, name, usage, description) in BUILTINS {
         let info = CommandInfo { name: name.into(), usage: usage.into(), description: description.into() };
-        d.add_command(info, Arc::new(Host { which, d: Arc::downgrade(d) })).await?;
+        let run = Arc::new(Host { which, d: Arc::downgrade(d) });
+        d.add_command(HostCommand { info, run, admin: matches!(which, Builtin::PluginReload) }).await?;
     }
     Ok(())
 }

@@ -84,17 +84,27 @@ pub async fn run(config: Config, origin: &str, logs: Arc<LogHub>) -> Result<(), 
 
     wait_for_shutdown(&d).await?;
     ctx.shutdown.cancel();
-    for frontend in frontends.into_iter().rev().flatten() {
-        frontend.stop().await;
+    let stop = async {
+        for frontend in frontends.into_iter().rev().flatten() {
+            frontend.stop().await;
+        }
+        tasks.stop().await;
+    };
+    if tokio::time::timeout(STOP_WITHIN, stop).await.is_err() {
+        tracing::warn!(seconds = STOP_WITHIN.as_secs(), "front-ends and tasks did not stop in time; leaving them");
     }
-    tasks.stop().await;
     periodic.abort();
     tracing::info!("evrhost stopped");
     Ok(())
 }
 
+/// How long stopping may take: whatever is still running then (a call that
+/// never yields, a reload stuck on a slow disk) is left to process exit.
+const STOP_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Returns on SIGINT or SIGTERM; SIGHUP reloads every plugin from where it
-/// was loaded (an unchanged one comes from the compiled cache).
+/// was loaded (an unchanged one comes from the compiled cache), in a task
+/// of its own, so that a slow reload never delays a stop.
 async fn wait_for_shutdown(d: &Arc<Dispatcher>) -> Result<(), DaemonError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
@@ -106,10 +116,13 @@ async fn wait_for_shutdown(d: &Arc<Dispatcher>) -> Result<(), DaemonError> {
             _ = int.recv() => return Ok(()),
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading every plugin");
-                for p in d.plugins() {
-                    // Errors are logged by reload; the old version serves on.
-                    let _ = d.reload(&p.name, None).await;
-                }
+                let d = d.clone();
+                tokio::spawn(async move {
+                    for p in d.plugins() {
+                        // Errors are logged by reload; the old version serves on.
+                        let _ = d.reload(&p.name, None).await;
+                    }
+                });
             }
         }
     }

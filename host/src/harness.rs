@@ -45,9 +45,10 @@ pub fn plugins() -> Vec<String> {
     names
 }
 
-/// `{NAME}` in a test's config stands for the path of plugin NAME.
+/// `{NAME}` in a test's config stands for the path of plugin NAME, and
+/// `{PLUGINS}` for their directory.
 pub fn with_plugin_paths(config: &str) -> String {
-    let mut text = config.to_string();
+    let mut text = config.replace("{PLUGINS}", env!("EVRHOST_PLUGINS_DIR"));
     for name in plugins() {
         text = text.replace(&format!("{{{name}}}"), &plugin(&name).display().to_string());
     }

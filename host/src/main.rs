@@ -152,6 +152,7 @@ async fn run(path: Option<&Path>, listen: Option<std::net::SocketAddr>, logs: Ar
     };
     if listen.is_some() {
         config.rpc.listen = listen;
+        config.rpc.check_exposure().context("--listen")?;
     }
     daemon::run(config, &origin, logs).await?;
     Ok(ExitCode::SUCCESS)

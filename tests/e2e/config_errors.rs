@@ -99,3 +99,28 @@ fn erlang_settings_are_checked_where_they_are_written() {
         check("[erlang]\ncookie = \"c\"\n[[route]]\nname = \"r\"\nerlang = \"myhandler:! node@host\"\n");
     assert!(ok, "{stderr}");
 }
+
+#[test]
+fn rpc_off_loopback_needs_a_token_or_an_explicit_choice() {
+    let (ok, _, stderr) = check("[rpc]\nlisten = \"0.0.0.0:7080\"\n");
+    assert!(!ok, "an open listener without a token is refused");
+    assert!(stderr.contains("bad.toml:2:10: `rpc.listen`"), "{stderr}");
+    assert!(stderr.contains("without a token anyone who reaches it can load plugins"), "{stderr}");
+    let (ok, _, stderr) = check("[rpc]\nlisten = \"0.0.0.0:7080\"\ntoken = \"s3cret\"\n");
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = check("[rpc]\nlisten = \"[::]:7080\"\nallow_unauthenticated = true\n");
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = check("[rpc]\nplugin_dirs = [\"no-such-dir\"]\n");
+    assert!(!ok && stderr.contains("`rpc.plugin_dirs`") && stderr.contains("is not a directory"), "{stderr}");
+    let (ok, _, stderr) = check("[[plugin]]\nname = \"echo\"\npath = \"{echo}\"\nhost_commands = [\"bad name\"]\n");
+    assert!(!ok && stderr.contains("`plugin.host_commands`"), "{stderr}");
+
+    // `run --listen` off loopback is refused the same way.
+    let out = evrhost(&["run", "--listen", "0.0.0.0:1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--listen") && text(&out.stderr).contains("without a token"),
+        "{}",
+        text(&out.stderr)
+    );
+}

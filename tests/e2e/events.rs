@@ -200,6 +200,7 @@ async fn custom_events_reach_a_plugin_a_udp_and_a_tcp_subscriber_filtered() {
 const CORE: &str = r#"
 [rpc]
 listen = "127.0.0.1:{PORT}"
+plugin_dirs = ["{PLUGINS}", "{DIR}"]
 
 [events]
 heartbeat_s = 1

@@ -255,6 +255,19 @@ async fn json_rpc_over_a_unix_socket() {
     let third: serde_json::Value = serde_json::from_str(&lines.next().expect("line").expect("read")).expect("json");
     assert_eq!(third["error"]["code"], json!(-32700));
     assert!(lines.next().is_none(), "closed after a syntax error");
+
+    // A second daemon on the same socket is refused and leaves it alone.
+    let second = daemon.dir.path().join("second.toml");
+    let config = daemon.config().replace(&daemon.addr.port().to_string(), &super::support::free_port().to_string());
+    std::fs::write(&second, config).expect("write");
+    let out = evrhost(&["run", "-c", second.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("another process serves on this socket"), "{}", text(&out.stderr));
+    let mut again = std::os::unix::net::UnixStream::connect(&path).expect("the first daemon's socket is still there");
+    again.write_all(br#"{"jsonrpc":"2.0","method":"core.version","id":3}"#).expect("write");
+    let mut answer = String::new();
+    BufReader::new(again).read_line(&mut answer).expect("read");
+    assert!(answer.contains("evrhost"), "{answer}");
 }
 
 /// A real SIP client: SIPp sends OPTIONS, the plugin answers 200 OK.

@@ -11,6 +11,7 @@ use super::support::{error, plugin, result, Daemon};
 const CONFIG: &str = r#"
 [rpc]
 listen = "127.0.0.1:{PORT}"
+plugin_dirs = ["{PLUGINS}", "{DIR}"]
 
 [[plugin]]
 name = "echo"
@@ -111,6 +112,16 @@ async fn a_bad_version_is_refused_and_the_old_one_serves_on() {
     let after = client.call("plugin.list", json!([])).await.expect("rpc");
     assert_eq!(result(&after)[0]["hash"], hash, "the old version is still the one loaded");
     assert_eq!(result(&after)[0]["reloads"], json!(0));
+
+    // Over RPC a plugin comes only from the plugin directories.
+    for outside in ["/etc/passwd", "/dev/zero", "/tmp/../etc/hostname"] {
+        let r = client.call("plugin.load", json!(["intruder", outside])).await.expect("rpc");
+        let (code, message) = error(&r);
+        assert_eq!(code, -32602, "{outside}: {message}");
+        assert!(message.contains("outside the plugin directories"), "{outside}: {message}");
+        let r = client.call("plugin.reload", json!(["echo", outside])).await.expect("rpc");
+        assert!(error(&r).1.contains("outside the plugin directories"), "{outside}: {r}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

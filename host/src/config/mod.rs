@@ -146,7 +146,14 @@ impl Config {
         let served: HashSet<&str> =
             routes.iter().map(|r| r.name.as_str()).chain(erlang_routes.iter().map(|r| r.route.as_str())).collect();
         let (exec, udp) = exec::check(&ck, &raw.exec, &names, &served)?;
-        let rpc = rpc::check(&ck, &raw.rpc, base)?;
+        let plugin_paths: Vec<&Path> = plugins
+            .iter()
+            .filter_map(|p| match &p.code {
+                CodeSource::File(path) => Some(path.as_path()),
+                CodeSource::Builtin(_) => None,
+            })
+            .collect();
+        let rpc = rpc::check(&ck, &raw.rpc, base, &plugin_paths)?;
         let erlang = match &raw.erlang {
             Some(section) => Some(erlang::check(&ck, section, base, erlang_routes)?),
             None => None,

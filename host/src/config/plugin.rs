@@ -88,6 +88,7 @@ impl PluginDef {
             config: BTreeMap::new(),
             preopens: Vec::new(),
             profiling: false,
+            host_commands: Vec::new(),
         };
         Ok(PluginDef { spec, code })
     }
@@ -124,6 +125,9 @@ pub(super) struct PluginSection {
     /// E_PROFILING_SCRIPT records for each route call.
     #[serde(default)]
     profiling: bool,
+    /// Host commands the plugin may call (`commands.call`).
+    #[serde(default)]
+    host_commands: Vec<Spanned<String>>,
     capabilities: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     preopen: Vec<PreopenSection>,
@@ -204,6 +208,15 @@ pub(super) fn check(
         config.insert(key.clone(), text);
     }
 
+    let mut host_commands = Vec::new();
+    for c in &p.host_commands {
+        let name = c.get_ref();
+        if name.is_empty() || name.len() > 64 || name.contains(char::is_whitespace) {
+            return Err(ck.at(c, "plugin.host_commands", "a command name: 1-64 bytes, no spaces"));
+        }
+        host_commands.push(name.clone());
+    }
+
     let mut preopens = Vec::new();
     for dir in &p.preopen {
         let host = cx.base.join(dir.host.get_ref());
@@ -222,6 +235,7 @@ pub(super) fn check(
         config,
         preopens,
         profiling: p.profiling,
+        host_commands,
     };
     Ok(PluginDef { spec, code })
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::table::{Spec, Table};
 use super::{DispatchError, Dispatcher};
 use crate::bus::Caller;
-use crate::runtime::{CommandInfo, Event};
+use crate::runtime::{CommandInfo, Event, HostError, PluginSpec};
 
 /// A command the host or a front-end answers: its arguments as one text
 /// in, its text out.
@@ -26,15 +26,19 @@ pub struct CommandError(pub String);
 pub struct HostCommand {
     pub info: CommandInfo,
     pub run: Arc<dyn Command>,
+    /// It changes the host (takes the admin lock): a plugin granted it
+    /// never waits for an admin change already running, which may be the
+    /// very one running that plugin (a reload reading its commands).
+    pub admin: bool,
 }
 
 impl Dispatcher {
     /// Adds a command the host or a front-end answers. Refused when a
     /// plugin or another host command has the name already.
-    pub async fn add_command(&self, info: CommandInfo, run: Arc<dyn Command>) -> Result<(), DispatchError> {
+    pub async fn add_command(&self, command: HostCommand) -> Result<(), DispatchError> {
         let _admin = self.admin.lock().await;
         let table = self.table.load_full();
-        let name = info.name.clone();
+        let name = command.info.name.clone();
         if table.spec.host_commands.contains_key(&name) {
             return Err(DispatchError::HostCommandConflict(name));
         }
@@ -46,7 +50,7 @@ impl Dispatcher {
             });
         }
         let mut spec: Spec = table.spec.clone();
-        spec.host_commands.insert(name, HostCommand { info, run });
+        spec.host_commands.insert(name, command);
         self.table.store(Arc::new(Table::build(spec, None)?));
         Ok(())
     }
@@ -64,6 +68,46 @@ impl Dispatcher {
         let Some(slot) = slot else { return Err(DispatchError::CommandNotFound(command.to_string())) };
         let (result, _) = slot.current().execute(command, args, depth).await;
         result.map_err(|e| DispatchError::Call(Box::new(e)))
+    }
+
+    /// Runs a command a plugin called (`commands.call`). The rule: a plugin
+    /// reaches the commands of its own tenant's plugins, and of the host's
+    /// only those its config grants (`host_commands`); another tenant's
+    /// command is answered as if it did not exist, so a tenant cannot probe
+    /// for them.
+    pub(super) async fn run_command_for(
+        &self,
+        caller: &PluginSpec,
+        command: &str,
+        args: &str,
+        depth: u32,
+    ) -> Result<String, HostError> {
+        let not_found = || HostError::NotFound(format!("no command `{command}`"));
+        let (host, slot) = {
+            let table = self.table.load();
+            (table.spec.host_commands.get(command).cloned(), table.commands.get(command).cloned())
+        };
+        if let Some(host) = host {
+            if !caller.host_commands.iter().any(|c| c == command) {
+                return Err(HostError::Denied(format!(
+                    "plugin `{}` is not granted the host command `{command}` (see host_commands)",
+                    caller.name
+                )));
+            }
+            if host.admin && self.admin.try_lock().is_err() {
+                return Err(HostError::Failed(format!(
+                    "`{command}` waits for the admin lock, and an admin change is running: a plugin never waits on it"
+                )));
+            }
+            return host.run.run(args).await.map_err(|e| HostError::Failed(e.0));
+        }
+        let slot = slot.ok_or_else(not_found)?;
+        let version = slot.current();
+        if version.spec.tenant != caller.tenant {
+            return Err(not_found());
+        }
+        let (result, _) = version.execute(command, args, depth).await;
+        result.map_err(|e| HostError::Failed(e.to_string()))
     }
 
     /// Runs a command in the background as a job (`bgapi`, `api.bgrun`):

@@ -4,9 +4,9 @@
 
 use std::sync::{Arc, Weak};
 
-use super::{DispatchError, Dispatcher};
+use super::Dispatcher;
 use crate::bus::{self, log_layer, Caller, Sink};
-use crate::runtime::{Event, Export, FetchQuery, HostError, Services};
+use crate::runtime::{Event, Export, FetchQuery, HostError, PluginSpec, Services};
 
 /// Answers plugins' `fetch` import: a front-end that asks the processes
 /// bound to a section.
@@ -60,12 +60,14 @@ fn describe(name: &str, subclass: Option<&str>) -> String {
 
 #[async_trait::async_trait]
 impl Services for Link {
-    async fn call_command(&self, _plugin: &str, command: &str, args: &str, depth: u32) -> Result<String, HostError> {
-        let d = self.get()?;
-        d.run_command(command, args, depth).await.map_err(|e| match e {
-            DispatchError::CommandNotFound(c) => HostError::NotFound(format!("no command `{c}`")),
-            other => HostError::Failed(crate::error::chain(&other)),
-        })
+    async fn call_command(
+        &self,
+        caller: &PluginSpec,
+        command: &str,
+        args: &str,
+        depth: u32,
+    ) -> Result<String, HostError> {
+        self.get()?.run_command_for(caller, command, args, depth).await
     }
 
     fn fire(&self, plugin: &str, route: &str, event: Event) -> Result<(), HostError> {

@@ -210,8 +210,8 @@ impl commands::Host for HostState {
         if depth > MAX_COMMAND_DEPTH {
             return Err(HostError::Failed(format!("command calls nested deeper than {MAX_COMMAND_DEPTH}")));
         }
-        let services = self.plugin.services.clone();
-        services.call_command(&self.plugin.spec.name, &command, &args, depth).await
+        let (services, caller) = (self.plugin.services.clone(), self.plugin.spec.clone());
+        services.call_command(&caller, &command, &args, depth).await
     }
 }
 

@@ -3,12 +3,20 @@
 //! knows only this trait.
 
 use super::bindings::{Event, HostError};
+use super::spec::PluginSpec;
 
 #[async_trait::async_trait]
 pub trait Services: Send + Sync + 'static {
-    /// Runs an API command on behalf of `plugin`. `depth` counts nested
-    /// command calls, so that a cycle of plugins calling each other ends.
-    async fn call_command(&self, plugin: &str, command: &str, args: &str, depth: u32) -> Result<String, HostError>;
+    /// Runs an API command on behalf of the plugin `caller` (within what
+    /// its tenant and its grants allow). `depth` counts nested command
+    /// calls, so that a cycle of plugins calling each other ends.
+    async fn call_command(
+        &self,
+        caller: &PluginSpec,
+        command: &str,
+        args: &str,
+        depth: u32,
+    ) -> Result<String, HostError>;
     fn fire(&self, plugin: &str, route: &str, event: Event) -> Result<(), HostError>;
     fn subscribe(&self, plugin: &str, name: &str, subclass: Option<&str>) -> Result<(), HostError>;
     fn unsubscribe(&self, plugin: &str, name: &str, subclass: Option<&str>) -> Result<bool, HostError>;

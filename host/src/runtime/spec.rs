@@ -18,4 +18,8 @@ pub struct PluginSpec {
     pub preopens: Vec<Preopen>,
     /// E_PROFILING_SCRIPT records for each route call.
     pub profiling: bool,
+    /// The host's own commands (`echo`, `status`, …) this plugin may call
+    /// through `commands.call`; none unless granted. Plugins' commands it
+    /// may call are its own tenant's, always.
+    pub host_commands: Vec<String>,
 }

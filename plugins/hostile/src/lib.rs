@@ -59,6 +59,17 @@ impl Route for Hostile {
                 let block = std::hint::black_box(vec![1u8; mib << 20]);
                 Ok(Reply::handled().retval(block.len().to_string()))
             }
+            // Tries a command: `data` is "COMMAND ARGS"; the host's answer
+            // or its refusal (`denied: …`, `not found: …`) is the retval.
+            "call" => {
+                let text = req.data_str();
+                let (command, args) = text.split_once(' ').unwrap_or((&text, ""));
+                let retval = match evrhost_sdk::call(command, args) {
+                    Ok(text) => format!("ok: {text}"),
+                    Err(e) => e.message(),
+                };
+                Ok(Reply::handled().retval(retval))
+            }
             other => Err(format!("unknown hostile route {other}")),
         }
     }

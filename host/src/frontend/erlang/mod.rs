@@ -52,7 +52,7 @@ use super::{Context, Frontend, FrontendError, Running};
 use crate::bus::log_layer::LogHub;
 use crate::bus::Bus;
 use crate::config::ErlangSettings;
-use crate::dispatcher::{Dispatcher, RemoteRoute};
+use crate::dispatcher::{Dispatcher, HostCommand, RemoteRoute};
 use crate::runtime::CommandInfo;
 use crate::sync::lock;
 use session::Session;
@@ -231,7 +231,8 @@ impl Node {
             usage: "listeners | sessions NODE".into(),
             description: "connected Erlang nodes and their outbound sessions".into(),
         };
-        d.add_command(info, Arc::new(api::Console(Arc::downgrade(&node)))).await?;
+        let run = Arc::new(api::Console(Arc::downgrade(&node)));
+        d.add_command(HostCommand { info, run, admin: false }).await?;
         tracing::info!(node = %node.name, port, creation = creation.get(), "Erlang C-node registered with EPMD (hidden)");
         let accept = tokio::spawn(node.clone().accept_loop(listener));
         let keep = tokio::spawn(keep_registration(epmd, node.name.to_string()));

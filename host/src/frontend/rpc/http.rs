@@ -17,8 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use super::jsonrpc;
-use crate::dispatcher::Dispatcher;
+use super::jsonrpc::{self, Server};
 use crate::frontend::metrics::Registry;
 
 /// A request body over this is refused with 413.
@@ -28,7 +27,7 @@ const MAX_CONNECTIONS: usize = 1024;
 
 /// Serves until the task is dropped. The listener comes from `bind`; it
 /// joins the reactor of the runtime this runs on (the RPC thread's).
-pub async fn serve(listener: std::net::TcpListener, d: Arc<Dispatcher>, metrics: Arc<Registry>, token: Option<String>) {
+pub async fn serve(listener: std::net::TcpListener, s: Arc<Server>, metrics: Arc<Registry>) {
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(e) => {
@@ -36,7 +35,7 @@ pub async fn serve(listener: std::net::TcpListener, d: Arc<Dispatcher>, metrics:
             return;
         }
     };
-    let token: Option<Arc<str>> = token.map(Into::into);
+    let token: Option<Arc<str>> = s.settings.token.clone().map(Into::into);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
@@ -51,14 +50,13 @@ pub async fn serve(listener: std::net::TcpListener, d: Arc<Dispatcher>, metrics:
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
-        let (d, metrics, token) = (d.clone(), metrics.clone(), token.clone());
+        let (s, metrics, token) = (s.clone(), metrics.clone(), token.clone());
         tokio::spawn(async move {
-            let d_for_conn = d.clone();
+            let bus = s.dispatcher.bus().clone();
             let service = service_fn(move |req| {
-                let (d, metrics, token) = (d.clone(), metrics.clone(), token.clone());
-                async move { Ok::<_, Infallible>(respond(&d, &metrics, token.as_deref(), req).await) }
+                let (s, metrics, token) = (s.clone(), metrics.clone(), token.clone());
+                async move { Ok::<_, Infallible>(respond(&s, &metrics, token.as_deref(), req).await) }
             });
-            let bus = d_for_conn.bus().clone();
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .keep_alive(true)
@@ -88,12 +86,7 @@ fn authorized(token: Option<&str>, req: &Request<Incoming>) -> bool {
     })
 }
 
-async fn respond(
-    d: &Arc<Dispatcher>,
-    metrics: &Registry,
-    token: Option<&str>,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+async fn respond(s: &Server, metrics: &Registry, token: Option<&str>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     const JSON: &str = "application/json";
     if !authorized(token, &req) {
         return reply(
@@ -116,13 +109,13 @@ async fn respond(
                     )
                 }
             };
-            match jsonrpc::handle(d, &body).await {
+            match jsonrpc::handle(s, &body).await {
                 Some(out) => reply(StatusCode::OK, JSON, out),
                 None => reply(StatusCode::NO_CONTENT, JSON, Bytes::new()),
             }
         }
         (&Method::GET, "/health") => reply(StatusCode::OK, "text/plain", "ok\n"),
-        (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics.render(d)),
+        (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics.render(&s.dispatcher)),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "POST JSON-RPC 2.0 to /RPC\n"),
     }
 }

@@ -14,10 +14,28 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::bus::{split_event, FilterChange, FilterError};
-use crate::config::{EventSocket, PluginDef};
+use crate::config::{CodeSource, EventSocket, PluginDef, RpcSettings};
 use crate::dispatcher::{DispatchError, Dispatcher};
 use crate::frontend::event_sinks;
 use crate::runtime::{Origin, Request};
+
+/// What the methods answer with: the dispatcher, and the settings that
+/// bound what a caller may ask for.
+pub struct Server {
+    pub dispatcher: Arc<Dispatcher>,
+    pub settings: RpcSettings,
+}
+
+/// A plugin given by path over RPC may come only from the plugin
+/// directories: JSON-RPC must not read any file of the host.
+fn confined(settings: &RpcSettings, mut def: PluginDef) -> Result<PluginDef, RpcError> {
+    if let CodeSource::File(path) = &def.code {
+        let path = settings.confine(path).map_err(|e| RpcError::new(-32602, e.0))?;
+        def.spec.source = path.display().to_string();
+        def.code = CodeSource::File(path);
+    }
+    Ok(def)
+}
 
 /// Requests in one batch; more is refused as a whole.
 const MAX_BATCH: usize = 1000;
@@ -58,12 +76,12 @@ pub const METHODS: [(&str, &str); 19] = [
 
 /// Answers one JSON-RPC document given as bytes. `None` when there is
 /// nothing to send back (only notifications).
-pub async fn handle(d: &Arc<Dispatcher>, body: &[u8]) -> Option<Vec<u8>> {
+pub async fn handle(s: &Server, body: &[u8]) -> Option<Vec<u8>> {
     if let Some(plain) = PlainCall::read(body) {
-        return plain.answer(d).await;
+        return plain.answer(s).await;
     }
     let response = match serde_json::from_slice(body) {
-        Ok(doc) => handle_value(d, doc).await?,
+        Ok(doc) => handle_value(s, doc).await?,
         Err(e) => parse_error(&e.to_string()),
     };
     Some(encode(&response))
@@ -75,7 +93,7 @@ pub fn parse_error(detail: &str) -> Value {
 }
 
 /// Answers one parsed document: a request or a batch.
-pub async fn handle_value(d: &Arc<Dispatcher>, doc: Value) -> Option<Value> {
+pub async fn handle_value(s: &Server, doc: Value) -> Option<Value> {
     match doc {
         Value::Array(items) if items.is_empty() || items.len() > MAX_BATCH => Some(failure(
             Value::Null,
@@ -84,13 +102,13 @@ pub async fn handle_value(d: &Arc<Dispatcher>, doc: Value) -> Option<Value> {
         Value::Array(items) => {
             let mut out = Vec::new();
             for item in items {
-                if let Some(response) = handle_one(d, item).await {
+                if let Some(response) = handle_one(s, item).await {
                     out.push(response);
                 }
             }
             (!out.is_empty()).then_some(Value::Array(out))
         }
-        single => handle_one(d, single).await,
+        single => handle_one(s, single).await,
     }
 }
 
@@ -132,7 +150,7 @@ impl PlainCall<'_> {
         (call.jsonrpc == "2.0" && id_ok && params_ok).then_some(call)
     }
 
-    async fn answer(self, d: &Arc<Dispatcher>) -> Option<Vec<u8>> {
+    async fn answer(self, s: &Server) -> Option<Vec<u8>> {
         let params = match self.params {
             None => Vec::new(),
             Some(raw) => match serde_json::from_str(raw.get()) {
@@ -141,7 +159,7 @@ impl PlainCall<'_> {
                 Err(e) => return Some(encode(&parse_error(&e.to_string()))),
             },
         };
-        let result = call(d, &self.method, Params(params)).await;
+        let result = call(s, &self.method, Params(params)).await;
         let id = self.id?.get();
         let mut out = Vec::with_capacity(64);
         match result {
@@ -171,7 +189,7 @@ fn failure(id: Value, e: RpcError) -> Value {
     json!({"jsonrpc": "2.0", "error": {"code": e.code, "message": e.message}, "id": id})
 }
 
-async fn handle_one(d: &Arc<Dispatcher>, request: Value) -> Option<Value> {
+async fn handle_one(s: &Server, request: Value) -> Option<Value> {
     let Value::Object(mut obj) = request else {
         return Some(failure(Value::Null, RpcError::new(-32600, "Invalid Request: not an object")));
     };
@@ -194,7 +212,7 @@ async fn handle_one(d: &Arc<Dispatcher>, request: Value) -> Option<Value> {
             return Some(failure(id_value, RpcError::new(-32602, "Invalid params: must be an array or an object")))
         }
     };
-    let result = call(d, &method, Params(params)).await;
+    let result = call(s, &method, Params(params)).await;
     // A request without an id is a notification: no response, even on error.
     id.as_ref()?;
     Some(match result {
@@ -231,7 +249,8 @@ fn dispatch_error(e: DispatchError) -> RpcError {
     RpcError::new(code, crate::error::chain(&e))
 }
 
-async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, RpcError> {
+async fn call(s: &Server, method: &str, p: Params) -> Result<Value, RpcError> {
+    let d = &s.dispatcher;
     match method {
         "evrexec.run" => {
             let Some(name) = p.text(0) else { return Err(RpcError::new(500, "Invalid parameters")) };
@@ -359,6 +378,7 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
             let name = p.required(0, "plugin name")?;
             let path = p.required(1, "path")?;
             let def = PluginDef::with_defaults(&name, &path).map_err(|m| RpcError::new(-32602, m.0))?;
+            let def = confined(&s.settings, def)?;
             let v = d.load(def).await.map_err(dispatch_error)?;
             Ok(
                 json!({"name": name, "hash": v.short_hash(), "exports": v.exports().iter().map(|e| e.name()).collect::<Vec<_>>()}),
@@ -368,7 +388,8 @@ async fn call(d: &Arc<Dispatcher>, method: &str, p: Params) -> Result<Value, Rpc
             let name = p.required(0, "plugin name")?;
             let code = match p.text(1) {
                 Some(path) => {
-                    Some(PluginDef::with_defaults(&name, &path).map_err(|m| RpcError::new(-32602, m.0))?.code)
+                    let def = PluginDef::with_defaults(&name, &path).map_err(|m| RpcError::new(-32602, m.0))?;
+                    Some(confined(&s.settings, def)?.code)
                 }
                 None => None,
             };
@@ -421,17 +442,17 @@ mod tests {
     use crate::config::Config;
     use crate::runtime::Runtime;
 
-    async fn dispatcher() -> Arc<Dispatcher> {
+    async fn dispatcher() -> Server {
         let mut config = Config::empty();
         config.cache_dir = None;
         let runtime = Runtime::new(config.engine.clone(), None).expect("the engine builds");
         let d = Dispatcher::start(runtime, &config).await.expect("an empty dispatcher starts");
         crate::builtins::install(&d).await.expect("the built-in commands install");
-        d
+        Server { dispatcher: d, settings: RpcSettings::none() }
     }
 
     /// The answer the general path gives.
-    async fn general(d: &Arc<Dispatcher>, doc: &str) -> Option<Value> {
+    async fn general(d: &Server, doc: &str) -> Option<Value> {
         let doc: Value = serde_json::from_str(doc).expect("test documents are JSON");
         handle_value(d, doc).await
     }

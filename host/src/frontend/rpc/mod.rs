@@ -8,6 +8,8 @@ pub mod jsonrpc;
 pub mod thread;
 pub mod unix;
 
+use std::sync::Arc;
+
 use super::{Context, Frontend, FrontendError, Running};
 use crate::config::RpcSettings;
 use thread::RpcThread;
@@ -22,23 +24,25 @@ impl Frontend for Rpc {
         let mut running = Running::new(Self::NAME);
         let error = |e: std::io::Error| FrontendError::new(Self::NAME, e);
         let thread = RpcThread::start().map_err(error)?;
+        let server = Arc::new(jsonrpc::Server { dispatcher: ctx.dispatcher.clone(), settings: settings.clone() });
         if let Some(addr) = settings.listen {
             let listener = http::bind(addr).map_err(error)?;
             let addr = listener.local_addr().unwrap_or(addr);
-            thread.spawn(http::serve(listener, ctx.dispatcher.clone(), ctx.metrics.clone(), settings.token.clone()));
+            thread.spawn(http::serve(listener, server.clone(), ctx.metrics.clone()));
             tracing::info!("JSON-RPC on http://{addr}/RPC, metrics on http://{addr}/metrics");
             tracing::info!("try: evrhost rpc -a {addr} evrexec.run evrexec:test mydata");
         }
         let mut socket_file = None;
         if let Some(path) = &settings.unix {
-            thread.spawn(unix::serve(unix::bind(path).map_err(error)?, ctx.dispatcher.clone()));
+            let (listener, file) = unix::bind(path).map_err(error)?;
+            thread.spawn(unix::serve(listener, server.clone()));
             tracing::info!("JSON-RPC on unix:{}", path.display());
-            socket_file = Some(path.clone());
+            socket_file = Some(file);
         }
         running.on_stop(move || {
             thread.stop();
-            if let Some(path) = socket_file {
-                let _ = std::fs::remove_file(path);
+            if let Some(file) = socket_file {
+                file.remove();
             }
         });
         Ok(running)

@@ -2,7 +2,7 @@
 //! whitespace between them), each answered with one response document and
 //! a newline. No token: the socket file's permissions guard it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -10,27 +10,55 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::http::MAX_BODY;
-use super::jsonrpc;
-use crate::dispatcher::Dispatcher;
+use super::jsonrpc::{self, Server};
 
-/// Binds `path`, replacing a stale socket left by an earlier run (but never
-/// a file that is not a socket).
-pub fn bind(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
+/// A socket file this daemon made: removed at stop only while it is still
+/// that file (another daemon may have replaced it since).
+pub struct SocketFile {
+    path: PathBuf,
+    identity: (u64, u64),
+}
+
+impl SocketFile {
+    pub fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.identity) {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
-    let listener = std::os::unix::net::UnixListener::bind(path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))?;
+}
+
+/// Binds `path`. A socket left there by a daemon that is gone is replaced;
+/// one a live daemon answers on is refused (as is any file that is not a
+/// socket), so a second daemon never takes the first one's socket away.
+pub fn bind(path: &Path) -> std::io::Result<(std::os::unix::net::UnixListener, SocketFile)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let context =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display()));
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(context(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is there",
+            )));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(context(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another process serves on this socket (a second daemon with the same [rpc] unix?)",
+            )));
+        }
+        std::fs::remove_file(path).map_err(context)?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(context)?;
     listener.set_nonblocking(true)?;
-    Ok(listener)
+    let meta = std::fs::symlink_metadata(path).map_err(context)?;
+    Ok((listener, SocketFile { path: path.to_path_buf(), identity: (meta.dev(), meta.ino()) }))
 }
 
 /// Serves until the task is dropped; the listener joins the reactor of the
 /// runtime this runs on.
-pub async fn serve(listener: std::os::unix::net::UnixListener, d: Arc<Dispatcher>) {
+pub async fn serve(listener: std::os::unix::net::UnixListener, s: Arc<Server>) {
     let listener = match UnixListener::from_std(listener) {
         Ok(listener) => listener,
         Err(e) => {
@@ -41,10 +69,10 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, d: Arc<Dispatcher
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let d = d.clone();
+                let s = s.clone();
                 tokio::spawn(async move {
-                    connection(stream, d.clone()).await;
-                    crate::frontend::disconnected(d.bus(), None, None, "unix");
+                    connection(stream, &s).await;
+                    crate::frontend::disconnected(s.dispatcher.bus(), None, None, "unix");
                 });
             }
             Err(e) => {
@@ -55,7 +83,7 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, d: Arc<Dispatcher
     }
 }
 
-async fn connection(mut stream: UnixStream, d: Arc<Dispatcher>) {
+async fn connection(mut stream: UnixStream, s: &Server) {
     let mut buffer: Vec<u8> = Vec::with_capacity(4096);
     loop {
         let mut requests = Vec::new();
@@ -74,7 +102,7 @@ async fn connection(mut stream: UnixStream, d: Arc<Dispatcher>) {
         };
         buffer.drain(..consumed);
         for request in requests {
-            if let Some(response) = jsonrpc::handle_value(&d, request).await {
+            if let Some(response) = jsonrpc::handle_value(s, request).await {
                 if write(&mut stream, &response).await.is_err() {
                     return;
                 }
