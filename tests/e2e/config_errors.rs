@@ -124,3 +124,42 @@ fn rpc_off_loopback_needs_a_token_or_an_explicit_choice() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn numbers_out_of_their_range_are_refused_where_they_are_written() {
+    let udp = "[[plugin]]\nname = \"echo\"\npath = \"{echo}\"\n[[route]]\nname = \"u\"\nplugin = \"echo\"\n\
+               [[exec]]\nname = \"u\"\nsockaddr = \"udp:127.0.0.1:1\"\n";
+    let cases = [
+        (format!("{udp}queue = 9000000000000000000\n"), "bad.toml:10:9: `exec.queue`: must be 1 to 1048576"),
+        (format!("{udp}workers = 4000000000\n"), "bad.toml:10:11: `exec.workers`: must be 0 to 1024"),
+        (format!("{udp}recv_buffer = 9000000000000\n"), "`exec.recv_buffer`: must be 1 to 1073741824"),
+        ("[events]\nqueue = 9223372036854775807\n".to_string(), "bad.toml:2:9: `events.queue`: must be 1 to 1000000"),
+        ("[events]\nshm_limit_mb = 17592186044416\n".to_string(), "`events.shm_limit_mb`: must be 0 to 16777216"),
+        ("[runtime]\nepoch_tick_ms = 1000000000000\n".to_string(), "`runtime.epoch_tick_ms`: must be 1 to 1000"),
+        ("[runtime]\nmax_instances = 4000000000\n".to_string(), "`runtime.max_instances`: must be 1 to 10000"),
+        (
+            "[[plugin]]\nname = \"echo\"\npath = \"{echo}\"\nmemory_mb = 17592186044416\n".to_string(),
+            "bad.toml:4:13: `plugin.memory_mb`: must be 1 to 4096",
+        ),
+        (
+            "[[plugin]]\nname = \"echo\"\npath = \"{echo}\"\nmax_reply_bytes = 0\n".to_string(),
+            "`plugin.max_reply_bytes`: must be 1 to 67108864",
+        ),
+        (
+            "[[plugin]]\nname = \"echo\"\npath = \"{echo}\"\nmax_instances = 1000000000\n".to_string(),
+            "`plugin.max_instances`: must be 1 to 10000",
+        ),
+        ("[[tenant]]\nname = \"t\"\nkv_max_value_bytes = 1099511627776\n".to_string(), "`tenant.kv_max_value_bytes`"),
+        (
+            "[erlang]\ncookie = \"c\"\nmax-frame-kb = 4294967296\n".to_string(),
+            "`erlang.max-frame-kb`: must be 1 to 1048576",
+        ),
+    ];
+    for (config, expected) in cases {
+        let (ok, _, stderr) = check(&config);
+        assert!(!ok && stderr.contains(expected), "{config}\nexpected {expected}, got {stderr}");
+    }
+    // The edges of a range are accepted.
+    let (ok, _, stderr) = check(&format!("{udp}queue = 1048576\nworkers = 1024\n"));
+    assert!(ok, "{stderr}");
+}

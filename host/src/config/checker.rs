@@ -47,6 +47,23 @@ impl Checker<'_> {
         }
     }
 
+    /// A value within `min..=max` (both said in the error).
+    pub fn range<T: Copy + PartialOrd + std::fmt::Display>(
+        &self,
+        v: &Option<Spanned<T>>,
+        key: &str,
+        min: T,
+        max: T,
+    ) -> Result<Option<T>, ConfigError> {
+        match v {
+            Some(s) if *s.get_ref() < min || *s.get_ref() > max => {
+                Err(self.at(s, key, format!("must be {min} to {max}")))
+            }
+            Some(s) => Ok(Some(*s.get_ref())),
+            None => Ok(None),
+        }
+    }
+
     /// A percentage, 0 to 100.
     pub fn percent(&self, v: &Option<Spanned<u8>>, key: &str, default: u8) -> Result<u8, ConfigError> {
         match v {

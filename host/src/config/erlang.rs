@@ -246,7 +246,7 @@ pub(super) fn check(
     for entry in &e.apply_inbound_acl {
         acl.push(Cidr::parse(entry.get_ref()).map_err(|m| ck.at(entry, "erlang.apply-inbound-acl", m.0))?);
     }
-    let max_frame_kb = ck.positive(&e.max_frame_kb, "erlang.max-frame-kb")?.unwrap_or(16 * 1024);
+    let max_frame_kb = ck.range(&e.max_frame_kb, "erlang.max-frame-kb", 1, 1 << 20)?.unwrap_or(16 * 1024);
     Ok(ErlangSettings {
         listen: SocketAddr::new(ip, e.listen_port.unwrap_or(DEFAULT_ERLANG_PORT)),
         nodename,

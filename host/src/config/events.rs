@@ -17,7 +17,7 @@ use super::{BadValue, ConfigError};
 pub(super) struct EventsSection {
     heartbeat_s: Option<u64>,
     log: Option<Spanned<String>>,
-    shm_limit_mb: Option<u64>,
+    shm_limit_mb: Option<Spanned<u64>>,
     shm_threshold: Option<Spanned<u8>>,
     pkg_threshold: Option<Spanned<u8>>,
     queue: Option<Spanned<usize>>,
@@ -112,10 +112,13 @@ pub(super) fn check(ck: &Checker, e: &EventsSection) -> Result<EventsSettings, C
             None => Some(Duration::from_secs(20)),
         },
         log,
-        shm_limit_bytes: e.shm_limit_mb.filter(|mb| *mb > 0).map(|mb| mb << 20),
+        shm_limit_bytes: ck
+            .range(&e.shm_limit_mb, "events.shm_limit_mb", 0, 1 << 24)?
+            .filter(|mb| *mb > 0)
+            .map(|mb| mb << 20),
         shm_threshold: ck.percent(&e.shm_threshold, "events.shm_threshold", 80)?,
         pkg_threshold: ck.percent(&e.pkg_threshold, "events.pkg_threshold", 0)?,
-        queue: ck.positive(&e.queue, "events.queue")?.unwrap_or(1024),
+        queue: ck.range(&e.queue, "events.queue", 1, 1_000_000)?.unwrap_or(1024),
         subscribe,
     })
 }

@@ -13,6 +13,11 @@ use toml::Spanned;
 use super::checker::{Checker, MAX_MS};
 use super::{BadValue, ConfigError};
 
+/// Workers of one exec entry, tasks or UDP calls in flight.
+const MAX_WORKERS: u32 = 1024;
+/// Datagrams one UDP socket may hold waiting for a worker.
+const MAX_QUEUE: usize = 1 << 20;
+
 /// `[[exec]] coalesce_us` by default: on this 2-core machine 100 µs cut
 /// the CPU per datagram by a third under load (cargo bench --bench udp).
 pub const DEFAULT_COALESCE_US: u64 = 100;
@@ -22,12 +27,12 @@ pub const DEFAULT_COALESCE_US: u64 = 100;
 pub(super) struct ExecSection {
     name: Spanned<String>,
     plugin: Option<Spanned<String>>,
-    workers: Option<u32>,
+    workers: Option<Spanned<u32>>,
     /// Microseconds, as evrexec's `wait`.
     wait: Option<u64>,
     sockaddr: Option<Spanned<String>>,
     queue: Option<Spanned<usize>>,
-    recv_buffer: Option<usize>,
+    recv_buffer: Option<Spanned<usize>>,
     reply: Option<bool>,
     restart_min_ms: Option<Spanned<u64>>,
     restart_max_ms: Option<u64>,
@@ -99,7 +104,7 @@ pub(super) fn check(
             return Err(ck.at(&e.name, "exec.name", "must not be empty"));
         }
         // evrexec: 0 workers means 1.
-        let workers = e.workers.unwrap_or(1).max(1);
+        let workers = ck.range(&e.workers, "exec.workers", 0, MAX_WORKERS)?.unwrap_or(1).max(1);
         match &e.sockaddr {
             Some(sockaddr) => {
                 let def = check_udp(ck, e, sockaddr, name, workers, routes)?;
@@ -133,11 +138,7 @@ fn check_udp(
     if let Some(plugin) = &e.plugin {
         return Err(ck.at(plugin, "exec.plugin", "a UDP exec runs its route; bind the plugin with a [[route]]"));
     }
-    let queue = match &e.queue {
-        Some(q) if *q.get_ref() == 0 => return Err(ck.at(q, "exec.queue", "must be greater than 0")),
-        Some(q) => *q.get_ref(),
-        None => 8192,
-    };
+    let queue = ck.range(&e.queue, "exec.queue", 1, MAX_QUEUE)?.unwrap_or(8192);
     let coalesce_us = match &e.coalesce_us {
         Some(us) if *us.get_ref() > 10_000 => return Err(ck.at(us, "exec.coalesce_us", "at most 10000 (10 ms)")),
         Some(us) => *us.get_ref(),
@@ -148,7 +149,7 @@ fn check_udp(
         addr,
         workers,
         queue,
-        recv_buffer: e.recv_buffer,
+        recv_buffer: ck.range(&e.recv_buffer, "exec.recv_buffer", 1, 1 << 30)?,
         reply: e.reply.unwrap_or(true),
         profiling: e.profiling,
         coalesce: Duration::from_micros(coalesce_us),

@@ -114,14 +114,14 @@ pub(super) struct PluginSection {
     memory_mb: Option<Spanned<u64>>,
     min_instances: Option<Spanned<usize>>,
     max_instances: Option<Spanned<usize>>,
-    max_reply_bytes: Option<usize>,
-    max_log_line_bytes: Option<usize>,
-    max_log_lines: Option<usize>,
-    max_event_bytes: Option<usize>,
+    max_reply_bytes: Option<Spanned<usize>>,
+    max_log_line_bytes: Option<Spanned<usize>>,
+    max_log_lines: Option<Spanned<usize>>,
+    max_event_bytes: Option<Spanned<usize>>,
     /// Percent of memory_mb; E_CORE_PKG_THRESHOLD when an instance passes it.
     pkg_threshold: Option<Spanned<u8>>,
     /// Idle instances above min_instances live this long.
-    idle_ms: Option<u64>,
+    idle_ms: Option<Spanned<u64>>,
     /// E_PROFILING_SCRIPT records for each route call.
     #[serde(default)]
     profiling: bool,
@@ -246,19 +246,31 @@ fn limits(ck: &Checker, p: &PluginSection, cx: &PluginContext) -> Result<Limits,
         fuel: ck.positive(&p.fuel, "plugin.fuel")?.unwrap_or(d.fuel),
         deadline: ck.millis(&p.deadline_ms, "plugin.deadline_ms")?.map_or(d.deadline, Duration::from_millis),
         warn_after: ck.millis(&p.warn_ms, "plugin.warn_ms")?.map(Duration::from_millis),
-        memory_bytes: ck.positive(&p.memory_mb, "plugin.memory_mb")?.map_or(d.memory_bytes, |mb| (mb as usize) << 20),
+        memory_bytes: ck
+            .range(&p.memory_mb, "plugin.memory_mb", 1, super::runtime::MAX_MEMORY_MB)?
+            .map_or(d.memory_bytes, |mb| (mb as usize) << 20),
         min_instances: p.min_instances.as_ref().map_or(d.min_instances, |s| *s.get_ref()),
-        max_instances: ck.positive(&p.max_instances, "plugin.max_instances")?.unwrap_or(d.max_instances),
+        max_instances: ck
+            .range(&p.max_instances, "plugin.max_instances", 1, super::runtime::MAX_INSTANCES as usize)?
+            .unwrap_or(d.max_instances),
         isolation: match p.isolation {
             Some(IsolationName::PerCall) => Isolation::PerCall,
             Some(IsolationName::Reuse) | None => Isolation::Reuse,
         },
-        max_reply_bytes: p.max_reply_bytes.unwrap_or(d.max_reply_bytes),
-        max_log_line_bytes: p.max_log_line_bytes.unwrap_or(d.max_log_line_bytes).max(16),
-        max_log_lines_per_call: p.max_log_lines.unwrap_or(d.max_log_lines_per_call),
-        max_event_bytes: p.max_event_bytes.unwrap_or(d.max_event_bytes),
+        max_reply_bytes: ck
+            .range(&p.max_reply_bytes, "plugin.max_reply_bytes", 1, 64 << 20)?
+            .unwrap_or(d.max_reply_bytes),
+        max_log_line_bytes: ck
+            .range(&p.max_log_line_bytes, "plugin.max_log_line_bytes", 16, 1 << 20)?
+            .unwrap_or(d.max_log_line_bytes),
+        max_log_lines_per_call: ck
+            .range(&p.max_log_lines, "plugin.max_log_lines", 0, 1_000_000)?
+            .unwrap_or(d.max_log_lines_per_call),
+        max_event_bytes: ck
+            .range(&p.max_event_bytes, "plugin.max_event_bytes", 1, 16 << 20)?
+            .unwrap_or(d.max_event_bytes),
         pkg_threshold_pct: ck.percent(&p.pkg_threshold, "plugin.pkg_threshold", cx.events.pkg_threshold)?,
-        idle_after: p.idle_ms.map_or(d.idle_after, |ms| Duration::from_millis(ms.min(MAX_MS))),
+        idle_after: ck.range(&p.idle_ms, "plugin.idle_ms", 0, MAX_MS)?.map_or(d.idle_after, Duration::from_millis),
     };
     if let Some(m) = &p.memory_mb {
         if limits.memory_bytes > cx.engine.max_memory_bytes {

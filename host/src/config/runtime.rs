@@ -10,6 +10,12 @@ use super::checker::Checker;
 use super::ConfigError;
 use crate::runtime::{ComponentCache, EngineSettings};
 
+/// The largest linear memory a plugin may have, in MiB (wasm32's 4 GiB).
+pub(super) const MAX_MEMORY_MB: u64 = 4096;
+/// Instances alive at once, all plugins together: each reserves address
+/// space in the pooling allocator.
+pub(super) const MAX_INSTANCES: u32 = 10_000;
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RuntimeSection {
@@ -28,11 +34,15 @@ pub(super) fn check(
     base: &Path,
 ) -> Result<(EngineSettings, Option<PathBuf>), ConfigError> {
     let defaults = EngineSettings::default();
-    let tick_ms = ck.positive(&rt.epoch_tick_ms, "runtime.epoch_tick_ms")?.unwrap_or(1);
-    let max_memory_mb = ck.positive(&rt.max_memory_mb, "runtime.max_memory_mb")?;
+    // A tick is the deadline's resolution: past a second, deadlines mean little.
+    let tick_ms = ck.range(&rt.epoch_tick_ms, "runtime.epoch_tick_ms", 1, 1000)?.unwrap_or(1);
+    // A wasm32 memory is at most 4 GiB.
+    let max_memory_mb = ck.range(&rt.max_memory_mb, "runtime.max_memory_mb", 1, MAX_MEMORY_MB)?;
     let engine = EngineSettings {
         tick: Duration::from_millis(tick_ms),
-        total_instances: ck.positive(&rt.max_instances, "runtime.max_instances")?.unwrap_or(defaults.total_instances),
+        total_instances: ck
+            .range(&rt.max_instances, "runtime.max_instances", 1, MAX_INSTANCES)?
+            .unwrap_or(defaults.total_instances),
         max_memory_bytes: max_memory_mb.map_or(defaults.max_memory_bytes, |mb| (mb as usize) << 20),
     };
     let cache_dir = match (rt.cache, &rt.cache_dir) {

@@ -14,9 +14,9 @@ use crate::kv::KvLimits;
 #[serde(deny_unknown_fields)]
 pub(super) struct TenantSection {
     name: Spanned<String>,
-    kv_max_keys: Option<usize>,
-    kv_max_key_bytes: Option<usize>,
-    kv_max_value_bytes: Option<usize>,
+    kv_max_keys: Option<Spanned<usize>>,
+    kv_max_key_bytes: Option<Spanned<usize>>,
+    kv_max_value_bytes: Option<Spanned<usize>>,
     events_fire: Option<Vec<String>>,
     events_subscribe: Option<Vec<String>>,
 }
@@ -85,9 +85,13 @@ pub(super) fn check(ck: &Checker, sections: &[TenantSection]) -> Result<HashMap<
         }
         let d = KvLimits::default();
         let kv = KvLimits {
-            max_keys: t.kv_max_keys.unwrap_or(d.max_keys),
-            max_key_bytes: t.kv_max_key_bytes.unwrap_or(d.max_key_bytes),
-            max_value_bytes: t.kv_max_value_bytes.unwrap_or(d.max_value_bytes),
+            max_keys: ck.range(&t.kv_max_keys, "tenant.kv_max_keys", 0, 100_000_000)?.unwrap_or(d.max_keys),
+            max_key_bytes: ck
+                .range(&t.kv_max_key_bytes, "tenant.kv_max_key_bytes", 1, 65_536)?
+                .unwrap_or(d.max_key_bytes),
+            max_value_bytes: ck
+                .range(&t.kv_max_value_bytes, "tenant.kv_max_value_bytes", 0, 64 << 20)?
+                .unwrap_or(d.max_value_bytes),
         };
         let fallback = if name == "default" { Tenant::default_tenant() } else { Tenant::named(name) };
         let tenant = Tenant {
