@@ -309,3 +309,21 @@ host_commands = ["plugin.reload"]
     // Granted and no admin change running: the prober may reload itself.
     assert!(probe(&other, "plugin.reload kvcount").await.starts_with("ok: +OK kvcount reloaded"));
 }
+
+#[tokio::test]
+async fn a_plugin_file_is_read_only_when_it_is_a_regular_file_of_bounded_size() {
+    use evrhost::config::{PluginDef, MAX_PLUGIN_BYTES};
+    let host = TestHost::start("").await.expect("the host starts");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let huge = dir.path().join("huge.wasm");
+    std::fs::File::create(&huge).and_then(|f| f.set_len(MAX_PLUGIN_BYTES + 1)).expect("a sparse file");
+    let cases = [("/dev/zero", "not a regular file"), (huge.to_str().expect("utf-8"), "over the limit")];
+    for (path, expected) in cases {
+        let def = PluginDef::with_defaults("big", path).expect("a valid name and path");
+        let started = std::time::Instant::now();
+        let Err(e) = host.dispatcher.load(def).await else { panic!("{path} must be refused") };
+        let text = evrhost::error::chain(&e);
+        assert!(text.contains("cannot read") && text.contains(expected), "{path}: {text}");
+        assert!(started.elapsed() < SECOND, "{path}: refused before reading it");
+    }
+}

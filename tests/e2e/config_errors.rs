@@ -163,3 +163,12 @@ fn numbers_out_of_their_range_are_refused_where_they_are_written() {
     let (ok, _, stderr) = check(&format!("{udp}queue = 1048576\nworkers = 1024\n"));
     assert!(ok, "{stderr}");
 }
+
+#[test]
+fn files_the_config_names_are_read_only_when_they_are_small_regular_files() {
+    let out = evrhost(&["check", "/dev/zero"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("not a regular file"), "{}", text(&out.stderr));
+    let (ok, _, stderr) = check("[erlang]\ncookie-file = \"/dev/zero\"\n");
+    assert!(!ok && stderr.contains("`erlang.cookie-file`") && stderr.contains("not a cookie file"), "{stderr}");
+}

@@ -193,7 +193,17 @@ fn cookie(ck: &Checker, e: &ErlangSection, base: &Path) -> Result<String, Config
             None => return Err(ConfigError::Erlang("no `cookie`, no `cookie-file` and no $HOME".into())),
         },
     };
-    let read = std::fs::read_to_string(&path).map(|s| s.trim().to_string());
+    // A cookie is at most 255 bytes: a larger file is not one.
+    let read = std::fs::metadata(&path)
+        .and_then(|m| {
+            if m.is_file() && m.len() <= 4096 {
+                Ok(())
+            } else {
+                Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a cookie file (a regular file of at most 4096 bytes)"))
+            }
+        })
+        .and_then(|()| std::fs::read_to_string(&path))
+        .map(|s| s.trim().to_string());
     match (read, at) {
         (Ok(c), _) if !c.is_empty() => Ok(c),
         (Ok(_), Some(f)) => Err(ck.at(f, "erlang.cookie-file", format!("{}: the file is empty", path.display()))),

@@ -37,13 +37,16 @@ use serde::Deserialize;
 pub use erlang::{Cidr, Encoding, ErlangRoute, ErlangSettings, ErlangTarget, DEFAULT_ERLANG_PORT};
 pub use events::{EventSocket, EventsSettings};
 pub use exec::{parse_sockaddr, ExecDef, UdpDef, DEFAULT_COALESCE_US};
-pub use plugin::{CodeSource, PluginDef, BUILTIN_PLUGINS};
+pub use plugin::{CodeSource, PluginDef, BUILTIN_PLUGINS, MAX_PLUGIN_BYTES};
 pub use route::RouteDef;
 pub use rpc::{RpcSettings, DEFAULT_RPC_LISTEN};
 pub use tenant::{EventAcl, Tenant};
 
 use crate::runtime::EngineSettings;
 use checker::Checker;
+
+/// The largest config file read.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
 /// The configuration `evrhost run` uses when given no file.
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
@@ -119,9 +122,16 @@ impl Config {
         config
     }
 
+    /// Reads and checks a config file (a regular file of at most 16 MiB).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        let read = |source| ConfigError::Read { file: file.clone(), source };
+        let meta = std::fs::metadata(path).map_err(read)?;
+        if !meta.is_file() || meta.len() > MAX_CONFIG_BYTES {
+            let why = format!("not a regular file of at most {MAX_CONFIG_BYTES} bytes");
+            return Err(read(std::io::Error::new(std::io::ErrorKind::InvalidData, why)));
+        }
+        let text = std::fs::read_to_string(path).map_err(read)?;
         let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         Config::parse(&text, &file, base)
     }

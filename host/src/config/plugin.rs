@@ -20,6 +20,10 @@ pub const BUILTIN_PLUGINS: [(&str, &[u8]); 2] = [
     ("counter", include_bytes!(concat!(env!("EVRHOST_PLUGINS_DIR"), "/counter.wasm"))),
 ];
 
+/// The largest plugin file read: components built by componentize-py carry
+/// a Python runtime (tens of MiB); past this a file is refused unread.
+pub const MAX_PLUGIN_BYTES: u64 = 128 << 20;
+
 /// Where a plugin's code comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CodeSource {
@@ -51,9 +55,29 @@ impl CodeSource {
         Ok(CodeSource::File(base.join(text)))
     }
 
+    /// The code, at most [`MAX_PLUGIN_BYTES`]; a path that is not a regular
+    /// file (a device, a FIFO) is refused before anything is read.
     pub async fn read(&self) -> std::io::Result<std::sync::Arc<[u8]>> {
+        use tokio::io::AsyncReadExt;
         match self {
-            CodeSource::File(path) => Ok(tokio::fs::read(path).await?.into()),
+            CodeSource::File(path) => {
+                let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+                let file = tokio::fs::File::open(path).await?;
+                let meta = file.metadata().await?;
+                if !meta.is_file() {
+                    return Err(invalid("not a regular file".into()));
+                }
+                if meta.len() > MAX_PLUGIN_BYTES {
+                    return Err(invalid(format!("{} bytes, over the limit of {MAX_PLUGIN_BYTES}", meta.len())));
+                }
+                let mut bytes = Vec::with_capacity(meta.len() as usize);
+                // The file may grow between the check and the read.
+                file.take(MAX_PLUGIN_BYTES + 1).read_to_end(&mut bytes).await?;
+                if bytes.len() as u64 > MAX_PLUGIN_BYTES {
+                    return Err(invalid(format!("over the limit of {MAX_PLUGIN_BYTES} bytes")));
+                }
+                Ok(bytes.into())
+            }
             CodeSource::Builtin(name) => BUILTIN_PLUGINS
                 .iter()
                 .find(|(n, _)| n == name)
