@@ -327,3 +327,32 @@ async fn a_plugin_file_is_read_only_when_it_is_a_regular_file_of_bounded_size() 
         assert!(started.elapsed() < SECOND, "{path}: refused before reading it");
     }
 }
+
+#[tokio::test]
+async fn busy_refusals_are_counted_as_errors_of_the_plugin() {
+    let host = TestHost::start(
+        "[[plugin]]\nname = \"hostile\"\npath = \"{hostile}\"\nmax_instances = 1\ndeadline_ms = 100\n\
+         [[route]]\nname = \"spin\"\nplugin = \"hostile\"\n",
+    )
+    .await
+    .expect("the host starts");
+    let d = host.dispatcher.clone();
+    // One instance: the first call spins 90 ms, the second waits for it and
+    // runs, the third waits past its 100 ms deadline and is refused.
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let d = d.clone();
+            tokio::spawn(async move { d.run_route(&request("spin", "90")).await })
+        })
+        .collect();
+    let mut busy = 0;
+    for call in calls {
+        if let Err(DispatchError::Call(e)) = call.await.expect("the call task") {
+            assert_eq!(e.cause.kind(), "busy", "{e}");
+            busy += 1;
+        }
+    }
+    assert!(busy >= 1, "a call found no free instance in time");
+    let stats = d.plugins().into_iter().find(|p| p.name == "hostile").expect("hostile").stats;
+    assert_eq!(stats.errors.get("busy"), Some(&busy), "{stats:?}");
+}

@@ -211,6 +211,7 @@ async fn a_full_udp_queue_drops_counts_and_warns() {
     let (received, dropped) =
         (value(&metrics, "evrhost_udp_received_total{"), value(&metrics, "evrhost_udp_dropped_total{"));
     assert_eq!(received, 40, "{metrics}");
+    assert_eq!(value(&metrics, "evrhost_udp_kernel_drops_total{"), 0, "all 40 reached evrhost\n{metrics}");
     assert!(dropped >= 30, "1 worker, a queue of 2 and 50 ms calls: {dropped} dropped\n{metrics}");
     assert!(metrics.contains("evrhost_call_errors_total{plugin=\"hostile\",cause=\"deadline\"}"), "{metrics}");
     assert!(metrics.contains("evrhost_call_duration_seconds_bucket{plugin=\"hostile\",le=\"0.1\"}"), "{metrics}");

@@ -199,7 +199,10 @@ fn cookie(ck: &Checker, e: &ErlangSection, base: &Path) -> Result<String, Config
             if m.is_file() && m.len() <= 4096 {
                 Ok(())
             } else {
-                Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a cookie file (a regular file of at most 4096 bytes)"))
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "not a cookie file (a regular file of at most 4096 bytes)",
+                ))
             }
         })
         .and_then(|()| std::fs::read_to_string(&path))

@@ -62,6 +62,32 @@ pub struct UdpEndpoint {
     pub name: String,
     pub addr: SocketAddr,
     pub stats: Arc<UdpStats>,
+    /// The socket's inode, to find its kernel drop count in /proc/net/udp.
+    inode: Option<u64>,
+}
+
+/// The inode of an open socket (`socket:[N]` in /proc/self/fd).
+fn socket_inode(fd: i32) -> Option<u64> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// Datagrams the kernel dropped per socket inode (its receive buffer was
+/// full), from the `drops` column of /proc/net/udp and /proc/net/udp6.
+fn kernel_drops() -> std::collections::HashMap<u64, u64> {
+    let mut drops = std::collections::HashMap::new();
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if let (Some(inode), Some(n)) = (fields.get(9), fields.last()) {
+                if let (Ok(inode), Ok(n)) = (inode.parse::<u64>(), n.parse::<u64>()) {
+                    drops.insert(inode, n);
+                }
+            }
+        }
+    }
+    drops
 }
 
 /// The UDP front-end: every `[[exec]]` with a `sockaddr`.
@@ -105,6 +131,14 @@ impl Metrics for UdpMetrics {
             header(out, metric, "counter", help);
             for e in &self.0 {
                 let n = value(&e.stats).load(Relaxed);
+                let _ = writeln!(out, "{metric}{{route=\"{}\",addr=\"{}\"}} {n}", e.name, e.addr);
+            }
+        }
+        let drops = kernel_drops();
+        let metric = "evrhost_udp_kernel_drops_total";
+        header(out, metric, "counter", "Datagrams the kernel dropped before evrhost read them (receive buffer full).");
+        for e in &self.0 {
+            if let Some(n) = e.inode.and_then(|i| drops.get(&i)) {
                 let _ = writeln!(out, "{metric}{{route=\"{}\",addr=\"{}\"}} {n}", e.name, e.addr);
             }
         }
@@ -168,6 +202,7 @@ pub fn start(
     d: Arc<Dispatcher>,
 ) -> io::Result<(UdpEndpoint, Vec<JoinHandle<()>>)> {
     let (route, addr) = (def.route.as_str(), socket.local_addr().unwrap_or(def.addr));
+    let inode = socket_inode(socket.as_raw_fd());
     // Replies go out through a clone of the socket registered with tokio.
     let sender = Arc::new(UdpSocket::from_std(socket.try_clone()?)?);
     let stats = Arc::new(UdpStats::default());
@@ -216,7 +251,7 @@ pub fn start(
             tracing::error!(route = %name, %addr, error = %e, "UDP receiver stopped");
         }
     })?;
-    Ok((UdpEndpoint { name: route.to_string(), addr, stats }, tasks))
+    Ok((UdpEndpoint { name: route.to_string(), addr, stats, inode }, tasks))
 }
 
 /// Runs the route for one datagram; the status is 0, or -1 when the call

@@ -25,7 +25,12 @@ macro_rules! call_export {
     ($self:ident, $what:literal, $target:expr, $depth:expr, $task:expr, |$store:ident, $exports:ident| $invoke:block) => {{
         let target: &str = $target;
         match $self.pool.acquire(target, $depth, $task).await {
-            Err(cause) => (Err($self.error($what, target, cause)), CallReport::default()),
+            Err(cause) => {
+                // Refused before it ran (busy, or no instance could be
+                // made): not a call, but an error of the plugin's.
+                $self.stats.error(&cause);
+                (Err($self.error($what, target, cause)), CallReport::default())
+            }
             Ok(mut lease) => {
                 let outcome = match lease.parts() {
                     Some(($store, $exports)) => async { $invoke }.await,
