@@ -42,7 +42,7 @@ fn references_and_values_are_checked_with_their_position() {
 
     let (ok, _, stderr) = check("[[plugin]]\nname = \"echo\"\npath = \"{echo}\"\nmax_instances = 0\n");
     assert!(!ok);
-    assert!(stderr.contains("bad.toml:4:17: `plugin.max_instances`: must be greater than 0"), "{stderr}");
+    assert!(stderr.contains("bad.toml:4:17: `plugin.max_instances`: must be 1 to 10000"), "{stderr}");
 }
 
 #[test]
