@@ -269,6 +269,24 @@ async fn json_rpc_over_a_unix_socket() {
     let mut answer = String::new();
     BufReader::new(again).read_line(&mut answer).expect("read");
     assert!(answer.contains("evrhost"), "{answer}");
+
+    // A document that arrives a byte at a time is answered once it is
+    // whole, through the same fast path as HTTP's.
+    let mut drip = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+    drip.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    for b in br#"{"jsonrpc":"2.0","method":"system.methodHelp","params":["core.uptime"],"id":"d{1}"}"# {
+        drip.write_all(&[*b]).expect("write");
+    }
+    let mut answer = String::new();
+    BufReader::new(drip.try_clone().expect("clone")).read_line(&mut answer).expect("read");
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("json");
+    assert_eq!(answer, json!({"jsonrpc": "2.0", "result": "— seconds since start", "id": "d{1}"}));
+    // A top-level scalar cannot be framed: a parse error, then the end.
+    drip.write_all(b" 42 ").expect("write");
+    let mut lines = BufReader::new(drip).lines();
+    let error: serde_json::Value = serde_json::from_str(&lines.next().expect("line").expect("read")).expect("json");
+    assert_eq!(error["error"]["code"], json!(-32700), "{error}");
+    assert!(lines.next().is_none(), "closed after it");
 }
 
 /// A real SIP client: SIPp sends OPTIONS, the plugin answers 200 OK.

@@ -38,9 +38,13 @@ impl Dispatcher {
                 return Err(DispatchError::RouteNotFound(route.to_string()));
             };
             if let [only] = handlers.as_slice() {
+                // The common case, one plugin, without the general path's layer.
                 let target = only.target.clone();
                 drop(table);
-                return self.run_target(&target, request).await;
+                return match &target {
+                    Target::Plugin(slot) => self.run_plugin(slot, request).await,
+                    remote => self.run_target(remote, request).await,
+                };
             }
             handlers.iter().map(|h| h.target.clone()).collect()
         };
