@@ -356,3 +356,23 @@ async fn busy_refusals_are_counted_as_errors_of_the_plugin() {
     let stats = d.plugins().into_iter().find(|p| p.name == "hostile").expect("hostile").stats;
     assert_eq!(stats.errors.get("busy"), Some(&busy), "{stats:?}");
 }
+
+#[tokio::test]
+async fn a_plugin_logs_at_most_its_bytes_per_second_however_often_it_is_called() {
+    let host = TestHost::start(
+        "[[plugin]]\nname = \"hostile\"\npath = \"{hostile}\"\ndeadline_ms = 30000\nfuel = 100000000000\n\
+         max_log_lines = 1000000\nmax_log_bytes_per_s = 40960\n\
+         [[route]]\nname = \"logflood\"\nplugin = \"hostile\"\n",
+    )
+    .await
+    .expect("the host starts");
+    let d = &host.dispatcher;
+    // 1,000,000 lines cut to 4,096 bytes: the budget passes about 10 a second.
+    let outcome = d.run_route(&request("logflood", "")).await.expect("the flood returns");
+    assert_eq!(outcome.reply.retval, "flooded");
+    let stats = d.plugins().into_iter().find(|p| p.name == "hostile").expect("hostile").stats;
+    let seconds = outcome.report.elapsed.as_secs() + 1;
+    let passed = 1_000_000 - stats.log_lines_dropped;
+    assert!(passed <= 10 * seconds + 1, "{passed} lines passed in {seconds} s: {stats:?}");
+    assert!(passed >= 1, "the first lines pass");
+}

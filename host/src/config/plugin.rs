@@ -141,6 +141,7 @@ pub(super) struct PluginSection {
     max_reply_bytes: Option<Spanned<usize>>,
     max_log_line_bytes: Option<Spanned<usize>>,
     max_log_lines: Option<Spanned<usize>>,
+    max_log_bytes_per_s: Option<Spanned<u64>>,
     max_event_bytes: Option<Spanned<usize>>,
     /// Percent of memory_mb; E_CORE_PKG_THRESHOLD when an instance passes it.
     pkg_threshold: Option<Spanned<u8>>,
@@ -290,6 +291,9 @@ fn limits(ck: &Checker, p: &PluginSection, cx: &PluginContext) -> Result<Limits,
         max_log_lines_per_call: ck
             .range(&p.max_log_lines, "plugin.max_log_lines", 0, 1_000_000)?
             .unwrap_or(d.max_log_lines_per_call),
+        max_log_bytes_per_s: ck
+            .range(&p.max_log_bytes_per_s, "plugin.max_log_bytes_per_s", 1024, 1 << 30)?
+            .unwrap_or(d.max_log_bytes_per_s),
         max_event_bytes: ck
             .range(&p.max_event_bytes, "plugin.max_event_bytes", 1, 16 << 20)?
             .unwrap_or(d.max_event_bytes),

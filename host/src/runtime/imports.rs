@@ -25,8 +25,12 @@ pub(crate) fn emit_log(state: &mut HostState, level: Level, message: &str) {
         state.call.log_dropped += 1;
         return;
     }
-    state.call.log_lines += 1;
     let mut end = message.len().min(limits.max_log_line_bytes);
+    if !state.plugin.log_budget.take(end as u64) {
+        state.call.log_rate_dropped += 1;
+        return;
+    }
+    state.call.log_lines += 1;
     while !message.is_char_boundary(end) {
         end -= 1;
     }

@@ -41,6 +41,9 @@ pub struct Limits {
     pub max_log_line_bytes: usize,
     /// Log lines past this many in one call are dropped and counted.
     pub max_log_lines_per_call: usize,
+    /// Bytes of log the plugin may write per second, all its calls and
+    /// instances together; lines past it are dropped and counted.
+    pub max_log_bytes_per_s: u64,
     /// Cap on an event a plugin fires: name, headers and body, in bytes.
     pub max_event_bytes: usize,
     /// E_CORE_PKG_THRESHOLD when an instance's memory passes this percent
@@ -64,6 +67,7 @@ impl Default for Limits {
             max_reply_bytes: 1 << 20,
             max_log_line_bytes: 4096,
             max_log_lines_per_call: 100,
+            max_log_bytes_per_s: 1 << 20,
             max_event_bytes: 64 << 10,
             pkg_threshold_pct: 0,
             idle_after: Duration::from_secs(30),

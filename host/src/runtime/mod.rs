@@ -151,7 +151,9 @@ impl Runtime {
         let deadline_ticks = u64::try_from(spec.limits.deadline.as_nanos().div_ceil(tick)).unwrap_or(u64::MAX).max(1);
         let ticks = self.ticker.ticks.clone();
         let idle_ticks = u64::try_from(spec.limits.idle_after.as_nanos() / tick).unwrap_or(u64::MAX);
-        let ctx = Arc::new(PluginCtx { spec: spec.clone(), kv, services, deadline_ticks, ticks, idle_ticks });
+        let log_budget = state::LogBudget::new(spec.limits.max_log_bytes_per_s);
+        let ctx =
+            Arc::new(PluginCtx { spec: spec.clone(), kv, services, deadline_ticks, ticks, idle_ticks, log_budget });
         let pool = Pool::new(pre, indices.clone(), ctx, stats.clone());
         let warm = match spec.limits.isolation {
             Isolation::Reuse => spec.limits.min_instances.max(1),

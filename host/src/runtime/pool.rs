@@ -316,7 +316,7 @@ impl Worker {
         let call = &mut data.call;
         call.target.clear();
         call.target.push_str(target);
-        (call.depth, call.is_task, call.log_lines, call.log_dropped) = (depth, is_task, 0, 0);
+        (call.depth, call.is_task, call.log_lines, call.log_dropped, call.log_rate_dropped) = (depth, is_task, 0, 0, 0);
         Ok(())
     }
 
@@ -428,6 +428,17 @@ impl Lease<'_> {
                 tracing::debug!(plugin = %pool.ctx.spec.name, route = %data.call.target, "call failed: {cause}")
             }
             None => {}
+        }
+        if data.call.log_rate_dropped > 0 {
+            pool.stats.log_dropped(data.call.log_rate_dropped);
+        }
+        if let Some(dropped) = pool.ctx.log_budget.to_report() {
+            tracing::warn!(
+                plugin = %pool.ctx.spec.name,
+                dropped,
+                per_second = limits.max_log_bytes_per_s,
+                "log lines over the plugin's bytes-per-second budget were dropped"
+            );
         }
         if data.call.log_dropped > 0 {
             pool.stats.log_dropped(data.call.log_dropped);

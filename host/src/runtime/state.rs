@@ -23,6 +23,58 @@ pub struct PluginCtx {
     pub ticks: Arc<std::sync::atomic::AtomicU64>,
     /// `limits.idle_after` in epoch ticks.
     pub idle_ticks: u64,
+    /// What the plugin may still log this second.
+    pub log_budget: LogBudget,
+}
+
+/// A plugin's log bytes per second: every call and instance of the version
+/// draws on it, so a plugin called in a loop cannot flood the log.
+pub struct LogBudget {
+    started: std::time::Instant,
+    per_second: u64,
+    second: std::sync::atomic::AtomicU64,
+    used: std::sync::atomic::AtomicU64,
+    dropped: std::sync::atomic::AtomicU64,
+    /// The second a drop was last reported (+1; 0 never).
+    reported: std::sync::atomic::AtomicU64,
+}
+
+impl LogBudget {
+    pub fn new(per_second: u64) -> LogBudget {
+        LogBudget {
+            started: std::time::Instant::now(),
+            per_second,
+            second: Default::default(),
+            used: Default::default(),
+            dropped: Default::default(),
+            reported: Default::default(),
+        }
+    }
+
+    /// Whether `bytes` more may be logged now. Racing callers may overshoot
+    /// the budget by a line each, never more.
+    pub fn take(&self, bytes: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.started.elapsed().as_secs();
+        if self.second.swap(now, Relaxed) != now {
+            self.used.store(0, Relaxed);
+        }
+        let ok = self.used.fetch_add(bytes, Relaxed) + bytes <= self.per_second;
+        if !ok {
+            self.dropped.fetch_add(1, Relaxed);
+        }
+        ok
+    }
+
+    /// Lines dropped since the last report, at most once a second.
+    pub fn to_report(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.started.elapsed().as_secs() + 1;
+        if self.dropped.load(Relaxed) == 0 || self.reported.swap(now, Relaxed) == now {
+            return None;
+        }
+        Some(self.dropped.swap(0, Relaxed))
+    }
 }
 
 impl PluginCtx {
@@ -47,6 +99,8 @@ pub struct CallCtx {
     pub ticks_seen: u32,
     pub log_lines: usize,
     pub log_dropped: usize,
+    /// Lines dropped by the plugin's per-second budget in this call.
+    pub log_rate_dropped: usize,
 }
 
 pub struct HostState {
