@@ -376,3 +376,17 @@ async fn a_plugin_logs_at_most_its_bytes_per_second_however_often_it_is_called()
     assert!(passed <= 10 * seconds + 1, "{passed} lines passed in {seconds} s: {stats:?}");
     assert!(passed >= 1, "the first lines pass");
 }
+
+#[tokio::test]
+async fn the_bus_holds_a_bounded_number_of_subscribers() {
+    let host = TestHost::start("").await.expect("the host starts");
+    let mut watches = Vec::new();
+    for _ in 0..evrhost::bus::MAX_SUBSCRIBERS {
+        watches.push(host.watch("HEARTBEAT").expect("within the cap"));
+    }
+    match host.watch("HEARTBEAT") {
+        Err(evrhost::harness::HarnessError::Bus(e)) => assert!(e.to_string().contains("subscribers already"), "{e}"),
+        Ok(_) => panic!("one past the cap must be refused"),
+        Err(other) => panic!("{other}"),
+    }
+}

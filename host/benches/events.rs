@@ -20,7 +20,7 @@ use evrhost::bus::Caller;
 use evrhost::config::Config;
 use evrhost::config::EventSocket;
 use evrhost::dispatcher::Dispatcher;
-use evrhost::frontend::event_sinks::{self, notification};
+use evrhost::frontend::event_sinks::{notification, EventSinks};
 use evrhost::runtime::{Event, Origin, Request, Runtime};
 
 mod common;
@@ -173,7 +173,15 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(300));
         received.store(0, Ordering::Relaxed);
 
-        rt.block_on(async { event_sinks::subscribe(d.bus(), &EventSocket::Udp(addr), "CUSTOM", Some("bench"), None) })?;
+        rt.block_on(async {
+            std::sync::Arc::new(EventSinks::default()).subscribe(
+                d.bus(),
+                &EventSocket::Udp(addr),
+                "CUSTOM",
+                Some("bench"),
+                None,
+            )
+        })?;
         let started = Instant::now();
         rt.block_on(async {
             fire(&d, events).await;
@@ -221,7 +229,7 @@ fn main() -> anyhow::Result<()> {
         let sink = UdpSocket::bind("127.0.0.1:0")?;
         rt.block_on(async {
             let socket = EventSocket::Udp(sink.local_addr().unwrap_or(addr));
-            event_sinks::subscribe(d.bus(), &socket, "E_PROFILING_SCRIPT", None, None)
+            std::sync::Arc::new(EventSinks::default()).subscribe(d.bus(), &socket, "E_PROFILING_SCRIPT", None, None)
         })?;
         for _ in 0..50 {
             on.push(sample(&profiled));

@@ -12,10 +12,11 @@ use crate::bus::{split_event, BusError};
 use crate::config::Config;
 use crate::dispatcher::{DispatchError, Dispatcher};
 use crate::frontend::erlang::Erlang;
+use crate::frontend::event_sinks::EventSinks;
 use crate::frontend::metrics::Registry;
 use crate::frontend::rpc::Rpc;
 use crate::frontend::udp::Udp;
-use crate::frontend::{event_sinks, launch, Context, FrontendError};
+use crate::frontend::{launch, Context, FrontendError};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::{builtins, exec, housekeeping};
 
@@ -51,15 +52,17 @@ pub async fn run(config: Config, origin: &str, logs: Arc<LogHub>) -> Result<(), 
     if let Some(level) = config.events.log {
         logs.enable(Arc::downgrade(d.bus()), level);
     }
+    let sinks = Arc::new(EventSinks::default());
     for (event, socket) in &config.events.subscribe {
         let (name, subclass) = split_event(event);
-        event_sinks::subscribe(d.bus(), socket, name, subclass, None)?;
+        sinks.subscribe(d.bus(), socket, name, subclass, None)?;
     }
 
     let ctx = Context {
         dispatcher: d.clone(),
         logs,
         metrics: Arc::new(Registry::default()),
+        sinks,
         shutdown: CancellationToken::new(),
     };
     let rpc = &config.rpc;

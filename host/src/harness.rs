@@ -86,6 +86,7 @@ impl TestHost {
             dispatcher: dispatcher.clone(),
             logs: LogHub::new(),
             metrics: Arc::new(Registry::default()),
+            sinks: Arc::default(),
             shutdown: CancellationToken::new(),
         };
         let mut frontends = Vec::new();
@@ -157,8 +158,8 @@ pub enum SpawnError {
 
 impl Spawned {
     /// Starts the daemon on the config file `config`, its log (stderr) to
-    /// `log`, with `env` set, and waits until its RPC listener `rpc`
-    /// accepts connections.
+    /// `log`, with `env` set, and waits until it logs that it is ready (at
+    /// info level) and its RPC listener `rpc` accepts connections.
     pub fn start(
         bin: &Path,
         config: &Path,
@@ -180,7 +181,11 @@ impl Spawned {
             if let Some(status) = spawned.child.try_wait()? {
                 return Err(SpawnError::Exited { status, log: spawned.log() });
             }
-            if std::net::TcpStream::connect_timeout(&rpc, Duration::from_millis(200)).is_ok() {
+            // Its own "ready" line, not merely a port that answers: another
+            // daemon may hold the port this one failed to bind.
+            if spawned.log().contains(" ready")
+                && std::net::TcpStream::connect_timeout(&rpc, Duration::from_millis(200)).is_ok()
+            {
                 return Ok(spawned);
             }
             if started.elapsed() > within {

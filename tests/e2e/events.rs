@@ -454,3 +454,54 @@ async fn subscriptions_expire_and_bad_ones_are_refused() {
     result(&c.call("event.subscribe", json!(["HEARTBEAT", udp.socket(), 0])).await.expect("rpc"));
     assert_eq!(result(&c.call("event.list", json!([])).await.expect("rpc")), &json!([]));
 }
+
+/// Subscribers cost no file descriptor each, and peers that never got past
+/// the token cannot make the daemon send E_CORE_TCP_DISCONNECT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_udp_subscribers_share_a_socket_and_unauthenticated_peers_raise_nothing() {
+    let daemon = Daemon::start("[rpc]\nlisten = \"127.0.0.1:{PORT}\"\ntoken = \"s3cret\"\n").await;
+    let mut admin =
+        evrhost::frontend::client::RpcClient::connect(daemon.addr, Some("s3cret".into())).await.expect("connect");
+    let watcher = UdpPeer::new();
+    let r = admin.call("event.subscribe", json!(["E_CORE_TCP_DISCONNECT", watcher.socket()])).await.expect("rpc");
+    assert_eq!(result(&r), &json!("OK"));
+    let before = daemon.fds();
+    // 300 more subscribers (they need not exist: event_datagram does not care).
+    for port in 40_000..40_300 {
+        let r = admin.call("event.subscribe", json!(["E_CORE_TCP_DISCONNECT", format!("udp:127.0.0.1:{port}")])).await;
+        assert_eq!(result(&r.expect("rpc")), &json!("OK"));
+    }
+    // Five peers without the token: 401 each, and no event for their going.
+    for _ in 0..5 {
+        let mut anonymous = daemon.client().await;
+        let (status, _) =
+            anonymous.post(br#"{"jsonrpc":"2.0","method":"core.version","id":1}"#.to_vec()).await.expect("http");
+        assert_eq!(status, 401);
+    }
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        assert!(watcher.socket.recv(&mut buf).is_err(), "an unauthenticated peer raised an event");
+    }
+    // One authorized peer that goes: every subscriber is told, through the
+    // shared socket.
+    let mut client =
+        evrhost::frontend::client::RpcClient::connect(daemon.addr, Some("s3cret".into())).await.expect("connect");
+    result(&client.call("core.version", json!([])).await.expect("rpc"));
+    drop(client);
+    watcher.next("E_CORE_TCP_DISCONNECT", Duration::from_secs(5), |p| p["proto"] == json!("tcp"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = admin.call("event.list", json!([])).await.expect("rpc");
+        let subscribers = result(&list).as_array().expect("array").clone();
+        let delivered: u64 = subscribers.iter().map(|s| s["delivered"].as_u64().unwrap_or(0)).sum();
+        let failed: u64 = subscribers.iter().map(|s| s["failed"].as_u64().unwrap_or(0)).sum();
+        assert_eq!(failed, 0, "no delivery fails for want of a socket");
+        if delivered >= 301 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{delivered} of 301 delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(daemon.fds() <= before + 4, "fds went from {before} to {}", daemon.fds());
+}

@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use evrhost::frontend::client::RpcClient;
-use evrhost::harness::Spawned;
+use evrhost::harness::{SpawnError, Spawned};
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_evrhost");
@@ -48,6 +48,19 @@ impl Daemon {
     /// and `{echo}`, `{counter}`, … by the plugins' paths) and waits until
     /// it answers.
     pub async fn start(config: &str) -> Daemon {
+        // A free port may be taken by another test's daemon before this one
+        // binds it: then this one exits, and another port is tried.
+        for attempt in 1.. {
+            match Daemon::try_start(config).await {
+                Ok(daemon) => return daemon,
+                Err(SpawnError::Exited { log, .. }) if log.contains("cannot listen") && attempt < 3 => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
+    }
+
+    async fn try_start(config: &str) -> Result<Daemon, SpawnError> {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let text = evrhost::harness::with_plugin_paths(
@@ -65,9 +78,8 @@ impl Daemon {
             Spawned::start(Path::new(BIN), &path, addr, &log, &env, Duration::from_secs(60))
         })
         .await
-        .expect("the start task")
-        .unwrap_or_else(|e| panic!("{e}"));
-        Daemon { process, addr, dir }
+        .expect("the start task")?;
+        Ok(Daemon { process, addr, dir })
     }
 
     pub async fn client(&self) -> RpcClient {
@@ -119,6 +131,11 @@ impl Daemon {
 
     pub fn is_running(&mut self) -> bool {
         self.process.alive()
+    }
+
+    /// File descriptors the daemon holds open.
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.process.pid())).map_or(0, |d| d.count())
     }
 }
 

@@ -35,6 +35,9 @@ use crate::sync::lock;
 /// Subscriptions one subscriber may hold; past this `subscribe` fails, so a
 /// plugin or a peer cannot grow the bus without bound.
 pub const MAX_SUBSCRIPTIONS: usize = 1024;
+/// Subscribers at once (plugins, peers, sockets): each has a queue and a
+/// task, and a stream subscriber a connection.
+pub const MAX_SUBSCRIBERS: usize = 1024;
 
 /// Headers the bus sets on every event; anything a plugin put under these
 /// names is replaced.
@@ -96,6 +99,8 @@ pub trait Sink: Send + 'static {
 pub enum BusError {
     #[error("{id} holds {MAX_SUBSCRIPTIONS} subscriptions already")]
     TooManySubscriptions { id: String },
+    #[error("{MAX_SUBSCRIBERS} subscribers already; {id} is refused (unsubscribe some first)")]
+    TooManySubscribers { id: String },
     #[error("{id} subscribes to nothing; subscribe first")]
     NotSubscribed { id: String },
     #[error(transparent)]
@@ -286,6 +291,9 @@ impl Bus {
             }
             subs.push(subscription);
             return Ok(());
+        }
+        if current.len() >= MAX_SUBSCRIBERS {
+            return Err(BusError::TooManySubscribers { id: id.to_string() });
         }
         let (tx, rx) = mpsc::channel(self.queue);
         let counters = Arc::new(Counters::default());

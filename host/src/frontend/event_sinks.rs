@@ -19,28 +19,47 @@ use crate::runtime::Event;
 const TCP_TIMEOUT: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// Subscribes `socket` to `event` (`NAME`, `ALL` or `CUSTOM:SUBCLASS`).
-pub fn subscribe(
-    bus: &Arc<Bus>,
-    socket: &EventSocket,
-    name: &str,
-    subclass: Option<&str>,
-    expire: Option<Duration>,
-) -> Result<(), BusError> {
-    bus.subscribe(&socket.id(), || sink(socket, bus), name, subclass, expire)
+/// The daemon's event_datagram and event_stream subscribers. Every UDP
+/// subscriber sends through one socket per address family, so a thousand
+/// subscribers cost two file descriptors, not a thousand.
+#[derive(Default)]
+pub struct EventSinks {
+    v4: tokio::sync::OnceCell<Arc<UdpSocket>>,
+    v6: tokio::sync::OnceCell<Arc<UdpSocket>>,
 }
 
-fn sink(socket: &EventSocket, bus: &Arc<Bus>) -> Box<dyn Sink> {
-    match socket {
-        EventSocket::Udp(addr) => Box::new(UdpSink { addr: *addr, socket: None }),
-        EventSocket::Tcp { addr, method } => Box::new(TcpSink {
-            addr: *addr,
-            method: method.clone(),
-            bus: Arc::downgrade(bus),
-            stream: None,
-            backoff: Duration::from_millis(100),
-            retry_at: tokio::time::Instant::now(),
-        }),
+impl EventSinks {
+    /// Subscribes `socket` to `name` (`NAME`, `ALL` or `CUSTOM` with
+    /// `subclass`).
+    pub fn subscribe(
+        self: &Arc<Self>,
+        bus: &Arc<Bus>,
+        socket: &EventSocket,
+        name: &str,
+        subclass: Option<&str>,
+        expire: Option<Duration>,
+    ) -> Result<(), BusError> {
+        bus.subscribe(&socket.id(), || self.sink(socket, bus), name, subclass, expire)
+    }
+
+    fn sink(self: &Arc<Self>, socket: &EventSocket, bus: &Arc<Bus>) -> Box<dyn Sink> {
+        match socket {
+            EventSocket::Udp(addr) => Box::new(UdpSink { addr: *addr, sinks: self.clone() }),
+            EventSocket::Tcp { addr, method } => Box::new(TcpSink {
+                addr: *addr,
+                method: method.clone(),
+                bus: Arc::downgrade(bus),
+                stream: None,
+                backoff: Duration::from_millis(100),
+                retry_at: tokio::time::Instant::now(),
+            }),
+        }
+    }
+
+    /// The shared socket for `addr`'s family, bound on first use.
+    async fn socket(&self, addr: SocketAddr) -> std::io::Result<Arc<UdpSocket>> {
+        let (cell, local) = if addr.is_ipv6() { (&self.v6, "[::]:0") } else { (&self.v4, "0.0.0.0:0") };
+        cell.get_or_try_init(|| async { UdpSocket::bind(local).await.map(Arc::new) }).await.cloned()
     }
 }
 
@@ -48,23 +67,19 @@ fn sink(socket: &EventSocket, bus: &Arc<Bus>) -> Box<dyn Sink> {
 /// waited for, briefly (the task is this peer's alone).
 struct UdpSink {
     addr: SocketAddr,
-    socket: Option<UdpSocket>,
+    sinks: Arc<EventSinks>,
 }
 
 #[async_trait::async_trait]
 impl Sink for UdpSink {
     async fn deliver(&mut self, event: &Event) -> bool {
-        if self.socket.is_none() {
-            let local = if self.addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
-            match UdpSocket::bind(local).await {
-                Ok(socket) => self.socket = Some(socket),
-                Err(e) => {
-                    tracing::error!(addr = %self.addr, error = %e, "cannot open a UDP socket for event delivery");
-                    return false;
-                }
+        let socket = match self.sinks.socket(self.addr).await {
+            Ok(socket) => socket,
+            Err(e) => {
+                tracing::error!(addr = %self.addr, error = %e, "cannot open a UDP socket for event delivery");
+                return false;
             }
-        }
-        let Some(socket) = &self.socket else { return false };
+        };
         let payload = notification(event, None);
         let send = socket.send_to(&payload, self.addr);
         matches!(tokio::time::timeout(Duration::from_millis(100), send).await, Ok(Ok(_)))

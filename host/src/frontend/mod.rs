@@ -80,6 +80,8 @@ pub struct Context {
     pub logs: Arc<LogHub>,
     /// Every front-end's metrics, for `/metrics`.
     pub metrics: Arc<Registry>,
+    /// External event subscribers (event_datagram, event_stream).
+    pub sinks: Arc<event_sinks::EventSinks>,
     /// Cancelled when the daemon stops.
     pub shutdown: CancellationToken,
 }

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,11 +52,16 @@ pub async fn serve(listener: std::net::TcpListener, s: Arc<Server>, metrics: Arc
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
         let (s, metrics, token) = (s.clone(), metrics.clone(), token.clone());
+        // Only a peer that got past the token makes the daemon tell its
+        // subscribers it went away: 401s cannot be turned into a flood of
+        // E_CORE_TCP_DISCONNECT events.
+        let authorized = Arc::new(AtomicBool::new(token.is_none()));
         tokio::spawn(async move {
             let bus = s.dispatcher.bus().clone();
+            let seen = authorized.clone();
             let service = service_fn(move |req| {
-                let (s, metrics, token) = (s.clone(), metrics.clone(), token.clone());
-                async move { Ok::<_, Infallible>(respond(&s, &metrics, token.as_deref(), req).await) }
+                let (s, metrics, token, seen) = (s.clone(), metrics.clone(), token.clone(), seen.clone());
+                async move { Ok::<_, Infallible>(respond(&s, &metrics, token.as_deref(), &seen, req).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -64,7 +70,9 @@ pub async fn serve(listener: std::net::TcpListener, s: Arc<Server>, metrics: Arc
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "rpc connection ended with an error");
             }
-            crate::frontend::disconnected(&bus, local, Some(peer), "tcp");
+            if authorized.load(Relaxed) {
+                crate::frontend::disconnected(&bus, local, Some(peer), "tcp");
+            }
             drop(permit);
         });
     }
@@ -86,9 +94,17 @@ fn authorized(token: Option<&str>, req: &Request<Incoming>) -> bool {
     })
 }
 
-async fn respond(s: &Server, metrics: &Registry, token: Option<&str>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(
+    s: &Server,
+    metrics: &Registry,
+    token: Option<&str>,
+    seen: &AtomicBool,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     const JSON: &str = "application/json";
-    if !authorized(token, &req) {
+    if authorized(token, &req) {
+        seen.store(true, Relaxed);
+    } else {
         return reply(
             StatusCode::UNAUTHORIZED,
             JSON,

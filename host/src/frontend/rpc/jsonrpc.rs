@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 use crate::bus::{split_event, FilterChange, FilterError};
 use crate::config::{CodeSource, EventSocket, PluginDef, RpcSettings};
 use crate::dispatcher::{DispatchError, Dispatcher};
-use crate::frontend::event_sinks;
+use crate::frontend::event_sinks::EventSinks;
 use crate::runtime::{Origin, Request};
 
 /// What the methods answer with: the dispatcher, and the settings that
@@ -24,6 +24,7 @@ use crate::runtime::{Origin, Request};
 pub struct Server {
     pub dispatcher: Arc<Dispatcher>,
     pub settings: RpcSettings,
+    pub sinks: Arc<EventSinks>,
 }
 
 /// A plugin given by path over RPC may come only from the plugin
@@ -333,7 +334,8 @@ async fn call(s: &Server, method: &str, p: Params) -> Result<Value, RpcError> {
                 d.bus().unsubscribe(&socket.id(), name, subclass);
             } else {
                 let expire = Some(std::time::Duration::from_secs(expire as u64));
-                event_sinks::subscribe(d.bus(), &socket, name, subclass, expire)
+                s.sinks
+                    .subscribe(d.bus(), &socket, name, subclass, expire)
                     .map_err(|e| RpcError::new(400, e.to_string()))?;
             }
             Ok(Value::String("OK".into()))
@@ -448,7 +450,7 @@ mod tests {
         let runtime = Runtime::new(config.engine.clone(), None).expect("the engine builds");
         let d = Dispatcher::start(runtime, &config).await.expect("an empty dispatcher starts");
         crate::builtins::install(&d).await.expect("the built-in commands install");
-        Server { dispatcher: d, settings: RpcSettings::none() }
+        Server { dispatcher: d, settings: RpcSettings::none(), sinks: Arc::default() }
     }
 
     /// The answer the general path gives.

@@ -24,7 +24,11 @@ impl Frontend for Rpc {
         let mut running = Running::new(Self::NAME);
         let error = |e: std::io::Error| FrontendError::new(Self::NAME, e);
         let thread = RpcThread::start().map_err(error)?;
-        let server = Arc::new(jsonrpc::Server { dispatcher: ctx.dispatcher.clone(), settings: settings.clone() });
+        let server = Arc::new(jsonrpc::Server {
+            dispatcher: ctx.dispatcher.clone(),
+            settings: settings.clone(),
+            sinks: ctx.sinks.clone(),
+        });
         if let Some(addr) = settings.listen {
             let listener = http::bind(addr).map_err(error)?;
             let addr = listener.local_addr().unwrap_or(addr);
