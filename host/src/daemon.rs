@@ -5,15 +5,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio_util::sync::CancellationToken;
-
 use crate::bus::log_layer::LogHub;
 use crate::bus::{split_event, BusError};
 use crate::config::Config;
 use crate::dispatcher::{DispatchError, Dispatcher};
 use crate::frontend::erlang::Erlang;
-use crate::frontend::event_sinks::EventSinks;
-use crate::frontend::metrics::Registry;
 use crate::frontend::rpc::Rpc;
 use crate::frontend::udp::Udp;
 use crate::frontend::{launch, Context, FrontendError};
@@ -52,19 +48,11 @@ pub async fn run(config: Config, origin: &str, logs: Arc<LogHub>) -> Result<(), 
     if let Some(level) = config.events.log {
         logs.enable(Arc::downgrade(d.bus()), level);
     }
-    let sinks = Arc::new(EventSinks::default());
+    let ctx = Context::new(d.clone(), logs);
     for (event, socket) in &config.events.subscribe {
         let (name, subclass) = split_event(event);
-        sinks.subscribe(d.bus(), socket, name, subclass, None)?;
+        ctx.sinks.subscribe(d.bus(), socket, name, subclass, None)?;
     }
-
-    let ctx = Context {
-        dispatcher: d.clone(),
-        logs,
-        metrics: Arc::new(Registry::default()),
-        sinks,
-        shutdown: CancellationToken::new(),
-    };
     let rpc = &config.rpc;
     // One line per front-end. The RPC listener comes last: once it answers,
     // the daemon is ready (and Erlang peers can find the node).

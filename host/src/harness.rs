@@ -18,14 +18,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::bus::log_layer::LogHub;
 use crate::bus::{split_event, BusError, Sink};
 use crate::config::{Config, ConfigError};
 use crate::daemon::{self, DaemonError};
 use crate::dispatcher::Dispatcher;
-use crate::frontend::metrics::Registry;
 use crate::frontend::{launch, udp::Udp, Context, Running};
 use crate::runtime::Event;
 
@@ -82,13 +80,7 @@ impl TestHost {
         let mut config = Config::parse(&with_plugin_paths(config), "(test)", Path::new("."))?;
         config.cache_dir = None;
         let dispatcher = daemon::start(&config).await?;
-        let ctx = Context {
-            dispatcher: dispatcher.clone(),
-            logs: LogHub::new(),
-            metrics: Arc::new(Registry::default()),
-            sinks: Arc::default(),
-            shutdown: CancellationToken::new(),
-        };
+        let ctx = Context::new(dispatcher.clone(), LogHub::new());
         let mut frontends = Vec::new();
         frontends.extend(launch::<Udp>((!config.udp.is_empty()).then(|| config.udp.clone()), &ctx).await?);
         Ok(TestHost { dispatcher, ctx, frontends })

@@ -21,6 +21,13 @@ pub trait Command: Send + Sync + 'static {
 #[error("{0}")]
 pub struct CommandError(pub String);
 
+/// Who answers a command.
+enum Provider {
+    Host { run: Arc<dyn Command>, admin: bool },
+    Plugin(Arc<super::Slot>),
+    None,
+}
+
 /// A registered host command.
 #[derive(Clone)]
 pub struct HostCommand {
@@ -58,16 +65,23 @@ impl Dispatcher {
     /// Runs an API command: the host's or a plugin's. `depth` counts nested
     /// command calls.
     pub async fn run_command(&self, command: &str, args: &str, depth: u32) -> Result<String, DispatchError> {
-        let (host, slot) = {
-            let table = self.table.load();
-            (table.spec.host_commands.get(command).map(|c| c.run.clone()), table.commands.get(command).cloned())
-        };
-        if let Some(run) = host {
-            return Ok(run.run(args).await?);
+        match self.provider(command) {
+            Provider::Host { run, .. } => Ok(run.run(args).await?),
+            Provider::Plugin(slot) => {
+                let (result, _) = slot.current().execute(command, args, depth).await;
+                result.map_err(|e| DispatchError::Call(Box::new(e)))
+            }
+            Provider::None => Err(DispatchError::CommandNotFound(command.to_string())),
         }
-        let Some(slot) = slot else { return Err(DispatchError::CommandNotFound(command.to_string())) };
-        let (result, _) = slot.current().execute(command, args, depth).await;
-        result.map_err(|e| DispatchError::Call(Box::new(e)))
+    }
+
+    /// Who answers `command`: the host first, then a plugin.
+    fn provider(&self, command: &str) -> Provider {
+        let table = self.table.load();
+        if let Some(host) = table.spec.host_commands.get(command) {
+            return Provider::Host { run: host.run.clone(), admin: host.admin };
+        }
+        table.commands.get(command).map_or(Provider::None, |slot| Provider::Plugin(slot.clone()))
     }
 
     /// Runs a command a plugin called (`commands.call`). The rule: a plugin
@@ -83,25 +97,24 @@ impl Dispatcher {
         depth: u32,
     ) -> Result<String, HostError> {
         let not_found = || HostError::NotFound(format!("no command `{command}`"));
-        let (host, slot) = {
-            let table = self.table.load();
-            (table.spec.host_commands.get(command).cloned(), table.commands.get(command).cloned())
+        let slot = match self.provider(command) {
+            Provider::Host { run, admin } => {
+                if !caller.host_commands.iter().any(|c| c == command) {
+                    return Err(HostError::Denied(format!(
+                        "plugin `{}` is not granted the host command `{command}` (see host_commands)",
+                        caller.name
+                    )));
+                }
+                if admin && self.admin.try_lock().is_err() {
+                    return Err(HostError::Failed(format!(
+                        "`{command}` waits for the admin lock, and an admin change is running: a plugin never waits on it"
+                    )));
+                }
+                return run.run(args).await.map_err(|e| HostError::Failed(e.0));
+            }
+            Provider::Plugin(slot) => slot,
+            Provider::None => return Err(not_found()),
         };
-        if let Some(host) = host {
-            if !caller.host_commands.iter().any(|c| c == command) {
-                return Err(HostError::Denied(format!(
-                    "plugin `{}` is not granted the host command `{command}` (see host_commands)",
-                    caller.name
-                )));
-            }
-            if host.admin && self.admin.try_lock().is_err() {
-                return Err(HostError::Failed(format!(
-                    "`{command}` waits for the admin lock, and an admin change is running: a plugin never waits on it"
-                )));
-            }
-            return host.run.run(args).await.map_err(|e| HostError::Failed(e.0));
-        }
-        let slot = slot.ok_or_else(not_found)?;
         let version = slot.current();
         if version.spec.tenant != caller.tenant {
             return Err(not_found());

@@ -87,6 +87,11 @@ pub struct Context {
 }
 
 impl Context {
+    /// A context for `dispatcher`'s front-ends, feeding `logs`' taps.
+    pub fn new(dispatcher: Arc<Dispatcher>, logs: Arc<LogHub>) -> Context {
+        Context { dispatcher, logs, metrics: Arc::default(), sinks: Arc::default(), shutdown: CancellationToken::new() }
+    }
+
     pub fn bus(&self) -> &Arc<Bus> {
         self.dispatcher.bus()
     }
