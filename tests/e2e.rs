@@ -11,4 +11,9 @@ mod e2e {
     pub mod rpc;
     pub mod sandbox;
     pub mod support;
+    pub mod yate;
 }
+
+/// A fake Yate engine (protocols.md §1), for `e2e::yate` and the bench.
+#[path = "yate/engine.rs"]
+mod engine;

@@ -39,10 +39,19 @@ async fn a_refused_reload_raises_plugin_fail_and_the_old_version_serves_on() {
     let dir = tempfile::tempdir().expect("temp dir");
     let garbage = dir.path().join("garbage.wasm");
     std::fs::write(&garbage, b"not wasm").expect("write");
+    // A component built against the contract before this one.
+    let old = dir.path().join("old.wasm");
+    let old_component = wat::parse_str(r#"(component (import "evrhost:plugin/host@0.1.0" (instance)))"#);
+    std::fs::write(&old, old_component.expect("wat")).expect("write");
     let cases = [
+        (
+            CodeSource::File(old),
+            "it was built for evrhost:plugin@0.1.0 (it names `evrhost:plugin/host@0.1.0`); \
+             this evrhost speaks evrhost:plugin@0.2.0",
+        ),
         (CodeSource::File(garbage), "is not WebAssembly"),
         (CodeSource::File(dir.path().join("missing.wasm")), "cannot read"),
-        (CodeSource::File(plugin("timer")), "does not export `evrhost:plugin/route@0.1.0`, which route `echo` needs"),
+        (CodeSource::File(plugin("timer")), "does not export `evrhost:plugin/route@0.2.0`, which route `echo` needs"),
     ];
     for (code, expected) in cases {
         let Err(err) = d.reload("echo", Some(code)).await else { panic!("a bad version must be refused") };
@@ -76,7 +85,13 @@ impl RemoteHandler for Fixed {
         if self.name.contains("broken") {
             return Err(RemoteError("the peer is gone".into()));
         }
-        Ok(Reply { handled: self.handled, retval: self.name.clone(), params: Vec::new(), data: None })
+        Ok(Reply {
+            handled: self.handled,
+            retval: self.name.clone(),
+            params: Vec::new(),
+            unset: Vec::new(),
+            data: None,
+        })
     }
 }
 

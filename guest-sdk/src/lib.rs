@@ -59,12 +59,13 @@ pub mod __bindings {
                     export_macro_name: $macro_name,
                     default_bindings_module: $bindings,
                     with: {
-                        "evrhost:plugin/types@0.1.0": crate::__bindings::imports::evrhost::plugin::types,
-                        "evrhost:plugin/host@0.1.0": crate::__bindings::imports::evrhost::plugin::host,
-                        "evrhost:plugin/kv@0.1.0": crate::__bindings::imports::evrhost::plugin::kv,
-                        "evrhost:plugin/events@0.1.0": crate::__bindings::imports::evrhost::plugin::events,
-                        "evrhost:plugin/commands@0.1.0": crate::__bindings::imports::evrhost::plugin::commands,
-                        "evrhost:plugin/fetch@0.1.0": crate::__bindings::imports::evrhost::plugin::fetch,
+                        "evrhost:plugin/types@0.2.0": crate::__bindings::imports::evrhost::plugin::types,
+                        "evrhost:plugin/host@0.2.0": crate::__bindings::imports::evrhost::plugin::host,
+                        "evrhost:plugin/kv@0.2.0": crate::__bindings::imports::evrhost::plugin::kv,
+                        "evrhost:plugin/events@0.2.0": crate::__bindings::imports::evrhost::plugin::events,
+                        "evrhost:plugin/commands@0.2.0": crate::__bindings::imports::evrhost::plugin::commands,
+                        "evrhost:plugin/fetch@0.2.0": crate::__bindings::imports::evrhost::plugin::fetch,
+                        "evrhost:plugin/messages@0.2.0": crate::__bindings::imports::evrhost::plugin::messages,
                     },
                 });
             }
@@ -79,7 +80,9 @@ pub mod __bindings {
 
 use __bindings::imports::evrhost::plugin as wit;
 
-pub use wit::types::{CommandInfo, Event, Headers, HostError, Level, Origin, Peer, Reply, Request};
+pub use wit::types::{
+    Answer, CommandInfo, Event, Headers, HostError, Level, Message, MessageInfo, Origin, Peer, Reply, Request,
+};
 
 /// Offers API commands. Export with `export!(T: api)`.
 pub use __bindings::api::exports::evrhost::plugin::api::Guest as Api;
@@ -161,12 +164,21 @@ impl Request {
     pub fn param(&self, name: &str) -> Option<&str> {
         header(&self.params, name)
     }
+
+    /// The Yate message this request carries (its name, id, time and
+    /// return value so far); `None` for other front-ends.
+    pub fn message(&self) -> Option<&MessageInfo> {
+        match &self.origin {
+            Origin::Yate(info) => Some(info),
+            _ => None,
+        }
+    }
 }
 
 impl Reply {
     /// A reply that stops dispatch of the route.
     pub fn handled() -> Self {
-        Reply { handled: true, retval: String::new(), params: Vec::new(), data: None }
+        Reply { handled: true, retval: String::new(), params: Vec::new(), unset: Vec::new(), data: None }
     }
 
     /// A reply that lets the route's next handler run.
@@ -179,8 +191,16 @@ impl Reply {
         self
     }
 
+    /// Sets a parameter (for Yate: of the message being answered).
     pub fn param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.params.push((name.into(), value.into()));
+        self
+    }
+
+    /// Deletes a parameter of the message being answered (Yate's bare
+    /// `key`); other front-ends ignore it.
+    pub fn unset(mut self, name: impl Into<String>) -> Self {
+        self.unset.push(name.into());
         self
     }
 
@@ -303,6 +323,56 @@ pub mod events {
     /// `add Event-Subclass /^acme::/`, `add Caller -spam`, `delete all`.
     pub fn filter(command: &str) -> Result<String, HostError> {
         events::filter(command)
+    }
+}
+
+impl Message {
+    pub fn new(name: impl Into<String>) -> Self {
+        Message { name: name.into(), retvalue: String::new(), params: Vec::new() }
+    }
+
+    pub fn retvalue(mut self, retvalue: impl Into<String>) -> Self {
+        self.retvalue = retvalue.into();
+        self
+    }
+
+    pub fn param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.params.push((name.into(), value.into()));
+        self
+    }
+}
+
+impl Answer {
+    /// A parameter of the answered message (ASCII case-insensitive).
+    pub fn param(&self, name: &str) -> Option<&str> {
+        header(&self.params, name)
+    }
+}
+
+/// Messages to the telephony engine evrhost is a module of (Yate).
+///
+/// ```no_run
+/// use evrhost_sdk::{messages, Message};
+///
+/// let answer = messages::dispatch(&Message::new("chan.masquerade").param("id", "sip/1")).unwrap();
+/// if answer.handled {
+///     evrhost_sdk::log::info(&format!("done: {}", answer.retvalue));
+/// }
+/// messages::enqueue(&Message::new("call.drop").param("id", "sip/2")).unwrap();
+/// ```
+pub mod messages {
+    use super::{wit::messages, Answer, HostError, Message};
+
+    /// Dispatches `message` in the engine and waits for its answer.
+    /// [`HostError::NotFound`] when no engine is attached,
+    /// [`HostError::Failed`] when it does not answer in time.
+    pub fn dispatch(message: &Message) -> Result<Answer, HostError> {
+        messages::dispatch(message)
+    }
+
+    /// Enqueues `message` in the engine; no answer comes back.
+    pub fn enqueue(message: &Message) -> Result<(), HostError> {
+        messages::enqueue(message)
     }
 }
 

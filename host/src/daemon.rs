@@ -12,6 +12,7 @@ use crate::dispatcher::{DispatchError, Dispatcher};
 use crate::frontend::erlang::Erlang;
 use crate::frontend::rpc::Rpc;
 use crate::frontend::udp::Udp;
+use crate::frontend::yate::Yate;
 use crate::frontend::{launch, Context, FrontendError};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::{builtins, exec, housekeeping};
@@ -59,6 +60,7 @@ pub async fn run(config: Config, origin: &str, logs: Arc<LogHub>) -> Result<(), 
     let frontends = [
         launch::<Udp>((!config.udp.is_empty()).then(|| config.udp.clone()), &ctx).await?,
         launch::<Erlang>(config.erlang.clone(), &ctx).await?,
+        launch::<Yate>(config.yate.clone(), &ctx).await?,
         launch::<Rpc>((rpc.listen.is_some() || rpc.unix.is_some()).then(|| rpc.clone()), &ctx).await?,
     ];
     let tasks = exec::Tasks::start(&d, &config.exec);
@@ -73,7 +75,7 @@ pub async fn run(config: Config, origin: &str, logs: Arc<LogHub>) -> Result<(), 
     }
     tracing::info!(ms = started.elapsed().as_secs_f64() * 1e3, "ready");
 
-    wait_for_shutdown(&d).await?;
+    wait_for_shutdown(&d, &ctx.shutdown).await?;
     ctx.shutdown.cancel();
     let stop = async {
         for frontend in frontends.into_iter().rev().flatten() {
@@ -93,10 +95,14 @@ pub async fn run(config: Config, origin: &str, logs: Arc<LogHub>) -> Result<(), 
 /// never yields, a reload stuck on a slow disk) is left to process exit.
 const STOP_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Returns on SIGINT or SIGTERM; SIGHUP reloads every plugin from where it
+/// Returns on SIGINT or SIGTERM, or when a front-end asks (`shutdown`
+/// cancelled: Yate closed the pipes of the evrhost it spawned); SIGHUP reloads every plugin from where it
 /// was loaded (an unchanged one comes from the compiled cache), in a task
 /// of its own, so that a slow reload never delays a stop.
-async fn wait_for_shutdown(d: &Arc<Dispatcher>) -> Result<(), DaemonError> {
+async fn wait_for_shutdown(
+    d: &Arc<Dispatcher>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<(), DaemonError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -105,6 +111,7 @@ async fn wait_for_shutdown(d: &Arc<Dispatcher>) -> Result<(), DaemonError> {
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(()),
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading every plugin");
                 let d = d.clone();

@@ -81,8 +81,24 @@ fn parse_param(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("`{s}`: expected NAME=VALUE"))
 }
 
+/// Yate starts a script with one argument at most (`execl(script, script,
+/// arg)`): `evrhost CONFIG.toml` is `evrhost run -c CONFIG.toml`, so an
+/// `extmodule.conf` `[scripts]` line can name evrhost and its config.
+fn args() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let [_, only] = args.as_slice() {
+        let path = Path::new(only);
+        if path.extension().is_some_and(|e| e == "toml") {
+            let config = only.clone();
+            args.truncate(1);
+            args.extend(["run".into(), "-c".into(), config]);
+        }
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(args());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -29,7 +29,7 @@ fn call_refuses_a_plugin_without_a_route_export() {
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr)
-            .contains("plugin `timer` does not export `evrhost:plugin/route@0.1.0`, which route `tick` needs"),
+            .contains("plugin `timer` does not export `evrhost:plugin/route@0.2.0`, which route `tick` needs"),
         "{}",
         text(&out.stderr)
     );
@@ -41,12 +41,12 @@ fn inspect_shows_exports_imports_and_commands() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(stdout.contains("exports:  route, api"), "{stdout}");
-    assert!(stdout.contains("evrhost:plugin/kv@0.1.0"), "{stdout}");
+    assert!(stdout.contains("evrhost:plugin/kv@0.2.0"), "{stdout}");
     assert!(stdout.contains("counter.get KEY"), "{stdout}");
     let out = evrhost(&["inspect", plugin("timer").to_str().expect("utf-8")]);
     let stdout = text(&out.stdout);
     assert!(stdout.contains("exports:  task"), "{stdout}");
-    assert!(!stdout.contains("evrhost:plugin/kv@0.1.0"), "timer imports no kv: {stdout}");
+    assert!(!stdout.contains("evrhost:plugin/kv@0.2.0"), "timer imports no kv: {stdout}");
 }
 
 #[test]

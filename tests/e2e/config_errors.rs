@@ -51,7 +51,7 @@ fn a_route_bound_to_a_plugin_without_the_export_is_refused() {
         check("[[plugin]]\nname = \"timer\"\npath = \"{timer}\"\n[[route]]\nname = \"tick\"\nplugin = \"timer\"\n");
     assert!(!ok);
     assert!(
-        stderr.contains("plugin `timer` does not export `evrhost:plugin/route@0.1.0`, which route `tick` needs"),
+        stderr.contains("plugin `timer` does not export `evrhost:plugin/route@0.2.0`, which route `tick` needs"),
         "{stderr}"
     );
 }

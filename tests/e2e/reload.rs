@@ -97,7 +97,7 @@ async fn a_bad_version_is_refused_and_the_old_one_serves_on() {
         (truncated.display().to_string(), "cannot compile".to_string()),
         (
             path("timer"),
-            "plugin `echo` does not export `evrhost:plugin/route@0.1.0`, which route `echo` needs".to_string(),
+            "plugin `echo` does not export `evrhost:plugin/route@0.2.0`, which route `echo` needs".to_string(),
         ),
         (dir.join("missing.wasm").display().to_string(), "cannot read".to_string()),
     ];

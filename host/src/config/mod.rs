@@ -2,7 +2,7 @@
 //! whole before anything runs. Every error names the file, the line and
 //! the key at fault. One file per section: `runtime.rs`, `tenant.rs`,
 //! `plugin.rs`, `route.rs`, `exec.rs` (tasks and UDP sockets), `rpc.rs`,
-//! `events.rs`, `erlang.rs`; `checker.rs` says where a bad value is.
+//! `events.rs`, `erlang.rs`, `yate.rs`; `checker.rs` says where a bad value is.
 //!
 //! Config types sit below the parts that use them: the runtime's types
 //! are filled in here, and the bus, the dispatcher and the front-ends read
@@ -28,6 +28,7 @@ mod route;
 mod rpc;
 mod runtime;
 mod tenant;
+mod yate;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -40,7 +41,8 @@ pub use exec::{parse_sockaddr, ExecDef, UdpDef, DEFAULT_COALESCE_US};
 pub use plugin::{CodeSource, PluginDef, BUILTIN_PLUGINS, MAX_PLUGIN_BYTES};
 pub use route::RouteDef;
 pub use rpc::{RpcSettings, DEFAULT_RPC_LISTEN};
-pub use tenant::{EventAcl, Tenant};
+pub use tenant::{EventAcl, NameAcl, Tenant};
+pub use yate::{YateConnect, YateInstall, YateSettings, YATE_DEFAULT_BUFSIZE};
 
 use crate::runtime::EngineSettings;
 use checker::Checker;
@@ -86,6 +88,8 @@ pub struct Config {
     pub events: EventsSettings,
     /// None: no Erlang front-end.
     pub erlang: Option<ErlangSettings>,
+    /// None: not a Yate module.
+    pub yate: Option<YateSettings>,
 }
 
 /// The file's shape; each section is checked in its own module.
@@ -107,6 +111,7 @@ struct File {
     #[serde(default)]
     events: events::EventsSection,
     erlang: Option<erlang::ErlangSection>,
+    yate: Option<yate::YateSection>,
 }
 
 impl Config {
@@ -156,6 +161,10 @@ impl Config {
         let served: HashSet<&str> =
             routes.iter().map(|r| r.name.as_str()).chain(erlang_routes.iter().map(|r| r.route.as_str())).collect();
         let (exec, udp) = exec::check(&ck, &raw.exec, &names, &served)?;
+        let yate = match &raw.yate {
+            Some(section) => Some(yate::check(&ck, section, base, &served)?),
+            None => None,
+        };
         let plugin_paths: Vec<&Path> = plugins
             .iter()
             .filter_map(|p| match &p.code {
@@ -168,7 +177,7 @@ impl Config {
             Some(section) => Some(erlang::check(&ck, section, base, erlang_routes)?),
             None => None,
         };
-        Ok(Config { engine, cache_dir, tenants, plugins, routes, exec, udp, rpc, events, erlang })
+        Ok(Config { engine, cache_dir, tenants, plugins, routes, exec, udp, rpc, events, erlang, yate })
     }
 }
 

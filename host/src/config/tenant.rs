@@ -1,5 +1,5 @@
-//! `[[tenant]]`: each tenant's kv limits and which events its plugins may
-//! fire and subscribe to.
+//! `[[tenant]]`: each tenant's kv limits, which events its plugins may
+//! fire and subscribe to, and which messages they may send to an engine.
 
 use std::collections::HashMap;
 
@@ -19,6 +19,7 @@ pub(super) struct TenantSection {
     kv_max_value_bytes: Option<Spanned<usize>>,
     events_fire: Option<Vec<String>>,
     events_subscribe: Option<Vec<String>>,
+    messages: Option<Vec<Spanned<String>>>,
 }
 
 /// A tenant: its kv limits and which events its plugins may fire and
@@ -28,6 +29,8 @@ pub struct Tenant {
     pub kv: KvLimits,
     pub fire: EventAcl,
     pub subscribe: EventAcl,
+    /// Message names its plugins may send to an engine (`messages`).
+    pub messages: NameAcl,
 }
 
 impl Tenant {
@@ -37,6 +40,7 @@ impl Tenant {
             kv: KvLimits::default(),
             fire: EventAcl::new(vec!["ALL".into()]),
             subscribe: EventAcl::new(vec!["ALL".into()]),
+            messages: NameAcl::all(),
         }
     }
 
@@ -44,7 +48,7 @@ impl Tenant {
     /// subclasses: `CUSTOM:<tenant>::…`.
     fn named(name: &str) -> Tenant {
         let own = EventAcl::new(vec![format!("CUSTOM:{name}::")]);
-        Tenant { kv: KvLimits::default(), fire: own.clone(), subscribe: own }
+        Tenant { kv: KvLimits::default(), fire: own.clone(), subscribe: own, messages: NameAcl::default() }
     }
 }
 
@@ -74,6 +78,27 @@ impl EventAcl {
     }
 }
 
+/// Names a tenant may use: `ALL`, an exact name, or `PREFIX*` for every
+/// name starting with PREFIX. Empty (a named tenant's default): none.
+#[derive(Clone, Debug, Default)]
+pub struct NameAcl {
+    entries: Vec<String>,
+}
+
+impl NameAcl {
+    pub fn all() -> NameAcl {
+        NameAcl { entries: vec!["ALL".into()] }
+    }
+
+    pub fn allows(&self, name: &str) -> bool {
+        self.entries.iter().any(|e| match e.strip_suffix('*') {
+            _ if e == "ALL" => true,
+            Some(prefix) => name.starts_with(prefix),
+            None => e == name,
+        })
+    }
+}
+
 /// Every tenant by name; `default` always exists.
 pub(super) fn check(ck: &Checker, sections: &[TenantSection]) -> Result<HashMap<String, Tenant>, ConfigError> {
     let mut tenants = HashMap::new();
@@ -94,7 +119,26 @@ pub(super) fn check(ck: &Checker, sections: &[TenantSection]) -> Result<HashMap<
                 .unwrap_or(d.max_value_bytes),
         };
         let fallback = if name == "default" { Tenant::default_tenant() } else { Tenant::named(name) };
+        let messages = match &t.messages {
+            None => fallback.messages,
+            Some(list) => {
+                let mut entries = Vec::with_capacity(list.len());
+                for m in list {
+                    let e = m.get_ref();
+                    if e.is_empty() || e.len() > 128 || e.bytes().any(|b| b < 0x21 || b == b':') {
+                        return Err(ck.at(
+                            m,
+                            "tenant.messages",
+                            "a message name or `PREFIX*`: 1-128 bytes, no blanks, no `:`",
+                        ));
+                    }
+                    entries.push(e.clone());
+                }
+                NameAcl { entries }
+            }
+        };
         let tenant = Tenant {
+            messages,
             kv,
             fire: t.events_fire.clone().map_or(fallback.fire, EventAcl::new),
             subscribe: t.events_subscribe.clone().map_or(fallback.subscribe, EventAcl::new),

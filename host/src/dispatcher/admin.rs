@@ -63,7 +63,7 @@ impl Dispatcher {
         // routes and tasks need, and command names.
         let rebuilt = Table::build(table.spec.clone(), Some((name, &new))).inspect_err(|e| refused(e))?;
         slot.current.store(new.clone());
-        self.table.store(Arc::new(rebuilt));
+        self.publish(rebuilt);
         slot.swapped.notify_waiters();
         *lock(&slot.code) = code;
         slot.reloads.fetch_add(1, Relaxed);
@@ -94,7 +94,7 @@ impl Dispatcher {
         self.plugin_event("PLUGIN_LOAD", &name, version.short_hash());
         let mut spec = table.spec.clone();
         spec.plugins.insert(name.clone(), Arc::new(Slot::new(&name, version.clone(), def.code.clone(), stats)));
-        self.table.store(Arc::new(Table::build(spec, None)?));
+        self.publish(Table::build(spec, None)?);
         tracing::info!(plugin = %name, source = %def.code.describe(), "plugin loaded");
         Ok(version)
     }
@@ -115,7 +115,7 @@ impl Dispatcher {
         let (dropped, kept): (Vec<RouteDef>, Vec<RouteDef>) =
             spec.route_defs.iter().cloned().partition(|r| r.plugin == name);
         spec.route_defs = kept;
-        self.table.store(Arc::new(Table::build(spec, None)?));
+        self.publish(Table::build(spec, None)?);
         if let Some(slot) = removed {
             slot.swapped.notify_waiters();
         }
@@ -125,13 +125,42 @@ impl Dispatcher {
         Ok(routes)
     }
 
+    /// Binds a plugin to a route (a new route, or one more handler of one),
+    /// as a `[[route]]` entry does; refused if the plugin lacks `route`.
+    pub async fn add_route(&self, def: RouteDef) -> Result<(), DispatchError> {
+        let _admin = self.admin.lock().await;
+        let mut spec = self.table.load().spec.clone();
+        if spec.route_defs.iter().any(|r| r.name == def.name && r.plugin == def.plugin) {
+            return Err(DispatchError::RouteExists { route: def.name, plugin: def.plugin });
+        }
+        tracing::info!(route = %def.name, plugin = %def.plugin, priority = def.priority, "route added");
+        spec.route_defs.push(def);
+        self.publish(Table::build(spec, None)?);
+        Ok(())
+    }
+
+    /// Unbinds a plugin from a route; the route goes when its last
+    /// handler does.
+    pub async fn remove_route(&self, route: &str, plugin: &str) -> Result<(), DispatchError> {
+        let _admin = self.admin.lock().await;
+        let mut spec = self.table.load().spec.clone();
+        let before = spec.route_defs.len();
+        spec.route_defs.retain(|r| !(r.name == route && r.plugin == plugin));
+        if spec.route_defs.len() == before {
+            return Err(DispatchError::RouteHandlerNotFound { route: route.into(), plugin: plugin.into() });
+        }
+        self.publish(Table::build(spec, None)?);
+        tracing::info!(route, plugin, "route removed");
+        Ok(())
+    }
+
     /// Adds a handler of a route that a front-end owns: it runs in
     /// priority order with the route's plugins, as they do.
     pub async fn add_remote_route(&self, route: RemoteRoute) -> Result<(), DispatchError> {
         let _admin = self.admin.lock().await;
         let mut spec = self.table.load().spec.clone();
         spec.remote_routes.push(route);
-        self.table.store(Arc::new(Table::build(spec, None)?));
+        self.publish(Table::build(spec, None)?);
         Ok(())
     }
 }

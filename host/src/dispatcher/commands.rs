@@ -58,7 +58,7 @@ impl Dispatcher {
         }
         let mut spec: Spec = table.spec.clone();
         spec.host_commands.insert(name, command);
-        self.table.store(Arc::new(Table::build(spec, None)?));
+        self.publish(Table::build(spec, None)?);
         Ok(())
     }
 

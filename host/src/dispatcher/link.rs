@@ -6,13 +6,21 @@ use std::sync::{Arc, Weak};
 
 use super::Dispatcher;
 use crate::bus::{self, log_layer, Caller, Sink};
-use crate::runtime::{Event, Export, FetchQuery, HostError, PluginSpec, Services};
+use crate::runtime::{Answer, Event, Export, FetchQuery, HostError, Message, PluginSpec, Services};
 
 /// Answers plugins' `fetch` import: a front-end that asks the processes
 /// bound to a section.
 #[async_trait::async_trait]
 pub trait Fetcher: Send + Sync + 'static {
     async fn fetch(&self, query: &FetchQuery) -> Result<String, HostError>;
+}
+
+/// Carries plugins' `messages` import to the engine evrhost is a module
+/// of: a front-end.
+#[async_trait::async_trait]
+pub trait MessageEngine: Send + Sync + 'static {
+    async fn dispatch(&self, message: Message) -> Result<Answer, HostError>;
+    fn enqueue(&self, message: Message) -> Result<(), HostError>;
 }
 
 /// The bus id of a plugin as a subscriber.
@@ -48,6 +56,27 @@ pub(super) struct Link(pub(super) Weak<Dispatcher>);
 impl Link {
     fn get(&self) -> Result<Arc<Dispatcher>, HostError> {
         self.0.upgrade().ok_or_else(|| HostError::Failed("evrhost is shutting down".into()))
+    }
+
+    /// The engine, if one is attached and `caller`'s tenant may send it
+    /// a message named so.
+    fn message_engine(&self, caller: &PluginSpec, message: &Message) -> Result<Arc<dyn MessageEngine>, HostError> {
+        let d = self.get()?;
+        if message.name.is_empty() {
+            return Err(HostError::Invalid("a message needs a name".into()));
+        }
+        let tenant =
+            d.tenants.get(&caller.tenant).ok_or_else(|| HostError::Failed("the plugin is not loaded".into()))?;
+        if !tenant.messages.allows(&message.name) {
+            return Err(HostError::Denied(format!(
+                "tenant `{}` may not send messages named `{}`",
+                caller.tenant, message.name
+            )));
+        }
+        d.engine
+            .get()
+            .cloned()
+            .ok_or_else(|| HostError::NotFound("no engine is attached: evrhost is not a module of one".into()))
     }
 }
 
@@ -132,6 +161,15 @@ impl Services for Link {
             HostError::NotFound("no front-end answers fetches: nothing can be bound to a section".into())
         })?;
         fetcher.fetch(&query).await
+    }
+
+    async fn dispatch_message(&self, caller: &PluginSpec, message: Message) -> Result<Answer, HostError> {
+        let engine = self.message_engine(caller, &message)?;
+        engine.dispatch(message).await
+    }
+
+    fn enqueue_message(&self, caller: &PluginSpec, message: Message) -> Result<(), HostError> {
+        self.message_engine(caller, &message)?.enqueue(message)
     }
 
     fn raise(&self, event: Event) {

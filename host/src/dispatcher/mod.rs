@@ -38,7 +38,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 pub use commands::{Command, CommandError, HostCommand};
-pub use link::Fetcher;
+pub use link::{Fetcher, MessageEngine};
 pub use routes::{RemoteError, RemoteHandler};
 pub use table::{Need, RemoteRoute};
 
@@ -62,6 +62,10 @@ pub enum DispatchError {
     PluginNotFound(String),
     #[error("a plugin named `{0}` is already loaded")]
     PluginExists(String),
+    #[error("route `{route}` has plugin `{plugin}` as a handler already")]
+    RouteExists { route: String, plugin: String },
+    #[error("route `{route}` has no handler `{plugin}`")]
+    RouteHandlerNotFound { route: String, plugin: String },
     #[error("plugin `{plugin}` is in use by {by}")]
     InUse { plugin: String, by: String },
     #[error("command `{command}` of plugin `{plugin}` is already offered by `{other}`")]
@@ -162,6 +166,9 @@ pub struct Dispatcher {
     link: Arc<dyn Services>,
     started: Instant,
     fetcher: OnceLock<Arc<dyn Fetcher>>,
+    engine: OnceLock<Arc<dyn MessageEngine>>,
+    /// Bumped each time a table is published.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Dispatcher {
@@ -180,6 +187,8 @@ impl Dispatcher {
             link: Arc::new(link::Link(me.clone())),
             started: Instant::now(),
             fetcher: OnceLock::new(),
+            engine: OnceLock::new(),
+            generation: tokio::sync::watch::Sender::new(0),
         });
         let mut spec = Spec::default();
         for def in &config.plugins {
@@ -198,13 +207,35 @@ impl Dispatcher {
             .map(|e| Need { plugin: e.plugin.clone(), export: Export::Task, by: format!("exec task `{}`", e.name) })
             .collect();
         spec.route_defs = config.routes.clone();
-        dispatcher.table.store(Arc::new(Table::build(spec, None)?));
+        dispatcher.publish(Table::build(spec, None)?);
         Ok(dispatcher)
     }
 
     /// The front-end that answers plugins' `fetch` import.
     pub fn set_fetcher(&self, fetcher: Arc<dyn Fetcher>) {
         let _ = self.fetcher.set(fetcher);
+    }
+
+    /// The front-end that carries plugins' `messages` import to an engine.
+    pub fn set_message_engine(&self, engine: Arc<dyn MessageEngine>) {
+        let _ = self.engine.set(engine);
+    }
+
+    /// Swaps in a new table and tells those watching.
+    fn publish(&self, table: Table) {
+        self.table.store(Arc::new(table));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Changes each time routes, plugins or commands change (a load,
+    /// reload or unload), for front-ends that mirror the routes elsewhere.
+    pub fn watch_routes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Whether `route` has at least one handler now.
+    pub fn has_route(&self, route: &str) -> bool {
+        self.table.load().routes.get(route).is_some_and(|h| !h.is_empty())
     }
 
     pub fn uptime(&self) -> std::time::Duration {

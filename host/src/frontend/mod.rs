@@ -12,6 +12,8 @@
 //! - `rpc`: JSON-RPC 2.0 over HTTP and a UNIX socket, `/metrics`, on a
 //!   thread of its own.
 //! - `erlang`: a hidden Erlang C-node, as FreeSWITCH's mod_erlang_event.
+//! - `yate`: Yate's external module protocol, on stdio or as a client of
+//!   a Yate listener.
 //! - `event_sinks`: OpenSIPS's event_datagram and event_stream, the
 //!   subscribers `event.subscribe` and `[[events.subscribe]]` add.
 
@@ -21,6 +23,7 @@ pub mod event_sinks;
 pub mod metrics;
 pub mod rpc;
 pub mod udp;
+pub mod yate;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -82,7 +85,8 @@ pub struct Context {
     pub metrics: Arc<Registry>,
     /// External event subscribers (event_datagram, event_stream).
     pub sinks: Arc<event_sinks::EventSinks>,
-    /// Cancelled when the daemon stops.
+    /// Cancelled when the daemon stops. A front-end whose peer is the
+    /// reason the process runs (Yate's pipes) cancels it to stop the daemon.
     pub shutdown: CancellationToken,
 }
 
@@ -102,17 +106,25 @@ impl Context {
 pub struct Running {
     pub name: &'static str,
     tasks: Vec<JoinHandle<()>>,
+    /// Tasks that finish on their own once `shutdown` is cancelled.
+    graceful: Vec<JoinHandle<()>>,
     on_stop: Vec<Box<dyn FnOnce() + Send>>,
     metrics: Option<Arc<dyn Metrics>>,
 }
 
 impl Running {
     pub fn new(name: &'static str) -> Running {
-        Running { name, tasks: Vec::new(), on_stop: Vec::new(), metrics: None }
+        Running { name, tasks: Vec::new(), graceful: Vec::new(), on_stop: Vec::new(), metrics: None }
     }
 
     pub fn task(&mut self, task: JoinHandle<()>) {
         self.tasks.push(task);
+    }
+
+    /// A task that ends by itself after `shutdown` (saying goodbye to its
+    /// peer); a stop waits for it a while before aborting it.
+    pub fn graceful(&mut self, task: JoinHandle<()>) {
+        self.graceful.push(task);
     }
 
     pub fn on_stop(&mut self, hook: impl FnOnce() + Send + 'static) {
@@ -123,10 +135,16 @@ impl Running {
         self.metrics = Some(metrics);
     }
 
-    /// Runs the stop hooks, then aborts the tasks and waits for them.
+    /// Runs the stop hooks, gives the graceful tasks a few seconds, then
+    /// aborts the tasks and waits for them.
     pub async fn stop(self) {
         for hook in self.on_stop {
             hook();
+        }
+        for mut task in self.graceful {
+            if tokio::time::timeout(GRACE, &mut task).await.is_err() {
+                task.abort();
+            }
         }
         for task in &self.tasks {
             task.abort();
@@ -136,6 +154,9 @@ impl Running {
         }
     }
 }
+
+/// How long a graceful task may take to finish once the daemon stops.
+const GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Starts a front-end when it has settings (it is configured); its
 /// metrics join `/metrics`.

@@ -6,7 +6,8 @@
 
 // Host functions are synchronous (cheaper per call) except those that
 // wait: `commands.call` runs another plugin, `fetch.fetch` waits for an
-// Erlang process, and `host.sleep` (shadowed in
+// Erlang process, `messages.dispatch` waits for the engine's answer,
+// and `host.sleep` (shadowed in
 // `imports::add_sleep`) suspends a task.
 wasmtime::component::bindgen!({
     world: "plugin",
@@ -15,9 +16,12 @@ wasmtime::component::bindgen!({
         "evrhost:plugin/commands.call": async,
         "evrhost:plugin/host.sleep": async,
         "evrhost:plugin/fetch.fetch": async,
+        "evrhost:plugin/messages.dispatch": async,
     },
     exports: { default: async },
 });
 
-pub use self::evrhost::plugin::types::{CommandInfo, Event, HostError, Level, Origin, Peer, Reply, Request};
+pub use self::evrhost::plugin::types::{
+    Answer, CommandInfo, Event, HostError, Level, Message, MessageInfo, Origin, Peer, Reply, Request,
+};
 pub use self::exports::evrhost::plugin::{api, route, subscriber, task};

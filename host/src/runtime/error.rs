@@ -104,6 +104,8 @@ pub enum LoadError {
     Compile { plugin: String, path: String, source: BoxError },
     #[error("plugin `{plugin}`: cannot link")]
     Link { plugin: String, source: BoxError },
+    #[error("plugin `{plugin}`: {mismatch}")]
+    Contract { plugin: String, mismatch: super::contract::ContractMismatch },
     #[error("plugin `{plugin}`: cannot instantiate")]
     Instantiate { plugin: String, source: Cause },
     #[error("plugin `{plugin}` does not export `{export}`, which {needed_by} needs")]

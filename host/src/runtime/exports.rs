@@ -5,6 +5,7 @@ use wasmtime::component::{Instance, InstancePre};
 use wasmtime::AsContextMut;
 
 use super::bindings::{api, route, subscriber, task};
+use super::contract::interface;
 use super::state::HostState;
 
 /// The four export interfaces a plugin may have.
@@ -30,10 +31,10 @@ impl Export {
 
     pub fn interface(self) -> &'static str {
         match self {
-            Export::Route => "evrhost:plugin/route@0.1.0",
-            Export::Api => "evrhost:plugin/api@0.1.0",
-            Export::Subscriber => "evrhost:plugin/subscriber@0.1.0",
-            Export::Task => "evrhost:plugin/task@0.1.0",
+            Export::Route => interface!("route"),
+            Export::Api => interface!("api"),
+            Export::Subscriber => interface!("subscriber"),
+            Export::Task => interface!("task"),
         }
     }
 }

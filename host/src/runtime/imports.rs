@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use wasmtime::component::Linker;
 use wasmtime::StoreContextMut;
 
-use super::bindings::evrhost::plugin::{commands, events, fetch, host, kv, types};
-use super::bindings::{Event, HostError, Level};
+use super::bindings::evrhost::plugin::{commands, events, fetch, host, kv, messages, types};
+use super::bindings::{Answer, Event, HostError, Level, Message};
+use super::contract::interface;
 use super::services::FetchQuery;
 use super::state::HostState;
 use crate::kv::KvError;
@@ -71,7 +72,7 @@ fn sleep_allowed(state: &HostState) -> Result<(), HostError> {
 /// between bounded slices may run forever.
 pub(crate) fn add_sleep(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
-    let mut host = linker.instance("evrhost:plugin/host@0.1.0")?;
+    let mut host = linker.instance(interface!("host"))?;
     host.func_wrap_async("sleep", |mut store: StoreContextMut<'_, HostState>, (ms,): (u32,)| {
         Box::new(async move {
             if let Err(e) = sleep_allowed(store.data()) {
@@ -236,5 +237,41 @@ impl fetch::Host for HostState {
         }
         let services = self.plugin.services.clone();
         services.fetch(FetchQuery { section, tag, key, value, params }).await
+    }
+}
+
+/// Messages carry names, a return value and parameters: bounded like an
+/// event, so that a plugin cannot flood the engine's line buffer.
+fn message_size(message: &Message) -> usize {
+    message.name.len() + message.retvalue.len() + message.params.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+}
+
+impl HostState {
+    fn message_allowed(&self, message: &Message) -> Result<(), HostError> {
+        let spec = &self.plugin.spec;
+        if !spec.capabilities.messages {
+            return Err(denied("messages"));
+        }
+        let size = message_size(message);
+        if size > spec.limits.max_event_bytes {
+            return Err(HostError::Invalid(format!(
+                "message of {size} bytes exceeds the cap of {}",
+                spec.limits.max_event_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl messages::Host for HostState {
+    async fn dispatch(&mut self, message: Message) -> Result<Answer, HostError> {
+        self.message_allowed(&message)?;
+        let (services, caller) = (self.plugin.services.clone(), self.plugin.spec.clone());
+        services.dispatch_message(&caller, message).await
+    }
+
+    fn enqueue(&mut self, message: Message) -> Result<(), HostError> {
+        self.message_allowed(&message)?;
+        self.plugin.services.enqueue_message(&self.plugin.spec, message)
     }
 }

@@ -86,15 +86,27 @@ pub struct Capabilities {
     pub commands: bool,
     /// Asking bound Erlang processes for documents.
     pub fetch: bool,
+    /// Sending messages to the engine evrhost is a module of (within the
+    /// tenant's message names).
+    pub messages: bool,
     /// Only exec tasks may sleep, whatever this says.
     pub sleep: bool,
 }
 
 impl Capabilities {
-    pub const NAMES: [&'static str; 7] = ["log", "config", "kv", "events", "commands", "fetch", "sleep"];
+    pub const NAMES: [&'static str; 8] = ["log", "config", "kv", "events", "commands", "fetch", "messages", "sleep"];
 
     pub fn all() -> Self {
-        Capabilities { log: true, config: true, kv: true, events: true, commands: true, fetch: true, sleep: true }
+        Capabilities {
+            log: true,
+            config: true,
+            kv: true,
+            events: true,
+            commands: true,
+            fetch: true,
+            messages: true,
+            sleep: true,
+        }
     }
 
     pub fn none() -> Self {
@@ -105,6 +117,7 @@ impl Capabilities {
             events: false,
             commands: false,
             fetch: false,
+            messages: false,
             sleep: false,
         }
     }
@@ -118,6 +131,7 @@ impl Capabilities {
             "events" => &mut self.events,
             "commands" => &mut self.commands,
             "fetch" => &mut self.fetch,
+            "messages" => &mut self.messages,
             "sleep" => &mut self.sleep,
             _ => return false,
         };

@@ -7,6 +7,7 @@
 mod bindings;
 pub mod cache;
 mod clock;
+pub mod contract;
 mod engine;
 pub mod error;
 mod exports;
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use wasmtime::component::{Component, Linker};
 use wasmtime::Engine;
 
-pub use bindings::{CommandInfo, Event, HostError, Level, Origin, Peer, Reply, Request};
+pub use bindings::{Answer, CommandInfo, Event, HostError, Level, Message, MessageInfo, Origin, Peer, Reply, Request};
 pub use cache::{CacheOutcome, ComponentCache};
 pub use engine::{config as engine_config, EngineSettings};
 pub use error::{CallError, Cause, LoadError};
@@ -140,6 +141,8 @@ impl Runtime {
         let (component, cache) = tokio::task::spawn_blocking(move || rt.compile(&n, &src, &wasm))
             .await
             .map_err(|e| LoadError::Compile { plugin: name.clone(), path: spec.source.clone(), source: e.into() })??;
+        contract::check(&self.engine, &component)
+            .map_err(|mismatch| LoadError::Contract { plugin: name.clone(), mismatch })?;
         let pre = self
             .linker
             .instantiate_pre(&component)

@@ -2,7 +2,7 @@
 //! commands and the event bus. The dispatcher implements it; the runtime
 //! knows only this trait.
 
-use super::bindings::{Event, HostError};
+use super::bindings::{Answer, Event, HostError, Message};
 use super::spec::PluginSpec;
 
 #[async_trait::async_trait]
@@ -24,6 +24,11 @@ pub trait Services: Send + Sync + 'static {
     /// Asks the processes bound to the query's section (the Erlang
     /// front-end's) for a document.
     async fn fetch(&self, query: FetchQuery) -> Result<String, HostError>;
+    /// Dispatches a message in the engine evrhost is a module of and waits
+    /// for its answer, if the caller's tenant may send it.
+    async fn dispatch_message(&self, caller: &PluginSpec, message: Message) -> Result<Answer, HostError>;
+    /// Enqueues a message there without waiting.
+    fn enqueue_message(&self, caller: &PluginSpec, message: Message) -> Result<(), HostError>;
     /// Raises an event of the host's own (thresholds, pool scaling, …):
     /// no capability check, never fails the caller.
     fn raise(&self, event: Event);

@@ -136,7 +136,7 @@ impl Node {
             }
             Origin::Rpc => "rpc".into(),
             Origin::Erlang(n) => format!("erlang {n}"),
-            Origin::Yate => "yate".into(),
+            Origin::Yate(m) => format!("yate {}", m.name),
             Origin::Event(n) => format!("event {n}"),
         };
         list.push(pair("Origin", &origin));
@@ -186,7 +186,13 @@ pub(super) struct Outbound {
 /// - `declined`: not handled (the front-end's "no answer");
 /// - `{error, Reason}`: the route fails with Reason.
 fn remote_reply(answer: &Term) -> Result<Reply, String> {
-    let reply = |data: Vec<u8>, params| Reply { handled: true, retval: String::new(), params, data: Some(data) };
+    let reply = |data: Vec<u8>, params| Reply {
+        handled: true,
+        retval: String::new(),
+        params,
+        unset: Vec::new(),
+        data: Some(data),
+    };
     let bytes = |t: &Term| -> Option<Vec<u8>> {
         match t {
             Term::Binary(b) => Some(b.bytes.clone()),
@@ -195,7 +201,7 @@ fn remote_reply(answer: &Term) -> Result<Reply, String> {
     };
     match answer {
         Term::Atom(a) if a.name == "declined" => {
-            Ok(Reply { handled: false, retval: String::new(), params: Vec::new(), data: None })
+            Ok(Reply { handled: false, retval: String::new(), params: Vec::new(), unset: Vec::new(), data: None })
         }
         Term::Tuple(t) => match t.elements.as_slice() {
             [tag, data] if as_atom(tag) == Some("ok") => bytes(data).map(|d| reply(d, Vec::new())),

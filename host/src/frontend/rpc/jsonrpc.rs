@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::bus::{split_event, FilterChange, FilterError};
-use crate::config::{CodeSource, EventSocket, PluginDef, RpcSettings};
+use crate::config::{CodeSource, EventSocket, PluginDef, RouteDef, RpcSettings};
 use crate::dispatcher::{DispatchError, Dispatcher};
 use crate::frontend::event_sinks::EventSinks;
 use crate::runtime::{Origin, Request};
@@ -53,7 +53,7 @@ impl RpcError {
 }
 
 /// Every method, with its usage, for `system.listMethods` and the docs.
-pub const METHODS: [(&str, &str); 19] = [
+pub const METHODS: [(&str, &str); 21] = [
     ("evrexec.run", "NAME [DATA] — run an event route; {} on success (Kamailio)"),
     ("route.run", "NAME [DATA] [PARAMS] — run a route; the reply, plugin, fuel and time"),
     ("api.run", "COMMAND [ARGS…] — run an API command (built-in or a plugin's)"),
@@ -69,6 +69,8 @@ pub const METHODS: [(&str, &str); 19] = [
     ("plugin.reload", "NAME [PATH] — load a new version and swap it in atomically"),
     ("plugin.unload", "NAME — remove a plugin and its routes"),
     ("route.list", "— the routes and their handlers"),
+    ("route.add", "NAME PLUGIN [PRIORITY] — bind a loaded plugin to a route (priority 100)"),
+    ("route.remove", "NAME PLUGIN — unbind a plugin from a route"),
     ("core.version", "— the version"),
     ("core.uptime", "— seconds since start"),
     ("system.listMethods", "— these methods"),
@@ -244,7 +246,10 @@ impl Params {
 
 fn dispatch_error(e: DispatchError) -> RpcError {
     let code = match &e {
-        DispatchError::RouteNotFound(_) | DispatchError::CommandNotFound(_) | DispatchError::PluginNotFound(_) => 404,
+        DispatchError::RouteNotFound(_)
+        | DispatchError::CommandNotFound(_)
+        | DispatchError::PluginNotFound(_)
+        | DispatchError::RouteHandlerNotFound { .. } => 404,
         _ => 500,
     };
     RpcError::new(code, crate::error::chain(&e))
@@ -405,6 +410,30 @@ async fn call(s: &Server, method: &str, p: Params) -> Result<Value, RpcError> {
             Ok(json!({"name": name, "routes_removed": routes}))
         }
         "route.list" => Ok(serde_json::to_value(d.routes()).unwrap_or(Value::Null)),
+        "route.add" => {
+            let name = p.required(0, "route name")?;
+            let plugin = p.required(1, "plugin name")?;
+            if name.is_empty() || name.len() > 256 {
+                return Err(RpcError::new(-32602, "Invalid params: a route name is 1 to 256 bytes"));
+            }
+            let priority = match p.0.get(2) {
+                None | Some(Value::Null) => 100,
+                Some(v) => v
+                    .as_i64()
+                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                    .and_then(|n| i32::try_from(n).ok())
+                    .ok_or_else(|| RpcError::new(-32602, "Invalid params: priority must be a 32-bit number"))?,
+            };
+            let def = RouteDef { name: name.clone(), plugin: plugin.clone(), priority };
+            d.add_route(def).await.map_err(dispatch_error)?;
+            Ok(json!({"route": name, "plugin": plugin, "priority": priority}))
+        }
+        "route.remove" => {
+            let name = p.required(0, "route name")?;
+            let plugin = p.required(1, "plugin name")?;
+            d.remove_route(&name, &plugin).await.map_err(dispatch_error)?;
+            Ok(json!({"route": name, "plugin": plugin}))
+        }
         "core.version" => Ok(Value::String(format!("evrhost {}", env!("CARGO_PKG_VERSION")))),
         "core.uptime" => Ok(json!({"uptime": d.uptime().as_secs()})),
         "system.listMethods" => Ok(Value::Array(METHODS.iter().map(|(m, _)| Value::String(m.to_string())).collect())),
