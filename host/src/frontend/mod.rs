@@ -22,6 +22,7 @@ pub mod erlang;
 pub mod event_sinks;
 pub mod metrics;
 pub mod rpc;
+pub mod thread;
 pub mod udp;
 pub mod yate;
 
@@ -135,16 +136,16 @@ impl Running {
         self.metrics = Some(metrics);
     }
 
-    /// Runs the stop hooks, gives the graceful tasks a few seconds, then
+    /// Gives the graceful tasks a few seconds, runs the stop hooks, then
     /// aborts the tasks and waits for them.
     pub async fn stop(self) {
-        for hook in self.on_stop {
-            hook();
-        }
         for mut task in self.graceful {
             if tokio::time::timeout(GRACE, &mut task).await.is_err() {
                 task.abort();
             }
+        }
+        for hook in self.on_stop {
+            hook();
         }
         for task in &self.tasks {
             task.abort();

@@ -1,18 +1,17 @@
 //! The JSON-RPC front-end: JSON-RPC 2.0 over HTTP (`http.rs`, with
 //! `/metrics` and `/health`) and over a UNIX stream socket (`unix.rs`),
 //! one method table for both (`jsonrpc.rs`), served by a thread of its own
-//! (`thread.rs`).
+//! (`frontend/thread.rs`).
 
 pub mod http;
 pub mod jsonrpc;
-pub mod thread;
 pub mod unix;
 
 use std::sync::Arc;
 
+use super::thread::FrontendThread;
 use super::{Context, Frontend, FrontendError, Running};
 use crate::config::RpcSettings;
-use thread::RpcThread;
 
 pub struct Rpc;
 
@@ -23,7 +22,7 @@ impl Frontend for Rpc {
     async fn start(settings: RpcSettings, ctx: &Context) -> Result<Running, FrontendError> {
         let mut running = Running::new(Self::NAME);
         let error = |e: std::io::Error| FrontendError::new(Self::NAME, e);
-        let thread = RpcThread::start().map_err(error)?;
+        let thread = FrontendThread::start("rpc").map_err(error)?;
         let server = Arc::new(jsonrpc::Server {
             dispatcher: ctx.dispatcher.clone(),
             settings: settings.clone(),
@@ -32,14 +31,14 @@ impl Frontend for Rpc {
         if let Some(addr) = settings.listen {
             let listener = http::bind(addr).map_err(error)?;
             let addr = listener.local_addr().unwrap_or(addr);
-            thread.spawn(http::serve(listener, server.clone(), ctx.metrics.clone()));
+            drop(thread.spawn(http::serve(listener, server.clone(), ctx.metrics.clone())));
             tracing::info!("JSON-RPC on http://{addr}/RPC, metrics on http://{addr}/metrics");
             tracing::info!("try: evrhost rpc -a {addr} evrexec.run evrexec:test mydata");
         }
         let mut socket_file = None;
         if let Some(path) = &settings.unix {
             let (listener, file) = unix::bind(path).map_err(error)?;
-            thread.spawn(unix::serve(listener, server.clone()));
+            drop(thread.spawn(unix::serve(listener, server.clone())));
             tracing::info!("JSON-RPC on unix:{}", path.display());
             socket_file = Some(file);
         }

@@ -4,15 +4,21 @@
 //!
 //! - `wire`: the line codec, byte for byte as the engine's.
 //! - `transport`: the pipes or the socket.
-//! - `session`: one connection — setup, each engine line, the answers.
+//! - `session`: one connection — setup, each engine line, the writes.
+//! - `answer`: an engine message's route call and its answer line.
 //! - `link`: plugins' `messages` import, sent on the current connection.
 //! - `counters`: what `/metrics` and `yate.status` show.
+//!
+//! The connection is served on a thread of its own (`frontend/thread.rs`),
+//! the route calls inside the session's task: a message's way from the
+//! engine's line to the answer's takes no hand-over between threads.
 //!
 //! A socket connection that drops raises E_CORE_TCP_DISCONNECT and is made
 //! again with a backoff, everything re-installed; the rest of the daemon
 //! serves on. When the engine closes the pipes of a spawned evrhost, what
 //! is in flight finishes and the daemon exits.
 
+mod answer;
 mod counters;
 mod link;
 mod session;
@@ -25,6 +31,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use super::thread::FrontendThread;
 use super::{disconnected, Context, Frontend, FrontendError, Running};
 use crate::config::{YateConnect, YateSettings};
 use crate::dispatcher::{Command, CommandError, HostCommand};
@@ -116,9 +123,11 @@ impl Frontend for Yate {
             .add_command(HostCommand { info, run, admin: false })
             .await
             .map_err(|e| FrontendError::new(Self::NAME, e))?;
+        let thread = FrontendThread::start(Self::NAME).map_err(|e| FrontendError::new(Self::NAME, e))?;
         let mut running = Running::new(Self::NAME);
-        running.metrics(YateMetrics::new(&shared));
-        running.graceful(tokio::spawn(serve(shared, ctx.clone())));
+        running.metrics(YateMetrics::shared(&shared));
+        running.graceful(thread.spawn(serve(shared, ctx.clone())));
+        running.on_stop(move || thread.stop());
         Ok(running)
     }
 }

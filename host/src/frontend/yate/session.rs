@@ -8,15 +8,28 @@
 //! Every engine message is answered exactly once, at once when it cannot
 //! be handled (no handler, a failure, over `max_in_flight`), never left
 //! for the engine's timeout, which would block a Yate thread.
+//!
+//! The route calls run inside the session's task, as a set of futures it
+//! polls between reads, not as tasks of their own: the answers to one read
+//! go out in one write, as a native module's do, and no call costs a task
+//! hand-over. A call that waits (a `commands.call`, a `messages.dispatch`
+//! whose answer this very session reads) or runs long (it yields at each
+//! epoch tick) never stops the reading.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
+use super::answer::{answer, decline, message_id};
 use super::counters::bump;
 use super::link::{Outbox, Pending};
 use super::transport::Conn;
@@ -24,9 +37,9 @@ use super::wire::{self, Incoming};
 use super::Shared;
 use crate::bus::Caller;
 use crate::config::{YateInstall, YATE_DEFAULT_BUFSIZE};
-use crate::dispatcher::{DispatchError, Dispatcher};
+use crate::dispatcher::Dispatcher;
 use crate::frontend::Context;
-use crate::runtime::{Event, MessageInfo, Origin, Request};
+use crate::runtime::Event;
 use crate::sync::lock;
 
 /// How long a stop waits for the engine's `%%<quit`, then for the
@@ -43,19 +56,23 @@ pub(super) enum Ended {
     Failed(std::io::Error),
 }
 
-/// A line for the engine; an answer carries its message's in-flight
-/// permit, so that answers the engine does not read yet still count
+/// Lines for the engine; answers carry their messages' in-flight
+/// permits, so that answers the engine does not read yet still count
 /// against `max_in_flight`.
+#[derive(Default)]
 pub(super) struct Out {
-    line: Vec<u8>,
-    _permit: Option<OwnedSemaphorePermit>,
+    lines: Vec<u8>,
+    permits: Vec<OwnedSemaphorePermit>,
 }
 
 impl Out {
     pub fn line(line: Vec<u8>) -> Out {
-        Out { line, _permit: None }
+        Out { lines: line, permits: Vec::new() }
     }
 }
+
+/// A route call in flight: its answer line and its permit.
+type Call = Pin<Box<dyn Future<Output = (Vec<u8>, OwnedSemaphorePermit)> + Send>>;
 
 /// The queue to the writer task, with the count of what waits in it.
 #[derive(Clone)]
@@ -79,11 +96,11 @@ impl Writer {
 }
 
 /// What a message's task needs, shared by all of one connection's.
-struct Lane {
-    d: Arc<Dispatcher>,
-    shared: Arc<Shared>,
-    tx: Writer,
-    bufsize: Arc<AtomicUsize>,
+pub(super) struct Lane {
+    pub d: Arc<Dispatcher>,
+    pub shared: Arc<Shared>,
+    pub tx: Writer,
+    pub bufsize: Arc<AtomicUsize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -112,6 +129,17 @@ impl State {
 struct Session<'a> {
     ctx: &'a Context,
     lane: Arc<Lane>,
+    calls: FuturesUnordered<Call>,
+    /// What goes out next, in one write.
+    out: Out,
+    /// The engine's side; None while a write holds it.
+    writer: Option<Box<dyn AsyncWrite + Unpin + Send>>,
+    writing: Option<Writing>,
+    /// Nothing more is written (the engine is gone, or a write failed).
+    mute: bool,
+    /// Lines of plugins' dispatches, from other tasks.
+    queue: mpsc::UnboundedReceiver<Out>,
+    queued: Arc<AtomicUsize>,
     pending: Pending,
     installs: HashMap<String, (YateInstall, State)>,
     /// setlocal names and values asked, in order, until answered.
@@ -123,14 +151,25 @@ pub(super) async fn run(conn: Conn, shared: &Arc<Shared>, ctx: &Context) -> Ende
     let Conn { reader, writer, socket, .. } = conn;
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
-    let mute = Arc::new(AtomicBool::new(false));
-    let writer_task = tokio::spawn(write_lines(writer, rx, queued.clone(), mute.clone()));
-    let tx = Writer { tx, queued };
+    let tx = Writer { tx, queued: queued.clone() };
     // Until the engine confirms the size asked, lines keep to its default.
     let bufsize = Arc::new(AtomicUsize::new(shared.settings.bufsize.min(YATE_DEFAULT_BUFSIZE)));
     let lane = Arc::new(Lane { d: ctx.dispatcher.clone(), shared: shared.clone(), tx, bufsize });
     let installs = shared.settings.installs.iter().map(|i| (i.message.clone(), (i.clone(), State::Off))).collect();
-    let mut session = Session { ctx, lane, pending: Pending::default(), installs, setlocals: VecDeque::new() };
+    let mut session = Session {
+        ctx,
+        lane,
+        calls: FuturesUnordered::new(),
+        out: Out::default(),
+        writer: Some(writer),
+        writing: None,
+        mute: false,
+        queue: rx,
+        queued,
+        pending: Pending::default(),
+        installs,
+        setlocals: VecDeque::new(),
+    };
     session.setup(socket);
     *lock(&shared.outbox) = Some(Outbox {
         tx: session.lane.tx.clone(),
@@ -142,61 +181,96 @@ pub(super) async fn run(conn: Conn, shared: &Arc<Shared>, ctx: &Context) -> Ende
     // Plugins waiting for an answer learn that none will come.
     lock(&session.pending).clear();
     *lock(&shared.installs) = Vec::new();
-    if !matches!(ended, Ended::Shutdown) {
-        // The engine is gone: what is in flight finishes, but answers
-        // nobody reads are not written.
-        mute.store(true, Relaxed);
-    }
-    let max = u32::try_from(shared.settings.max_in_flight).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(QUIT_WITHIN, shared.in_flight.acquire_many(max)).await;
-    drop(session);
-    if tokio::time::timeout(QUIT_WITHIN, writer_task).await.is_err() {
-        tracing::debug!("yate: the writer did not finish; dropping what it holds");
+    // The engine gone, answers nobody reads are not written.
+    session.mute |= !matches!(ended, Ended::Shutdown);
+    // What is in flight finishes (its side effects are the plugins'), and
+    // the last answers go out.
+    let finish = async {
+        while let Some((line, permit)) = session.calls.next().await {
+            session.out.lines.extend_from_slice(&line);
+            session.out.permits.push(permit);
+        }
+        session.drain().await;
+    };
+    if tokio::time::timeout(QUIT_WITHIN, finish).await.is_err() {
+        tracing::warn!(calls = session.calls.len(), "yate: calls still running when the connection ended; dropped");
     }
     ended
 }
 
-/// Writes what is queued, many lines a write.
-async fn write_lines(
-    mut w: Box<dyn AsyncWrite + Unpin + Send>,
-    mut rx: mpsc::UnboundedReceiver<Out>,
-    queued: Arc<AtomicUsize>,
-    mute: Arc<AtomicBool>,
-) {
-    const BATCH: usize = 256 * 1024;
-    let mut batch = Vec::with_capacity(64 * 1024);
-    let mut held = Vec::new();
-    while let Some(first) = rx.recv().await {
-        batch.clear();
-        batch.extend_from_slice(&first.line);
-        held.push(first);
-        while batch.len() < BATCH {
-            let Ok(out) = rx.try_recv() else { break };
-            batch.extend_from_slice(&out.line);
-            held.push(out);
-        }
-        queued.fetch_sub(held.len(), Relaxed);
-        if !mute.load(Relaxed) {
-            let written = async {
-                w.write_all(&batch).await?;
-                w.flush().await
-            };
-            if let Err(e) = written.await {
-                tracing::debug!(error = %e, "yate: write failed");
-                mute.store(true, Relaxed);
-            }
-        }
-        // Permits go back only now: the engine has the answers.
-        held.clear();
-    }
-}
+/// A write in progress; it gives the writer back when done.
+type Writing = Pin<Box<dyn Future<Output = (Box<dyn AsyncWrite + Unpin + Send>, std::io::Result<()>)> + Send>>;
+
+/// Past this much waiting to be written (the engine reads slowly), the
+/// session stops reading until it is.
+const MAX_UNWRITTEN: usize = 4 << 20;
 
 impl Session<'_> {
-    fn send(&self, line: Vec<u8>) {
-        let _ = self.lane.tx.send(Out::line(line));
+    /// Adds a line to this turn's write.
+    fn send(&mut self, line: Vec<u8>) {
+        self.out.lines.extend_from_slice(&line);
     }
 
-    fn write(&self, what: &str, f: impl FnOnce(&mut Vec<u8>) -> Result<(), wire::WireError>) {
+    /// Starts writing what is waiting, in one piece, unless a write is
+    /// under way (what waits then goes out when it is done).
+    fn flush(&mut self) {
+        if self.writing.is_some() || self.out.lines.is_empty() {
+            return;
+        }
+        let out = std::mem::take(&mut self.out);
+        if self.mute {
+            return;
+        }
+        let Some(mut w) = self.writer.take() else { return };
+        self.writing = Some(Box::pin(async move {
+            let result = async {
+                w.write_all(&out.lines).await?;
+                w.flush().await
+            }
+            .await;
+            // The permits go back only now: the engine has the answers.
+            drop(out);
+            (w, result)
+        }));
+    }
+
+    fn written(&mut self, w: Box<dyn AsyncWrite + Unpin + Send>, result: std::io::Result<()>) {
+        self.writing = None;
+        self.writer = Some(w);
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "yate: write failed");
+            self.mute = true;
+        }
+    }
+
+    /// Writes everything still waiting.
+    async fn drain(&mut self) {
+        while let Ok(out) = self.queue.try_recv() {
+            self.queued.fetch_sub(1, Relaxed);
+            self.out.lines.extend_from_slice(&out.lines);
+        }
+        loop {
+            self.flush();
+            let Some(writing) = self.writing.as_mut() else { return };
+            let (w, result) = writing.await;
+            self.written(w, result);
+        }
+    }
+
+    /// Takes the answers of every call that is done, without waiting.
+    async fn collect_done(&mut self) {
+        let (calls, out) = (&mut self.calls, &mut self.out);
+        std::future::poll_fn(|cx| {
+            while let Poll::Ready(Some((line, permit))) = calls.poll_next_unpin(cx) {
+                out.lines.extend_from_slice(&line);
+                out.permits.push(permit);
+            }
+            Poll::Ready(())
+        })
+        .await;
+    }
+
+    fn write(&mut self, what: &str, f: impl FnOnce(&mut Vec<u8>) -> Result<(), wire::WireError>) {
         let mut line = Vec::new();
         match f(&mut line) {
             Ok(()) => self.send(line),
@@ -206,7 +280,8 @@ impl Session<'_> {
 
     /// The first lines: who we are, the settings, then what we handle.
     fn setup(&mut self, socket: bool) {
-        let settings = &self.lane.shared.settings;
+        let shared = self.lane.shared.clone();
+        let settings = &shared.settings;
         if let (true, Some(role)) = (socket, &settings.role) {
             self.write("connect", |l| wire::write_connect(l, role));
         }
@@ -260,8 +335,8 @@ impl Session<'_> {
     }
 
     async fn read(&mut self, mut reader: Box<dyn AsyncRead + Unpin + Send>) -> Ended {
-        let settings = &self.lane.shared.settings;
-        let mut lines = wire::LineBuffer::new(settings.max_line_bytes);
+        let shared = self.lane.shared.clone();
+        let mut lines = wire::LineBuffer::new(shared.settings.max_line_bytes);
         let mut buf = vec![0u8; 64 * 1024];
         let mut routes = self.lane.d.watch_routes();
         let mut routes_open = true;
@@ -269,7 +344,26 @@ impl Session<'_> {
         tokio::pin!(quit_deadline);
         let mut quitting = false;
         loop {
+            self.flush();
+            let reading = self.out.lines.len() < MAX_UNWRITTEN;
             tokio::select! {
+                (w, result) = async {
+                    match self.writing.as_mut() {
+                        Some(writing) => writing.await,
+                        None => std::future::pending().await,
+                    }
+                }, if self.writing.is_some() => {
+                    self.written(w, result);
+                }
+                Some(out) = self.queue.recv() => {
+                    self.queued.fetch_sub(1, Relaxed);
+                    self.out.lines.extend_from_slice(&out.lines);
+                }
+                Some((line, permit)) = self.calls.next(), if !self.calls.is_empty() => {
+                    self.out.lines.extend_from_slice(&line);
+                    self.out.permits.push(permit);
+                    self.collect_done().await;
+                }
                 _ = self.ctx.shutdown.cancelled(), if !quitting => {
                     quitting = true;
                     let mut line = Vec::new();
@@ -282,7 +376,7 @@ impl Session<'_> {
                     Ok(()) => self.sync_installs(),
                     Err(_) => routes_open = false,
                 },
-                read = reader.read(&mut buf) => match read {
+                read = reader.read(&mut buf), if reading => match read {
                     Ok(0) => return if quitting { Ended::Shutdown } else { Ended::Closed },
                     Ok(n) => {
                         lines.push(&buf[..n]);
@@ -297,6 +391,8 @@ impl Session<'_> {
                                 Err(_) => self.overlong(0),
                             }
                         }
+                        // Calls that finish at once answer in this read's write.
+                        self.collect_done().await;
                     }
                     Err(e) => return if quitting { Ended::Shutdown } else { Ended::Failed(e) },
                 },
@@ -423,10 +519,7 @@ impl Session<'_> {
             return self.send(decline(&m.id));
         };
         let lane = self.lane.clone();
-        tokio::spawn(async move {
-            let line = answer(&lane, route, m).await;
-            let _ = lane.tx.send(Out { line, _permit: Some(permit) });
-        });
+        self.calls.push(Box::pin(async move { (answer(&lane, route, m).await, permit) }));
     }
 
     /// A watcher notification, raised on the bus as
@@ -440,71 +533,5 @@ impl Session<'_> {
         let event = Event { name: "CUSTOM".into(), subclass: Some(format!("yate::{}", a.name)), headers, body: None };
         bump(&self.lane.shared.counters.watched);
         self.ctx.bus().fire(event, &Caller::host("yate"));
-    }
-}
-
-/// `%%<message:<id>:false:` — the shortest answer, which changes nothing
-/// (protocols.md §1.4): the engine goes on to its next handler.
-fn decline(id: &[u8]) -> Vec<u8> {
-    let mut line = Vec::with_capacity(id.len() + 20);
-    line.extend_from_slice(b"%%<message:");
-    line.extend_from_slice(id);
-    line.extend_from_slice(b":false:\n");
-    line
-}
-
-/// The id of a `%%>message` line, however broken the rest is.
-fn message_id(line: &[u8]) -> Option<&[u8]> {
-    let rest = line.strip_prefix(b"%%>message:")?;
-    let id = &rest[..rest.iter().position(|&b| b == b':')?];
-    (!id.is_empty() && !id.iter().any(|&b| b < 0x20)).then_some(id)
-}
-
-/// Runs the message's route and says its outcome as the answer line.
-async fn answer(lane: &Lane, route: String, m: wire::Message) -> Vec<u8> {
-    let c = &lane.shared.counters;
-    let id = String::from_utf8_lossy(&m.id).into_owned();
-    let info = MessageInfo { id, time: m.time, name: m.name, retvalue: m.retvalue };
-    let request = Request { route, data: Vec::new(), params: m.params, origin: Origin::Yate(info) };
-    let Origin::Yate(info) = &request.origin else { return decline(&m.id) };
-    match lane.d.run_route(&request).await {
-        Ok(outcome) => {
-            let r = &outcome.reply;
-            // A handler that declines without a return value leaves the
-            // message's; `retvalue` always replaces it on the wire.
-            let retvalue = if r.handled || !r.retval.is_empty() { &r.retval } else { &info.retvalue };
-            let mut line = Vec::with_capacity(64 + retvalue.len());
-            let bufsize = lane.bufsize.load(Relaxed);
-            match wire::write_answer(&mut line, &m.id, r.handled, "", retvalue, &r.params, &r.unset) {
-                Ok(()) if line.len() < bufsize => {
-                    bump(if r.handled { &c.handled } else { &c.declined });
-                    line
-                }
-                Ok(()) => {
-                    bump(&c.too_long);
-                    tracing::warn!(plugin = %outcome.plugin, route = %request.route, message = %info.name,
-                        bytes = line.len(), bufsize, "yate: the answer does not fit the engine's buffer; answered false");
-                    decline(&m.id)
-                }
-                Err(e) => {
-                    bump(&c.bad_reply);
-                    tracing::warn!(plugin = %outcome.plugin, route = %request.route, message = %info.name,
-                        error = %e, "yate: the reply cannot be said on Yate's wire; answered false");
-                    decline(&m.id)
-                }
-            }
-        }
-        Err(DispatchError::RouteNotFound(_)) => {
-            bump(&c.unhandled);
-            decline(&m.id)
-        }
-        Err(e) => {
-            bump(&c.failed);
-            if let Some(more) = lane.shared.failure_report.due() {
-                tracing::warn!(route = %request.route, message = %info.name, error = %crate::error::chain(&e), more,
-                    "yate: the handler failed; answered false");
-            }
-            decline(&m.id)
-        }
     }
 }

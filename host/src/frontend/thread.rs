@@ -1,5 +1,6 @@
-//! The thread the JSON-RPC front-ends (HTTP and the UNIX socket) run on: a
-//! tokio current-thread runtime of their own.
+//! A thread for a front-end of its own: a tokio current-thread runtime.
+//! The JSON-RPC front-ends (HTTP and the UNIX socket) run on one, and the
+//! Yate connection on another.
 //!
 //! Why a thread of their own: on the daemon's multi-thread runtime, the
 //! worker that finds a request ready also wakes a second worker in case
@@ -8,6 +9,8 @@
 //! ~38 µs, `cargo bench --bench udp`). Here one thread reads a request,
 //! runs it and writes the answer; and control traffic does not queue
 //! behind UDP batches on the main runtime's workers, nor they behind it.
+//! (For Yate, a round trip with one message in flight: `cargo bench
+//! --bench yate`.)
 //!
 //! Invariants:
 //! - What a request starts that outlives it (an `api.bgrun` job, an event
@@ -26,15 +29,16 @@ use std::thread::JoinHandle;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
-pub struct RpcThread {
+pub struct FrontendThread {
+    name: &'static str,
     handle: Handle,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl RpcThread {
-    /// Starts the thread (`evrhost-rpc`) and its runtime.
-    pub fn start() -> std::io::Result<RpcThread> {
+impl FrontendThread {
+    /// Starts the thread (`evrhost-NAME`) and its runtime.
+    pub fn start(name: &'static str) -> std::io::Result<FrontendThread> {
         // I/O and timers only: signals and child processes are the main
         // runtime's, and their drivers would be polled at every park here.
         // A long plugin call yields once a tick and is at once runnable
@@ -45,7 +49,7 @@ impl RpcThread {
             tokio::runtime::Builder::new_current_thread().enable_io().enable_time().event_interval(1).build()?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new().name("evrhost-rpc".into()).spawn(move || {
+        let thread = std::thread::Builder::new().name(format!("evrhost-{name}")).spawn(move || {
             // Tasks spawned through `handle` run while this blocks; an
             // error means the sender is gone, which is a stop as well.
             let _ = runtime.block_on(stopped);
@@ -53,12 +57,12 @@ impl RpcThread {
             // on the blocking pool is not waited for past a second.
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
         })?;
-        Ok(RpcThread { handle, stop: Some(stop), thread: Some(thread) })
+        Ok(FrontendThread { name, handle, stop: Some(stop), thread: Some(thread) })
     }
 
     /// Runs `task` on the thread.
-    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        drop(self.handle.spawn(task));
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) -> tokio::task::JoinHandle<()> {
+        self.handle.spawn(task)
     }
 
     /// Cancels the thread's tasks and waits for it to end.
@@ -72,13 +76,13 @@ impl RpcThread {
         }
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
-                tracing::error!("the RPC thread panicked");
+                tracing::error!(frontend = self.name, "the front-end's thread panicked");
             }
         }
     }
 }
 
-impl Drop for RpcThread {
+impl Drop for FrontendThread {
     fn drop(&mut self) {
         self.shut_down();
     }
