@@ -405,3 +405,45 @@ async fn the_bus_holds_a_bounded_number_of_subscribers() {
         Err(other) => panic!("{other}"),
     }
 }
+
+/// An engine that answers every message handled, its name as the return
+/// value, and remembers what it was sent.
+#[derive(Default)]
+struct Engine(std::sync::Mutex<Vec<String>>);
+
+#[async_trait::async_trait]
+impl evrhost::dispatcher::MessageEngine for Engine {
+    async fn dispatch(
+        &self,
+        m: evrhost::runtime::Message,
+    ) -> Result<evrhost::runtime::Answer, evrhost::runtime::HostError> {
+        self.0.lock().expect("lock").push(m.name.clone());
+        Ok(evrhost::runtime::Answer { handled: true, name: m.name.clone(), retvalue: m.name, params: m.params })
+    }
+
+    fn enqueue(&self, m: evrhost::runtime::Message) -> Result<(), evrhost::runtime::HostError> {
+        self.0.lock().expect("lock").push(m.name);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_plugin_sends_the_engine_only_the_messages_its_tenant_may() {
+    let config = "[[tenant]]\nname = \"acme\"\nmessages = [\"chan.*\", \"call.drop\"]\n\
+                  [[plugin]]\nname = \"yateroute\"\npath = \"{yateroute}\"\ntenant = \"acme\"\n";
+    let host = TestHost::start(config).await.expect("the host starts");
+    let d = &host.dispatcher;
+    let none = d.run_command("yateroute.send", "chan.masquerade id=1", 0).await.expect_err("no engine yet");
+    assert!(evrhost::error::chain(&none).contains("no engine is attached"), "{none}");
+    let engine = Arc::new(Engine::default());
+    d.set_message_engine(engine.clone());
+    let ok = d.run_command("yateroute.send", "chan.masquerade id=1", 0).await.expect("within the tenant's names");
+    assert_eq!(ok, "true chan.masquerade id=1");
+    assert_eq!(d.run_command("yateroute.send", "call.drop", 0).await.expect("an exact name"), "true call.drop");
+    let denied = d.run_command("yateroute.send", "call.execute callto=x", 0).await.expect_err("not the tenant's");
+    assert!(
+        evrhost::error::chain(&denied).contains("tenant `acme` may not send messages named `call.execute`"),
+        "{denied}"
+    );
+    assert_eq!(*engine.0.lock().expect("lock"), ["chan.masquerade", "call.drop"], "the denied one never left");
+}

@@ -129,6 +129,12 @@ impl Daemon {
         (body.lines().next().unwrap_or("").to_string(), body)
     }
 
+    /// SIGTERM, as an init system stops it.
+    pub fn terminate(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.process.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.process.alive()
     }

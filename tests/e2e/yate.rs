@@ -201,6 +201,16 @@ async fn a_tcp_client_installs_answers_watches_and_dispatches() {
     assert_eq!(s["dispatch"]["answered"], json!(1), "{s}");
     let (_, metrics) = daemon.scrape();
     assert_eq!(metric(&metrics, "evrhost_yate_connected"), 1);
+
+    // A stop says goodbye: %%>quit, and the engine's %%<quit ends it.
+    let mut daemon = daemon;
+    daemon.terminate();
+    assert!(engine.wait_for(WAIT, |e| e.quit_received()).await, "%%>quit on stop: {:?}", engine.sent_lines());
+    let deadline = Instant::now() + WAIT;
+    while daemon.is_running() {
+        assert!(Instant::now() < deadline, "evrhost stops after the quit exchange:\n{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
