@@ -1,5 +1,5 @@
-//! Tenant-scoped key-value spaces. In memory: they outlive plugin reloads
-//! but not the daemon.
+//! Tenant-scoped key-value spaces, each within its tenant's key count and
+//! byte budget. In memory: they outlive plugin reloads but not the daemon.
 
 use crate::sync::lock;
 use std::collections::HashMap;
@@ -10,11 +10,13 @@ pub struct KvLimits {
     pub max_keys: usize,
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
+    /// Keys and values together, the tenant's budget.
+    pub max_bytes: usize,
 }
 
 impl Default for KvLimits {
     fn default() -> Self {
-        KvLimits { max_keys: 100_000, max_key_bytes: 1024, max_value_bytes: 1 << 20 }
+        KvLimits { max_keys: 100_000, max_key_bytes: 1024, max_value_bytes: 1 << 20, max_bytes: 64 << 20 }
     }
 }
 
@@ -22,6 +24,8 @@ impl Default for KvLimits {
 pub enum KvError {
     #[error("tenant `{tenant}` has {max} keys already")]
     Full { tenant: String, max: usize },
+    #[error("tenant `{tenant}` would hold more than its {max} bytes of keys and values")]
+    OverBudget { tenant: String, max: usize },
     #[error("key of {len} bytes is over the limit of {max}")]
     KeyTooLong { len: usize, max: usize },
     #[error("value of {len} bytes is over the limit of {max}")]
@@ -32,19 +36,26 @@ pub enum KvError {
     Overflow { key: String },
 }
 
+/// One tenant's keys, and the bytes they and their values take.
+#[derive(Default)]
+struct Keys {
+    map: HashMap<String, Vec<u8>>,
+    bytes: usize,
+}
+
 /// One tenant's keys.
 pub struct KvSpace {
     tenant: String,
     limits: KvLimits,
-    map: Mutex<HashMap<String, Vec<u8>>>,
+    map: Mutex<Keys>,
 }
 
 impl KvSpace {
     pub fn new(tenant: &str, limits: KvLimits) -> Self {
-        KvSpace { tenant: tenant.to_string(), limits, map: Mutex::new(HashMap::new()) }
+        KvSpace { tenant: tenant.to_string(), limits, map: Mutex::new(Keys::default()) }
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, Keys> {
         // A panic while holding the lock cannot leave the map half-updated
         // (each operation is one insert or remove), so poison is harmless.
         lock(&self.map)
@@ -57,24 +68,26 @@ impl KvSpace {
         Ok(())
     }
 
-    fn insert(&self, map: &mut HashMap<String, Vec<u8>>, key: &str, value: Vec<u8>) -> Result<(), KvError> {
+    fn insert(&self, keys: &mut Keys, key: &str, value: Vec<u8>) -> Result<(), KvError> {
         if value.len() > self.limits.max_value_bytes {
             return Err(KvError::ValueTooLarge { len: value.len(), max: self.limits.max_value_bytes });
         }
-        if let Some(slot) = map.get_mut(key) {
-            *slot = value;
-            return Ok(());
+        let old = keys.map.get(key).map(|v| key.len() + v.len());
+        let bytes = keys.bytes - old.unwrap_or(0) + key.len() + value.len();
+        if bytes > self.limits.max_bytes {
+            return Err(KvError::OverBudget { tenant: self.tenant.clone(), max: self.limits.max_bytes });
         }
-        if map.len() >= self.limits.max_keys {
+        if old.is_none() && keys.map.len() >= self.limits.max_keys {
             return Err(KvError::Full { tenant: self.tenant.clone(), max: self.limits.max_keys });
         }
-        map.insert(key.to_string(), value);
+        keys.map.insert(key.to_string(), value);
+        keys.bytes = bytes;
         Ok(())
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         self.check_key(key)?;
-        Ok(self.map().get(key).cloned())
+        Ok(self.map().map.get(key).cloned())
     }
 
     pub fn set(&self, key: &str, value: Vec<u8>) -> Result<(), KvError> {
@@ -85,13 +98,18 @@ impl KvSpace {
 
     pub fn delete(&self, key: &str) -> Result<bool, KvError> {
         self.check_key(key)?;
-        Ok(self.map().remove(key).is_some())
+        let mut keys = self.map();
+        let removed = keys.map.remove(key);
+        if let Some(value) = &removed {
+            keys.bytes -= key.len() + value.len();
+        }
+        Ok(removed.is_some())
     }
 
     pub fn incr(&self, key: &str, delta: i64) -> Result<i64, KvError> {
         self.check_key(key)?;
         let mut map = self.map();
-        let current = match map.get(key) {
+        let current = match map.map.get(key) {
             None => 0,
             Some(raw) => std::str::from_utf8(raw)
                 .ok()
@@ -134,7 +152,7 @@ mod tests {
 
     #[test]
     fn limits_hold() {
-        let kv = KvSpace::new("t", KvLimits { max_keys: 2, max_key_bytes: 4, max_value_bytes: 3 });
+        let kv = KvSpace::new("t", KvLimits { max_keys: 2, max_key_bytes: 4, max_value_bytes: 3, max_bytes: 1 << 20 });
         assert!(matches!(kv.set("toolong", vec![]), Err(KvError::KeyTooLong { .. })));
         assert!(matches!(kv.set("a", vec![0; 4]), Err(KvError::ValueTooLarge { .. })));
         kv.set("a", vec![1]).unwrap();
@@ -143,5 +161,19 @@ mod tests {
         assert!(matches!(kv.set("c", vec![1]), Err(KvError::Full { .. })));
         assert_eq!(kv.delete("a"), Ok(true));
         kv.set("c", vec![1]).unwrap();
+    }
+
+    #[test]
+    fn the_byte_budget_counts_keys_and_values_and_frees_on_delete() {
+        let limits = KvLimits { max_keys: 100, max_key_bytes: 16, max_value_bytes: 64, max_bytes: 100 };
+        let kv = KvSpace::new("t", limits);
+        kv.set("aaaa", vec![0; 60]).unwrap(); // 64 bytes
+        assert_eq!(kv.set("bbbb", vec![0; 40]), Err(KvError::OverBudget { tenant: "t".into(), max: 100 }));
+        kv.set("aaaa", vec![0; 10]).unwrap(); // shrinking frees room
+        kv.set("bbbb", vec![0; 40]).unwrap(); // 14 + 44 = 58
+        assert!(matches!(kv.set("cccc", vec![0; 40]), Err(KvError::OverBudget { .. })));
+        assert_eq!(kv.delete("bbbb"), Ok(true));
+        kv.set("cccc", vec![0; 40]).unwrap();
+        assert_eq!(kv.incr("n", 1), Ok(1), "a counter fits in what is left");
     }
 }

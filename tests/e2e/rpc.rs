@@ -184,3 +184,28 @@ plugin = "echo"
     let answer = spin.await.expect("task").expect("rpc");
     assert_eq!(result(&answer), &json!({}), "the slow call itself succeeds");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_lock_real_work_out() {
+    let daemon = Daemon::start(CONFIG).await;
+    // More idle sockets than the daemon serves at once, none sending a byte.
+    let idle: Vec<std::net::TcpStream> =
+        (0..1100).map(|_| std::net::TcpStream::connect(daemon.addr).expect("connect")).collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let mut c = daemon.client().await;
+        let r = c.call("core.version", json!([])).await.expect("a real request is served");
+        assert!(result(&r).as_str().unwrap_or("").starts_with("evrhost"), "{r}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "served in {:?}", started.elapsed());
+    }
+    let mut health = std::net::TcpStream::connect(daemon.addr).expect("connect");
+    health.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+    let mut body = String::new();
+    health.read_to_string(&mut body).expect("read");
+    assert!(body.starts_with("HTTP/1.1 200") && body.ends_with("ok\n"), "{body}");
+    // The oldest idle ones were closed to make room: the daemon holds no
+    // more than its bound.
+    assert!(daemon.fds() < 1024 + 64, "{} descriptors open", daemon.fds());
+    drop(idle);
+}

@@ -11,12 +11,19 @@
 //! A filter command's outcome is typed ([`FilterChange`], [`FilterError`]):
 //! each front-end renders it in its own protocol.
 
-use regex::Regex;
+use regex::{Regex, RegexBuilder};
 
 use crate::runtime::Event;
 
 /// Filters one subscriber may hold.
 pub const MAX_FILTERS: usize = 256;
+/// Of those, regexes: each may take up to `REGEX_BYTES` compiled and as
+/// much again for its lazy DFA, so one subscriber's regexes stay within
+/// 16 MiB however they are written.
+pub const MAX_REGEX_FILTERS: usize = 32;
+const REGEX_BYTES: usize = 256 << 10;
+/// The longest regex pattern taken.
+const MAX_PATTERN: usize = 1024;
 
 #[derive(Debug)]
 struct Filter {
@@ -67,6 +74,8 @@ pub enum FilterError {
     Syntax,
     #[error("{MAX_FILTERS} filters already; delete some first")]
     TooMany,
+    #[error("{MAX_REGEX_FILTERS} regex filters already; delete some first")]
+    TooManyRegexes,
     #[error("bad regex `{pattern}`: {message}")]
     Regex { pattern: String, message: String },
 }
@@ -95,10 +104,19 @@ impl Filters {
         let matcher = match raw.strip_prefix('/') {
             Some(pattern) => {
                 let pattern = pattern.strip_suffix('/').unwrap_or(pattern);
-                Matcher::Regex(
-                    Regex::new(pattern)
-                        .map_err(|e| FilterError::Regex { pattern: pattern.to_string(), message: e.to_string() })?,
-                )
+                if self.list.iter().filter(|f| matches!(f.matcher, Matcher::Regex(_))).count() >= MAX_REGEX_FILTERS {
+                    return Err(FilterError::TooManyRegexes);
+                }
+                let bad = |message: String| FilterError::Regex { pattern: pattern.chars().take(64).collect(), message };
+                if pattern.len() > MAX_PATTERN {
+                    return Err(bad(format!("{} bytes; at most {MAX_PATTERN}", pattern.len())));
+                }
+                let re = RegexBuilder::new(pattern)
+                    .size_limit(REGEX_BYTES)
+                    .dfa_size_limit(REGEX_BYTES)
+                    .build()
+                    .map_err(|e| bad(e.to_string()))?;
+                Matcher::Regex(re)
             }
             None => Matcher::Text(consumed.to_string()),
         };
@@ -237,7 +255,17 @@ mod tests {
         assert_eq!(f.command(""), Err(FilterError::Syntax));
         assert_eq!(f.command("delete"), Err(FilterError::Syntax));
         assert!(matches!(f.command("add User /(unclosed/"), Err(FilterError::Regex { .. })));
+        // A regex whose compiled form would be huge is refused, not built.
+        let huge = f.command("add User /(\\w{100}){100}/");
+        assert!(matches!(&huge, Err(FilterError::Regex { message, .. }) if message.contains("size limit")), "{huge:?}");
+        let long = format!("add User /{}/", "a".repeat(2000));
+        assert!(matches!(f.command(&long), Err(FilterError::Regex { message, .. }) if message.contains("at most")));
         assert!(f.is_empty());
+        for i in 0..MAX_REGEX_FILTERS {
+            f.command(&format!("add User /^u{i}$/")).unwrap();
+        }
+        assert_eq!(f.command("add User /^more$/"), Err(FilterError::TooManyRegexes));
+        assert_eq!(f.command("delete all"), Ok(FilterChange::DeletedAll));
         for i in 0..MAX_FILTERS {
             f.command(&format!("add User u{i}")).unwrap();
         }

@@ -17,6 +17,7 @@ pub(super) struct TenantSection {
     kv_max_keys: Option<Spanned<usize>>,
     kv_max_key_bytes: Option<Spanned<usize>>,
     kv_max_value_bytes: Option<Spanned<usize>>,
+    kv_max_bytes: Option<Spanned<usize>>,
     events_fire: Option<Vec<String>>,
     events_subscribe: Option<Vec<String>>,
     messages: Option<Vec<Spanned<String>>>,
@@ -117,6 +118,7 @@ pub(super) fn check(ck: &Checker, sections: &[TenantSection]) -> Result<HashMap<
             max_value_bytes: ck
                 .range(&t.kv_max_value_bytes, "tenant.kv_max_value_bytes", 0, 64 << 20)?
                 .unwrap_or(d.max_value_bytes),
+            max_bytes: ck.range(&t.kv_max_bytes, "tenant.kv_max_bytes", 0, 1 << 40)?.unwrap_or(d.max_bytes),
         };
         let fallback = if name == "default" { Tenant::default_tenant() } else { Tenant::named(name) };
         let messages = match &t.messages {

@@ -32,6 +32,11 @@ pub struct RpcClient {
 
 impl RpcClient {
     pub async fn connect(addr: SocketAddr, token: Option<String>) -> Result<RpcClient, ClientError> {
+        let sender = Self::open(addr).await?;
+        Ok(RpcClient { addr, token, sender, next_id: 1 })
+    }
+
+    async fn open(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, ClientError> {
         let stream =
             tokio::net::TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
@@ -39,7 +44,7 @@ impl RpcClient {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(RpcClient { addr, token, sender, next_id: 1 })
+        Ok(sender)
     }
 
     /// Sends a raw body; returns the HTTP status and the response body.
@@ -52,7 +57,12 @@ impl RpcClient {
         // The builder's inputs are all valid header values, so it cannot fail.
         let req =
             req.body(Full::new(body.into())).map_err(|e| ClientError::Status { status: 0, body: e.to_string() })?;
-        self.sender.ready().await?;
+        // The daemon closes keep-alive connections idle too long (or the
+        // longest idle one when it is full): connect again, once.
+        if self.sender.ready().await.is_err() {
+            self.sender = Self::open(self.addr).await?;
+            self.sender.ready().await?;
+        }
         let resp = self.sender.send_request(req).await?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await?.to_bytes();

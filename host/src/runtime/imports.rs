@@ -97,7 +97,7 @@ fn denied(capability: &str) -> HostError {
 
 fn kv_error(e: KvError) -> HostError {
     match e {
-        KvError::Full { .. } => HostError::Failed(e.to_string()),
+        KvError::Full { .. } | KvError::OverBudget { .. } => HostError::Failed(e.to_string()),
         _ => HostError::Invalid(e.to_string()),
     }
 }

@@ -1,11 +1,19 @@
 //! JSON-RPC over HTTP/1.1 (POST, keep-alive), loopback by default, with an
 //! optional bearer token.
+//!
+//! At most `MAX_CONNECTIONS` are served; past it, a new connection closes
+//! the one idle the longest (never one with a request in progress), so
+//! that idle connections — a client's spare keep-alives, or an attacker's
+//! thousand sockets that never send a byte — cannot lock real work out.
+//! A connection that sends no complete request head within 30 s (hyper's
+//! header timeout, also between keep-alive requests) is closed.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -16,15 +24,73 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use super::jsonrpc::{self, Server};
 use crate::frontend::metrics::Registry;
+use crate::sync::lock;
 
 /// A request body over this is refused with 413.
 pub const MAX_BODY: usize = 1 << 20;
-/// Connections served at once; more wait in the kernel's backlog.
+/// Connections served at once; past it the longest idle one is closed.
 const MAX_CONNECTIONS: usize = 1024;
+
+/// One connection, as eviction sees it.
+struct Conn {
+    /// Requests in progress.
+    busy: AtomicU32,
+    /// When it last finished a request (or was accepted), in ms since the
+    /// listener started.
+    idle_since: AtomicU64,
+    close: CancellationToken,
+}
+
+/// The connections being served.
+struct Conns {
+    started: Instant,
+    next: AtomicU64,
+    all: Mutex<HashMap<u64, Arc<Conn>>>,
+}
+
+impl Conns {
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn add(&self) -> (u64, Arc<Conn>) {
+        let id = self.next.fetch_add(1, Relaxed);
+        let conn = Arc::new(Conn {
+            busy: AtomicU32::new(0),
+            idle_since: AtomicU64::new(self.now()),
+            close: CancellationToken::new(),
+        });
+        lock(&self.all).insert(id, conn.clone());
+        (id, conn)
+    }
+
+    fn remove(&self, id: u64) {
+        lock(&self.all).remove(&id);
+    }
+
+    /// Makes room for one more: false when every connection is busy.
+    fn make_room(&self) -> bool {
+        let all = lock(&self.all);
+        if all.len() < MAX_CONNECTIONS {
+            return true;
+        }
+        let oldest = all
+            .values()
+            .filter(|c| c.busy.load(Relaxed) == 0 && !c.close.is_cancelled())
+            .min_by_key(|c| c.idle_since.load(Relaxed));
+        match oldest {
+            Some(conn) => {
+                conn.close.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
 
 /// Serves until the task is dropped. The listener comes from `bind`; it
 /// joins the reactor of the runtime this runs on (the RPC thread's).
@@ -37,9 +103,9 @@ pub async fn serve(listener: std::net::TcpListener, s: Arc<Server>, metrics: Arc
         }
     };
     let token: Option<Arc<str>> = s.settings.token.clone().map(Into::into);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let conns = Arc::new(Conns { started: Instant::now(), next: AtomicU64::new(0), all: Mutex::default() });
+    let mut refused = 0u64;
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -49,9 +115,19 @@ pub async fn serve(listener: std::net::TcpListener, s: Arc<Server>, metrics: Arc
                 continue;
             }
         };
+        if !conns.make_room() {
+            // Every one of them is working: this one waits for none.
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(%peer, refused, max = MAX_CONNECTIONS, "rpc: every connection is busy; closing a new one");
+            }
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
         let (s, metrics, token) = (s.clone(), metrics.clone(), token.clone());
+        let (id, conn) = conns.add();
+        let conns = conns.clone();
         // Only a peer that got past the token makes the daemon tell its
         // subscribers it went away: 401s cannot be turned into a flood of
         // E_CORE_TCP_DISCONNECT events.
@@ -59,21 +135,39 @@ pub async fn serve(listener: std::net::TcpListener, s: Arc<Server>, metrics: Arc
         tokio::spawn(async move {
             let bus = s.dispatcher.bus().clone();
             let seen = authorized.clone();
+            let (state, clock) = (conn.clone(), conns.clone());
             let service = service_fn(move |req| {
                 let (s, metrics, token, seen) = (s.clone(), metrics.clone(), token.clone(), seen.clone());
-                async move { Ok::<_, Infallible>(respond(&s, &metrics, token.as_deref(), &seen, req).await) }
+                let (state, clock) = (state.clone(), clock.clone());
+                state.busy.fetch_add(1, Relaxed);
+                async move {
+                    let response = respond(&s, &metrics, token.as_deref(), &seen, req).await;
+                    state.idle_since.store(clock.now(), Relaxed);
+                    state.busy.fetch_sub(1, Relaxed);
+                    Ok::<_, Infallible>(response)
+                }
             });
-            let conn = http1::Builder::new()
+            let served = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
+            tokio::pin!(served);
+            let result = tokio::select! {
+                result = served.as_mut() => result,
+                _ = conn.close.cancelled() => {
+                    // Evicted while idle: closes at once (a request that
+                    // slipped in first is finished).
+                    served.as_mut().graceful_shutdown();
+                    served.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "rpc connection ended with an error");
             }
+            conns.remove(id);
             if authorized.load(Relaxed) {
                 crate::frontend::disconnected(&bus, local, Some(peer), "tcp");
             }
-            drop(permit);
         });
     }
 }
