@@ -33,8 +33,20 @@ fn main() {
     // cargo on another target dir takes no lock the outer one holds.
     let target_dir =
         env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")).join("wasm-plugins");
-    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
+    println!("cargo:rerun-if-env-changed=EVRHOST_GUEST_TOOLCHAIN");
+    // The host may be built by a toolchain without the wasm target (the
+    // fuzzers' nightly): EVRHOST_GUEST_TOOLCHAIN names the one that has it.
+    let mut cmd = match env::var_os("EVRHOST_GUEST_TOOLCHAIN") {
+        Some(toolchain) => {
+            let mut cmd = Command::new("rustup");
+            cmd.arg("run").arg(toolchain).arg("cargo");
+            for var in ["RUSTC", "RUSTDOC", "RUSTUP_TOOLCHAIN", "RUSTC_WRAPPER", "CARGO"] {
+                cmd.env_remove(var);
+            }
+            cmd
+        }
+        None => Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())),
+    };
     cmd.arg("build")
         .arg("--release")
         .arg("--target=wasm32-wasip2")

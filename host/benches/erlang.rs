@@ -11,29 +11,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fmt_ns, fmt_rate, median};
+use common::{fmt_ns, fmt_rate, free_port, median, Kill};
 
 const COOKIE: &str = "EvrBench";
 const N: usize = 10_000;
 const ROUNDS: usize = 5;
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
 
 fn short_host() -> String {
     let host = nix::unistd::gethostname().expect("hostname").into_string().expect("UTF-8 hostname");

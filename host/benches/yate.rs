@@ -13,30 +13,16 @@ mod common;
 #[path = "../../tests/yate/engine.rs"]
 mod engine;
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fmt_ns, fmt_rate, median, quantile};
+use common::{fmt_ns, fmt_rate, free_port, median, quantile, Kill};
 use engine::{Engine, Listener};
 
 const PIPELINED: usize = 20_000;
 const WINDOW: usize = 32;
 const SINGLE: usize = 3_000;
 const ROUNDS: usize = 5;
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
 
 fn params(_: usize) -> Vec<(String, String)> {
     vec![

@@ -38,3 +38,19 @@ pub fn fmt_rate(rate: f64) -> String {
         format!("{:.0}k/s", rate / 1e3)
     }
 }
+
+/// A child process killed (and reaped) when dropped: the daemon or a peer
+/// a bench started.
+pub struct Kill(pub std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}

@@ -26,7 +26,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-pub use filter::{FilterChange, FilterError, Filters, MAX_FILTERS};
+pub use filter::{FilterChange, FilterError, Filters, MAX_FILTERS, MAX_REGEX_FILTERS};
 pub use profile::Profiler;
 
 use crate::runtime::Event;

@@ -26,6 +26,8 @@ pub enum TermError {
     Tag(u8),
     #[error("bad version byte {0} (expected 131)")]
     Version(u8),
+    #[error("a bit binary with {0} bits in its last byte (1 to 8)")]
+    TailBits(u8),
 }
 
 /// Checks that `bytes` holds whole terms (each `131` + a term), back to
@@ -94,7 +96,17 @@ fn check_one(b: &[u8], mut at: usize) -> Result<usize, TermError> {
                 at += 1 + b[at] as usize // SMALL_ATOM(_UTF8)
             }
             109 => at += 4 + u32_at(at)?, // BINARY
-            77 => at += 5 + u32_at(at)?,  // BIT_BINARY
+            77 => {
+                // BIT_BINARY: the decoder shifts by 8 − bits, so bits
+                // outside 1..=8 must not reach it (found by fuzz/erlang_term).
+                let len = u32_at(at)?;
+                need(at + 4, 1)?;
+                let bits = b[at + 4];
+                if !(1..=8).contains(&bits) {
+                    return Err(TermError::TailBits(bits));
+                }
+                at += 5 + len
+            }
             110 => {
                 need(at, 1)?;
                 at += 2 + b[at] as usize // SMALL_BIG
@@ -268,6 +280,14 @@ mod tests {
         let mut buf = Vec::new();
         t.encode(&mut buf).unwrap();
         buf
+    }
+
+    #[test]
+    fn a_bit_binary_needs_1_to_8_tail_bits() {
+        assert_eq!(check(b"\x83M\x00\x00\x00\x01\x03\xe0"), Ok(()));
+        assert_eq!(check(b"\x83M\x00\x00\x00\x01\x00\xff"), Err(TermError::TailBits(0)));
+        assert_eq!(check(b"\x83M\x00\x00\x00\x01\x09\xff"), Err(TermError::TailBits(9)));
+        assert_eq!(check(b"\x83M\x00\x00\x00\x01"), Err(TermError::Truncated));
     }
 
     #[test]

@@ -105,7 +105,7 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, s: Arc<Server>) {
 /// so a document that arrives a byte at a time costs its length, not its
 /// length squared (re-parsing the buffer on every read did).
 #[derive(Default)]
-struct Framer {
+pub struct Framer {
     scanned: usize,
     depth: usize,
     started: bool,
@@ -115,12 +115,12 @@ struct Framer {
 
 /// A document that is not an object or an array: the stream cannot be
 /// framed past it.
-struct NotFramed;
+pub struct NotFramed;
 
 impl Framer {
     /// The end of the first complete document in `buf`, None while it is
     /// incomplete. After an end, the caller drops `..end` from the buffer.
-    fn next_end(&mut self, buf: &[u8]) -> Result<Option<usize>, NotFramed> {
+    pub fn next_end(&mut self, buf: &[u8]) -> Result<Option<usize>, NotFramed> {
         for (i, &b) in buf.iter().enumerate().skip(self.scanned) {
             if !self.started {
                 match b {
