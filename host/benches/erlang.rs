@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fmt_ns, fmt_rate, free_port, median, Kill};
+use common::{daemon, fmt_ns, fmt_rate, free_port, median, Kill};
 
 const COOKIE: &str = "EvrBench";
 const N: usize = 10_000;
@@ -40,17 +40,7 @@ fn main() {
     let config = format!(
         "[rpc]\nlisten = \"127.0.0.1:{rpc}\"\n[erlang]\nlisten-port = {erl_port}\nnodename = \"evrbench{erl_port}\"\ncookie = \"{COOKIE}\"\n"
     );
-    let path = dir.path().join("evrhost.toml");
-    std::fs::write(&path, config).expect("write config");
-    let _evrhost = Kill(
-        Command::new(env!("CARGO_BIN_EXE_evrhost"))
-            .args(["run", "-c"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start evrhost"),
-    );
+    let _evrhost = daemon(dir.path(), &config);
     // The RPC listener opens after the Erlang node is registered.
     wait_port(rpc);
 

@@ -13,10 +13,10 @@ mod common;
 #[path = "../../tests/yate/engine.rs"]
 mod engine;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{fmt_ns, fmt_rate, free_port, median, quantile, Kill};
+use common::{daemon, fmt_ns, fmt_rate, free_port, median, quantile};
 use engine::{Engine, Listener};
 
 const PIPELINED: usize = 20_000;
@@ -80,17 +80,7 @@ async fn bench() {
          [[yate.install]]\nmessage = \"call.route\"\n",
         plugin.display()
     );
-    let path = dir.path().join("evrhost.toml");
-    std::fs::write(&path, config).expect("write config");
-    let _evrhost = Kill(
-        Command::new(env!("CARGO_BIN_EXE_evrhost"))
-            .args(["run", "-c"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start evrhost"),
-    );
+    let _evrhost = daemon(dir.path(), &config);
     let evrhost = evr_listener.accept_timeout(Duration::from_secs(60)).await.expect("evrhost connects");
     assert!(evrhost.wait_installed("call.route", Duration::from_secs(10)).await, "{:?}", evrhost.sent_lines());
     let set = Command::new(env!("CARGO_BIN_EXE_evrhost"))

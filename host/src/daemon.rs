@@ -96,9 +96,10 @@ pub async fn run(config: Config, origin: &str, logs: Arc<LogHub>) -> Result<(), 
 const STOP_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Returns on SIGINT or SIGTERM, or when a front-end asks (`shutdown`
-/// cancelled: Yate closed the pipes of the evrhost it spawned); SIGHUP reloads every plugin from where it
-/// was loaded (an unchanged one comes from the compiled cache), in a task
-/// of its own, so that a slow reload never delays a stop.
+/// cancelled: Yate closed the pipes of the evrhost it spawned). SIGHUP
+/// reloads every plugin from where it was loaded (an unchanged one comes
+/// from the compiled cache), in a task of its own, so that a slow reload
+/// never delays a stop.
 async fn wait_for_shutdown(
     d: &Arc<Dispatcher>,
     shutdown: &tokio_util::sync::CancellationToken,

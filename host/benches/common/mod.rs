@@ -50,6 +50,22 @@ impl Drop for Kill {
     }
 }
 
+/// `evrhost run -c` on `config`, written into `dir`; warnings only on
+/// stderr. Killed when the returned value drops.
+pub fn daemon(dir: &std::path::Path, config: &str) -> Kill {
+    let path = dir.join("evrhost.toml");
+    std::fs::write(&path, config).expect("write config");
+    Kill(
+        std::process::Command::new(env!("CARGO_BIN_EXE_evrhost"))
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start evrhost"),
+    )
+}
+
 /// A loopback TCP port nobody listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")

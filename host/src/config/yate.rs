@@ -246,13 +246,12 @@ pub(super) fn check(
         setlocal.push((name.clone(), setlocal_value(ck, name, value)?));
     }
     let reconnect_min = ck.millis(&y.reconnect_min_ms, "yate.reconnect_min_ms")?.unwrap_or(100);
-    let reconnect_max = ck.millis(&y.reconnect_max_ms, "yate.reconnect_max_ms")?.unwrap_or(5000);
-    if reconnect_max < reconnect_min {
-        let at = y.reconnect_max_ms.as_ref().or(y.reconnect_min_ms.as_ref());
-        if let Some(at) = at {
-            return Err(ck.at(at, "yate.reconnect_max_ms", "must be at least reconnect_min_ms"));
+    let reconnect_max = match &y.reconnect_max_ms {
+        Some(max) if *max.get_ref() < reconnect_min => {
+            return Err(ck.at(max, "yate.reconnect_max_ms", "must be at least reconnect_min_ms"))
         }
-    }
+        given => ck.millis(given, "yate.reconnect_max_ms")?.unwrap_or(reconnect_min.max(5000)),
+    };
     Ok(YateSettings {
         connect,
         role,

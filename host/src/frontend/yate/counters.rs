@@ -125,7 +125,7 @@ pub(super) fn status(shared: &Shared) -> String {
 pub(super) struct YateMetrics(pub Weak<Shared>);
 
 impl YateMetrics {
-    pub fn shared(shared: &Arc<Shared>) -> Arc<dyn Metrics> {
+    pub fn of(shared: &Arc<Shared>) -> Arc<dyn Metrics> {
         Arc::new(YateMetrics(Arc::downgrade(shared)))
     }
 }

@@ -25,7 +25,7 @@ mod session;
 mod transport;
 pub mod wire;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,7 +58,6 @@ pub(crate) struct Shared {
     next_id: AtomicU64,
     /// (message, route, state) of each install, for `yate.status`.
     installs: Mutex<Vec<(String, String, &'static str)>>,
-    connected: AtomicBool,
     garbage_report: Throttle,
     overlong_report: Throttle,
     error_in_report: Throttle,
@@ -67,8 +66,9 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A session is up (it has an outbox).
     fn connected(&self) -> bool {
-        self.connected.load(Relaxed)
+        lock(&self.outbox).is_some()
     }
 
     fn in_flight(&self) -> usize {
@@ -105,7 +105,6 @@ impl Frontend for Yate {
             outbox: Mutex::new(None),
             next_id: AtomicU64::new(1),
             installs: Mutex::new(Vec::new()),
-            connected: AtomicBool::new(false),
             garbage_report: Throttle::default(),
             overlong_report: Throttle::default(),
             error_in_report: Throttle::default(),
@@ -125,7 +124,7 @@ impl Frontend for Yate {
             .map_err(|e| FrontendError::new(Self::NAME, e))?;
         let thread = FrontendThread::start(Self::NAME).map_err(|e| FrontendError::new(Self::NAME, e))?;
         let mut running = Running::new(Self::NAME);
-        running.metrics(YateMetrics::shared(&shared));
+        running.metrics(YateMetrics::of(&shared));
         running.graceful(thread.spawn(serve(shared, ctx.clone())));
         running.on_stop(move || thread.stop());
         Ok(running)
@@ -145,10 +144,8 @@ async fn serve(shared: Arc<Shared>, ctx: Context) {
                 backoff = settings.reconnect_min;
                 let (local, peer, proto) = (conn.local, conn.peer, conn.proto);
                 bump(&shared.counters.connects);
-                shared.connected.store(true, Relaxed);
                 tracing::info!(engine = %shared.describe, "yate: connected");
                 let ended = session::run(conn, &shared, &ctx).await;
-                shared.connected.store(false, Relaxed);
                 let why = match &ended {
                     Ended::Shutdown => return,
                     Ended::Closed => "the engine closed the connection".to_string(),

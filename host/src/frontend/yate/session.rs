@@ -99,7 +99,6 @@ impl Writer {
 pub(super) struct Lane {
     pub d: Arc<Dispatcher>,
     pub shared: Arc<Shared>,
-    pub tx: Writer,
     pub bufsize: Arc<AtomicUsize>,
 }
 
@@ -154,7 +153,7 @@ pub(super) async fn run(conn: Conn, shared: &Arc<Shared>, ctx: &Context) -> Ende
     let tx = Writer { tx, queued: queued.clone() };
     // Until the engine confirms the size asked, lines keep to its default.
     let bufsize = Arc::new(AtomicUsize::new(shared.settings.bufsize.min(YATE_DEFAULT_BUFSIZE)));
-    let lane = Arc::new(Lane { d: ctx.dispatcher.clone(), shared: shared.clone(), tx, bufsize });
+    let lane = Arc::new(Lane { d: ctx.dispatcher.clone(), shared: shared.clone(), bufsize });
     let installs = shared.settings.installs.iter().map(|i| (i.message.clone(), (i.clone(), State::Off))).collect();
     let mut session = Session {
         ctx,
@@ -171,11 +170,8 @@ pub(super) async fn run(conn: Conn, shared: &Arc<Shared>, ctx: &Context) -> Ende
         setlocals: VecDeque::new(),
     };
     session.setup(socket);
-    *lock(&shared.outbox) = Some(Outbox {
-        tx: session.lane.tx.clone(),
-        pending: session.pending.clone(),
-        bufsize: session.lane.bufsize.clone(),
-    });
+    *lock(&shared.outbox) =
+        Some(Outbox { tx, pending: session.pending.clone(), bufsize: session.lane.bufsize.clone() });
     let ended = session.read(reader).await;
     *lock(&shared.outbox) = None;
     // Plugins waiting for an answer learn that none will come.
