@@ -466,9 +466,10 @@ async fn many_udp_subscribers_share_a_socket_and_unauthenticated_peers_raise_not
     let r = admin.call("event.subscribe", json!(["E_CORE_TCP_DISCONNECT", watcher.socket()])).await.expect("rpc");
     assert_eq!(result(&r), &json!("OK"));
     let before = daemon.fds();
-    // 300 more subscribers (they need not exist: event_datagram does not care).
+    // 300 more subscribers (they need not exist: event_datagram does not
+    // care). On 127.0.0.2, so none can be the watcher's own ephemeral port.
     for port in 40_000..40_300 {
-        let r = admin.call("event.subscribe", json!(["E_CORE_TCP_DISCONNECT", format!("udp:127.0.0.1:{port}")])).await;
+        let r = admin.call("event.subscribe", json!(["E_CORE_TCP_DISCONNECT", format!("udp:127.0.0.2:{port}")])).await;
         assert_eq!(result(&r.expect("rpc")), &json!("OK"));
     }
     // Five peers without the token: 401 each, and no event for their going.
@@ -494,6 +495,7 @@ async fn many_udp_subscribers_share_a_socket_and_unauthenticated_peers_raise_not
     loop {
         let list = admin.call("event.list", json!([])).await.expect("rpc");
         let subscribers = result(&list).as_array().expect("array").clone();
+        assert_eq!(subscribers.len(), 301, "every subscription is a subscriber of its own");
         // Reached: delivered, or still in the subscriber's queue on a
         // loaded machine (the bus's part is done either way).
         let delivered: u64 =
