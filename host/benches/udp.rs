@@ -225,7 +225,9 @@ fn start_daemon(dir: &Path, workers: usize) -> anyhow::Result<Daemon> {
     std::fs::write(&config, daemon_config(&dir.join("cache"), rpc, udp, workers))?;
     let log = dir.join("evrhost.log");
     let bin = Path::new(env!("CARGO_BIN_EXE_evrhost"));
-    let process = Spawned::start(bin, &config, rpc, &log, &[], Duration::from_secs(30))?;
+    let state = dir.display().to_string();
+    let env = [("XDG_STATE_HOME", state.as_str())];
+    let process = Spawned::start(bin, &config, rpc, &log, &env, Duration::from_secs(30))?;
     Ok(Daemon { process, rpc, udp, log })
 }
 

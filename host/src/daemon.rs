@@ -14,6 +14,7 @@ use crate::frontend::rpc::Rpc;
 use crate::frontend::udp::Udp;
 use crate::frontend::yate::Yate;
 use crate::frontend::{launch, Context, FrontendError};
+use crate::kv::{Durability, KvBackend, KvStore, OpenError};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::{builtins, exec, housekeeping};
 
@@ -29,13 +30,21 @@ pub enum DaemonError {
     Subscribe(#[from] BusError),
     #[error("cannot watch for signals: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Kv(#[from] OpenError),
 }
 
-/// A runtime and a dispatcher for `config`, with the built-in commands: all
-/// that `evrhost call`, `inspect` and `check` need.
+/// A runtime and a dispatcher for `config`, with the built-in commands and
+/// kv in memory: all that `evrhost call`, `inspect` and `check` need (they
+/// never touch a running daemon's store).
 pub async fn start(config: &Config) -> Result<Arc<Dispatcher>, DaemonError> {
+    start_with(config, KvStore::default()).await
+}
+
+/// `start` on the given kv store.
+pub async fn start_with(config: &Config, kv: KvStore) -> Result<Arc<Dispatcher>, DaemonError> {
     let runtime = Runtime::new(config.engine.clone(), config.cache_dir.clone())?;
-    let d = Dispatcher::start(runtime, config).await?;
+    let d = Dispatcher::start_with(runtime, config, kv).await?;
     builtins::install(&d).await?;
     Ok(d)
 }
@@ -44,7 +53,9 @@ pub async fn start(config: &Config) -> Result<Arc<Dispatcher>, DaemonError> {
 /// the log; `logs` is the hub the process's tracing layer feeds.
 pub async fn run(config: Config, origin: &str, logs: Arc<LogHub>) -> Result<(), DaemonError> {
     let started = Instant::now();
-    let d = start(&config).await?;
+    let kv = KvStore::open(&config.kv)?;
+    tracing::info!(backend = kv.backend_name(), "kv: {}", describe(&config.kv));
+    let d = start_with(&config, kv).await?;
     let periodic = housekeeping::spawn(d.clone(), config.events.clone());
     if let Some(level) = config.events.log {
         logs.enable(Arc::downgrade(d.bus()), level);
@@ -87,8 +98,23 @@ pub async fn run(config: Config, origin: &str, logs: Arc<LogHub>) -> Result<(), 
         tracing::warn!(seconds = STOP_WITHIN.as_secs(), "front-ends and tasks did not stop in time; leaving them");
     }
     periodic.abort();
+    // After the front-ends: no call writes any more.
+    d.kv().close(STOP_WITHIN);
     tracing::info!("evrhost stopped");
     Ok(())
+}
+
+fn describe(backend: &KvBackend) -> String {
+    match backend {
+        KvBackend::Memory => "in memory, gone at exit".into(),
+        KvBackend::Embedded { dir, durability: Durability::Sync } => {
+            format!("{}/kv.redb, each acknowledged write on disk", dir.display())
+        }
+        KvBackend::Embedded { dir, durability: Durability::Relaxed(every) } => {
+            format!("{}/kv.redb, committed every {} ms (a crash loses at most that)", dir.display(), every.as_millis())
+        }
+        KvBackend::Redis(r) => format!("redis, {} connection(s), key prefix {}", r.pool, r.prefix),
+    }
 }
 
 /// How long stopping may take: whatever is still running then (a call that

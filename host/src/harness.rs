@@ -25,6 +25,7 @@ use crate::config::{Config, ConfigError};
 use crate::daemon::{self, DaemonError};
 use crate::dispatcher::Dispatcher;
 use crate::frontend::{launch, udp::Udp, Context, Running};
+use crate::kv::KvStore;
 use crate::runtime::Event;
 
 /// A component built from `plugins/` by the host's build script.
@@ -74,12 +75,15 @@ pub struct TestHost {
 
 impl TestHost {
     /// Starts `config` (with `{NAME}` plugin paths filled in, no compiled
-    /// cache, no RPC listener) and its UDP front-end. Must run in a tokio
-    /// runtime.
+    /// cache, no RPC listener, kv in memory unless it has a `[kv]` section)
+    /// and its UDP front-end. Must run in a tokio runtime.
     pub async fn start(config: &str) -> Result<TestHost, HarnessError> {
-        let mut config = Config::parse(&with_plugin_paths(config), "(test)", Path::new("."))?;
-        config.cache_dir = None;
-        let dispatcher = daemon::start(&config).await?;
+        let mut parsed = Config::parse(&with_plugin_paths(config), "(test)", Path::new("."))?;
+        parsed.cache_dir = None;
+        let has_kv = config.lines().any(|l| l.trim() == "[kv]");
+        let kv = if has_kv { KvStore::open(&parsed.kv).map_err(DaemonError::from)? } else { KvStore::default() };
+        let config = parsed;
+        let dispatcher = daemon::start_with(&config, kv).await?;
         let ctx = Context::new(dispatcher.clone(), LogHub::new());
         let mut frontends = Vec::new();
         frontends.extend(launch::<Udp>((!config.udp.is_empty()).then(|| config.udp.clone()), &ctx).await?);

@@ -64,8 +64,10 @@ fn inspect_names_a_file_that_is_not_a_component() {
 async fn run_without_a_config_serves_the_embedded_demo() {
     let port = super::support::free_port();
     // `--listen` keeps clear of a daemon someone runs by hand on 7080.
+    let state = tempfile::tempdir().expect("temp dir");
     let mut child = std::process::Command::new(BIN)
         .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .env("XDG_STATE_HOME", state.path())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn");

@@ -25,9 +25,15 @@ pub fn free_udp_port() -> u16 {
     socket.local_addr().expect("local addr").port()
 }
 
-/// Runs `evrhost ARGS…` to completion.
+/// Runs `evrhost ARGS…` to completion (a `run` with a kv store of its own).
 pub fn evrhost(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).env("RUST_LOG", "info").output().expect("run evrhost")
+    let state = tempfile::tempdir().expect("temp dir");
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("XDG_STATE_HOME", state.path())
+        .output()
+        .expect("run evrhost")
 }
 
 pub fn text(bytes: &[u8]) -> String {
@@ -73,8 +79,11 @@ impl Daemon {
         std::fs::write(&path, text).expect("write config");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let log = dir.path().join("evrhost.log");
-        let env = [("RUST_LOG", "info"), ("NO_COLOR", "1")];
+        // The embedded kv store defaults to $XDG_STATE_HOME/evrhost: each
+        // daemon gets its own, in its directory.
+        let state = dir.path().display().to_string();
         let process = tokio::task::spawn_blocking(move || {
+            let env = [("RUST_LOG", "info"), ("NO_COLOR", "1"), ("XDG_STATE_HOME", state.as_str())];
             Spawned::start(Path::new(BIN), &path, addr, &log, &env, Duration::from_secs(60))
         })
         .await

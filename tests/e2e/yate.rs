@@ -324,6 +324,7 @@ async fn spawned_by_yate_it_speaks_on_pipes_and_exits_on_eof() {
     let engine = Engine::command(Path::new(BIN))
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
+        .env("XDG_STATE_HOME", &dir.path().display().to_string())
         .spawn(&path.display().to_string())
         .expect("spawn");
     for name in ["call.route", "user.auth", "test.loop"] {

@@ -60,6 +60,7 @@ pub fn daemon(dir: &std::path::Path, config: &str) -> Kill {
             .args(["run", "-c"])
             .arg(&path)
             .env("RUST_LOG", "warn")
+            .env("XDG_STATE_HOME", dir)
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .expect("start evrhost"),

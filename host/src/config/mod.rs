@@ -23,6 +23,7 @@ mod checker;
 mod erlang;
 mod events;
 mod exec;
+mod kv;
 mod plugin;
 mod route;
 mod rpc;
@@ -90,6 +91,8 @@ pub struct Config {
     pub erlang: Option<ErlangSettings>,
     /// None: not a Yate module.
     pub yate: Option<YateSettings>,
+    /// Where tenants' keys live.
+    pub kv: crate::kv::KvBackend,
 }
 
 /// The file's shape; each section is checked in its own module.
@@ -112,6 +115,7 @@ struct File {
     events: events::EventsSection,
     erlang: Option<erlang::ErlangSection>,
     yate: Option<yate::YateSection>,
+    kv: Option<kv::KvSection>,
 }
 
 impl Config {
@@ -177,7 +181,8 @@ impl Config {
             Some(section) => Some(erlang::check(&ck, section, base, erlang_routes)?),
             None => None,
         };
-        Ok(Config { engine, cache_dir, tenants, plugins, routes, exec, udp, rpc, events, erlang, yate })
+        let kv = kv::check(&ck, &raw.kv, base)?;
+        Ok(Config { engine, cache_dir, tenants, plugins, routes, exec, udp, rpc, events, erlang, yate, kv })
     }
 }
 

@@ -172,14 +172,23 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// `start_with` on a kv store in memory.
+    pub async fn start(runtime: Arc<Runtime>, config: &Config) -> Result<Arc<Dispatcher>, DispatchError> {
+        Dispatcher::start_with(runtime, config, KvStore::default()).await
+    }
+
     /// Loads every configured plugin and binds the routes; exec tasks need
     /// their plugin's `task` export. Must run inside a tokio runtime
     /// (subscriptions spawn delivery tasks).
-    pub async fn start(runtime: Arc<Runtime>, config: &Config) -> Result<Arc<Dispatcher>, DispatchError> {
+    pub async fn start_with(
+        runtime: Arc<Runtime>,
+        config: &Config,
+        kv: KvStore,
+    ) -> Result<Arc<Dispatcher>, DispatchError> {
         let bus = Bus::new(config.events.queue);
         let dispatcher = Arc::new_cyclic(|me: &Weak<Dispatcher>| Dispatcher {
             runtime,
-            kv: KvStore::default(),
+            kv,
             tenants: config.tenants.clone(),
             table: ArcSwap::from_pointee(Table::default()),
             admin: tokio::sync::Mutex::new(()),
@@ -248,6 +257,17 @@ impl Dispatcher {
 
     pub fn bus(&self) -> &Arc<Bus> {
         &self.bus
+    }
+
+    pub fn kv(&self) -> &KvStore {
+        &self.kv
+    }
+
+    /// A configured tenant's kv space (made with its limits if no plugin
+    /// of the tenant's has used it yet).
+    pub fn kv_space(&self, tenant: &str) -> Option<Arc<crate::kv::KvSpace>> {
+        let limits = self.tenants.get(tenant)?.kv;
+        Some(self.kv.space(tenant, limits))
     }
 
     /// Periodic work: idle instances past their time are dropped (pools

@@ -75,7 +75,7 @@ impl Dispatcher {
                 let reply = handler.handle(request).await.inspect_err(|e| {
                     tracing::warn!(route = %request.route, handler = %handler.name(), error = %e, "remote route failed");
                 })?;
-                let report = CallReport { elapsed: started.elapsed(), fuel: 0 };
+                let report = CallReport { elapsed: started.elapsed(), ..CallReport::default() };
                 Ok(RouteOutcome { reply, plugin: handler.name().into(), report })
             }
         }

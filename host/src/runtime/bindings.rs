@@ -7,8 +7,8 @@
 // Host functions are synchronous (cheaper per call) except those that
 // wait: `commands.call` runs another plugin, `fetch.fetch` waits for an
 // Erlang process, `messages.dispatch` waits for the engine's answer,
-// and `host.sleep` (shadowed in
-// `imports::add_sleep`) suspends a task.
+// `kv.*` may wait for a Redis server (in process they are ready at once),
+// and `host.sleep` (shadowed in `imports::add_sleep`) suspends a task.
 wasmtime::component::bindgen!({
     world: "plugin",
     path: "../wit",
@@ -17,6 +17,10 @@ wasmtime::component::bindgen!({
         "evrhost:plugin/host.sleep": async,
         "evrhost:plugin/fetch.fetch": async,
         "evrhost:plugin/messages.dispatch": async,
+        "evrhost:plugin/kv.get": async,
+        "evrhost:plugin/kv.set": async,
+        "evrhost:plugin/kv.delete": async,
+        "evrhost:plugin/kv.incr": async,
     },
     exports: { default: async },
 });

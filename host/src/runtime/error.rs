@@ -4,7 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 /// The cause of a failed call. Every cause but `Guest`, `ReplyTooLarge`,
-/// `Busy` and `Host` poisons the instance: it is discarded and the next
+/// `Busy`, `Storage` and `Host` poisons the instance: it is discarded and the next
 /// call gets a fresh one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Cause {
@@ -26,6 +26,9 @@ pub enum Cause {
     Guest { message: String },
     /// No instance became free before the deadline.
     Busy { waited: Duration },
+    /// The call ran, but its kv writes could not be made durable: its
+    /// reply is withheld, so nothing unsaved is acknowledged.
+    Storage { reason: String },
     /// The host failed to run the call (instantiation, a host import).
     Host { message: String },
 }
@@ -43,16 +46,28 @@ impl Cause {
             Cause::ReplyTooLarge { .. } => "reply-size",
             Cause::Guest { .. } => "guest-error",
             Cause::Busy { .. } => "busy",
+            Cause::Storage { .. } => "storage",
             Cause::Host { .. } => "host",
         }
     }
 
-    pub const KINDS: [&'static str; 10] =
-        ["fuel", "deadline", "memory", "stack", "panic", "trap", "reply-size", "guest-error", "busy", "host"];
+    pub const KINDS: [&'static str; 11] = [
+        "fuel",
+        "deadline",
+        "memory",
+        "stack",
+        "panic",
+        "trap",
+        "reply-size",
+        "guest-error",
+        "busy",
+        "storage",
+        "host",
+    ];
 
     /// Whether the instance that produced this must be thrown away.
     pub fn poisons_instance(&self) -> bool {
-        !matches!(self, Cause::Guest { .. } | Cause::ReplyTooLarge { .. } | Cause::Busy { .. })
+        !matches!(self, Cause::Guest { .. } | Cause::ReplyTooLarge { .. } | Cause::Busy { .. } | Cause::Storage { .. })
     }
 }
 
@@ -70,6 +85,7 @@ impl fmt::Display for Cause {
             Cause::ReplyTooLarge { size, cap } => write!(f, "reply of {size} bytes exceeds the cap of {cap}"),
             Cause::Guest { message } => write!(f, "handler error: {message}"),
             Cause::Busy { waited } => write!(f, "no free instance after {} ms", waited.as_millis()),
+            Cause::Storage { reason } => write!(f, "kv writes not saved, reply withheld: {reason}"),
             Cause::Host { message } => write!(f, "host error: {message}"),
         }
     }

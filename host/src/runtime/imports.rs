@@ -12,7 +12,9 @@ use super::bindings::{Answer, Event, HostError, Level, Message};
 use super::contract::interface;
 use super::services::FetchQuery;
 use super::state::HostState;
-use crate::kv::KvError;
+use std::sync::Arc;
+
+use crate::kv::{KvError, KvSpace, Ticket};
 
 /// Command calls nested deeper than this fail, which ends cycles of plugins
 /// calling each other.
@@ -97,7 +99,9 @@ fn denied(capability: &str) -> HostError {
 
 fn kv_error(e: KvError) -> HostError {
     match e {
-        KvError::Full { .. } | KvError::OverBudget { .. } => HostError::Failed(e.to_string()),
+        KvError::Full { .. } | KvError::OverBudget { .. } | KvError::Unavailable { .. } => {
+            HostError::Failed(e.to_string())
+        }
         _ => HostError::Invalid(e.to_string()),
     }
 }
@@ -131,33 +135,66 @@ impl host::Host for HostState {
     }
 }
 
+impl HostState {
+    /// The plugin's kv space, if granted, and what is left of the call's
+    /// deadline (a remote store's command must not outlast it).
+    fn kv_space(&self) -> Result<(Arc<KvSpace>, Duration), HostError> {
+        if !self.plugin.spec.capabilities.kv {
+            return Err(denied("kv"));
+        }
+        let plugin = &self.plugin;
+        let left_ticks =
+            self.call.deadline_tick.saturating_sub(plugin.ticks.load(std::sync::atomic::Ordering::Acquire));
+        let left = plugin.spec.limits.deadline.mul_f64(left_ticks as f64 / plugin.deadline_ticks.max(1) as f64);
+        Ok((plugin.kv.clone(), left))
+    }
+
+    /// A kv operation's result; its ticket joins the call's, which the
+    /// call's reply waits on.
+    fn settle<T>(&mut self, (result, ticket): (Result<T, KvError>, Ticket)) -> Result<T, HostError> {
+        self.call.kv_ticket = self.call.kv_ticket.max(ticket);
+        result.map_err(kv_error)
+    }
+}
+
+/// Runs `op`, bounded by `left` when the store is remote.
+async fn within<T>(
+    space: &KvSpace,
+    left: Duration,
+    op: impl std::future::Future<Output = (Result<T, KvError>, Ticket)>,
+) -> (Result<T, KvError>, Ticket) {
+    if space.is_local() {
+        return op.await;
+    }
+    match tokio::time::timeout(left, op).await {
+        Ok(done) => done,
+        Err(_) => (Err(KvError::Unavailable { reason: "no answer before the call's deadline".into() }), Ticket::NONE),
+    }
+}
+
 impl kv::Host for HostState {
-    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, HostError> {
-        if !self.plugin.spec.capabilities.kv {
-            return Err(denied("kv"));
-        }
-        self.plugin.kv.get(&key).map_err(kv_error)
+    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, HostError> {
+        let (space, left) = self.kv_space()?;
+        let done = within(&space, left, space.get(&key)).await;
+        self.settle(done)
     }
 
-    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), HostError> {
-        if !self.plugin.spec.capabilities.kv {
-            return Err(denied("kv"));
-        }
-        self.plugin.kv.set(&key, value).map_err(kv_error)
+    async fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), HostError> {
+        let (space, left) = self.kv_space()?;
+        let done = within(&space, left, space.set(&key, value)).await;
+        self.settle(done)
     }
 
-    fn delete(&mut self, key: String) -> Result<bool, HostError> {
-        if !self.plugin.spec.capabilities.kv {
-            return Err(denied("kv"));
-        }
-        self.plugin.kv.delete(&key).map_err(kv_error)
+    async fn delete(&mut self, key: String) -> Result<bool, HostError> {
+        let (space, left) = self.kv_space()?;
+        let done = within(&space, left, space.delete(&key)).await;
+        self.settle(done)
     }
 
-    fn incr(&mut self, key: String, delta: i64) -> Result<i64, HostError> {
-        if !self.plugin.spec.capabilities.kv {
-            return Err(denied("kv"));
-        }
-        self.plugin.kv.incr(&key, delta).map_err(kv_error)
+    async fn incr(&mut self, key: String, delta: i64) -> Result<i64, HostError> {
+        let (space, left) = self.kv_space()?;
+        let done = within(&space, left, space.incr(&key, delta)).await;
+        self.settle(done)
     }
 }
 

@@ -108,12 +108,32 @@ impl PluginVersion {
         CallError { plugin: self.spec.name.clone(), what, target: target.to_string(), cause }
     }
 
+    /// Holds a reply until the kv writes its call made (or read) are
+    /// durable; the instance is back in the pool meanwhile. A write that
+    /// cannot be saved turns the reply into an error, so no caller is told
+    /// of a write a crash would lose.
+    async fn acknowledge<T>(&self, what: &'static str, target: &str, (result, report): Outcome<T>) -> Outcome<T> {
+        if report.kv_ticket == crate::kv::Ticket::NONE {
+            return (result, report);
+        }
+        match self.pool.kv().durable(report.kv_ticket).await {
+            Ok(()) => (result, report),
+            Err(e) => {
+                let cause = Cause::Storage { reason: e.to_string() };
+                self.stats.error(&cause);
+                tracing::warn!(plugin = %self.spec.name, route = %target, "reply withheld: {cause}");
+                (Err(self.error(what, target, cause)), report)
+            }
+        }
+    }
+
     /// Calls the route handler. `depth` counts nested command calls.
     pub async fn handle(&self, request: &Request, depth: u32) -> Outcome<Reply> {
-        let (result, report) = call_export!(self, "route", &request.route, depth, false, |store, exports| {
+        let outcome = call_export!(self, "route", &request.route, depth, false, |store, exports| {
             let g = exports.route.as_ref().ok_or_else(|| missing(Export::Route))?;
             guest(g.call_handle(store, request).await)
         });
+        let (result, report) = self.acknowledge("route", &request.route, outcome).await;
         let result = result.and_then(|reply| {
             let size = reply.retval.len()
                 + reply.params.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
@@ -131,10 +151,11 @@ impl PluginVersion {
 
     /// Runs one of the plugin's API commands.
     pub async fn execute(&self, command: &str, args: &str, depth: u32) -> Outcome<String> {
-        call_export!(self, "command", command, depth, false, |store, exports| {
+        let outcome = call_export!(self, "command", command, depth, false, |store, exports| {
             let g = exports.api.as_ref().ok_or_else(|| missing(Export::Api))?;
             guest(g.call_execute(store, command, args).await)
-        })
+        });
+        self.acknowledge("command", command, outcome).await
     }
 
     /// Delivers an event to the subscriber export.

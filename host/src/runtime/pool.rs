@@ -67,6 +67,8 @@ pub(crate) enum Failure {
 pub struct CallReport {
     pub elapsed: Duration,
     pub fuel: u64,
+    /// What the reply must wait for to be durable.
+    pub kv_ticket: crate::kv::Ticket,
 }
 
 pub(crate) struct Pool {
@@ -90,6 +92,11 @@ impl Pool {
     pub fn new(pre: InstancePre<HostState>, indices: ExportIndices, ctx: Arc<PluginCtx>, stats: Arc<Stats>) -> Self {
         let state = Mutex::new(PoolState { idle: Vec::new(), in_use: 0, live: 0 });
         Pool { pre, indices, ctx, state, freed: Notify::new(), stats }
+    }
+
+    /// The plugin's kv space (its calls' replies wait on its journal).
+    pub fn kv(&self) -> &crate::kv::KvSpace {
+        &self.ctx.kv
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {
@@ -317,6 +324,7 @@ impl Worker {
         call.target.clear();
         call.target.push_str(target);
         (call.depth, call.is_task, call.log_lines, call.log_dropped, call.log_rate_dropped) = (depth, is_task, 0, 0, 0);
+        call.kv_ticket = crate::kv::Ticket::NONE;
         Ok(())
     }
 
@@ -404,7 +412,7 @@ impl Lease<'_> {
         let Some(mut worker) = self.worker.take() else {
             // `acquire` returns a lease only with its worker in place.
             let cause = Cause::Host { message: "lease without an instance".into() };
-            return (Err(cause), CallReport { elapsed, fuel: 0 });
+            return (Err(cause), CallReport { elapsed, ..CallReport::default() });
         };
         let pool = self.pool;
         let limits = &pool.ctx.spec.limits;
@@ -416,6 +424,7 @@ impl Lease<'_> {
             Err(Failure::Wasm(e)) => Err(classify(&e, worker.store.data(), &stderr)),
         };
         let data = worker.store.data();
+        let kv_ticket = data.call.kv_ticket;
         pool.stats.record(elapsed, fuel, result.as_ref().err());
         match result.as_ref().err() {
             Some(cause) if cause.poisons_instance() => tracing::warn!(
@@ -475,7 +484,7 @@ impl Lease<'_> {
             self.worker = Some(worker);
         }
         self.finished = true;
-        (result, CallReport { elapsed, fuel })
+        (result, CallReport { elapsed, fuel, kv_ticket })
     }
 }
 

@@ -101,6 +101,9 @@ pub struct CallCtx {
     pub log_dropped: usize,
     /// Lines dropped by the plugin's per-second budget in this call.
     pub log_rate_dropped: usize,
+    /// The last kv write the call made or saw: its reply waits until that
+    /// is durable.
+    pub kv_ticket: crate::kv::Ticket,
 }
 
 pub struct HostState {

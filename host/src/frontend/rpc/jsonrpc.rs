@@ -47,13 +47,18 @@ pub struct RpcError {
 }
 
 impl RpcError {
-    fn new(code: i64, message: impl Into<String>) -> Self {
+    pub(super) fn new(code: i64, message: impl Into<String>) -> Self {
         RpcError { code, message: message.into() }
     }
 }
 
 /// Every method, with its usage, for `system.listMethods` and the docs.
-pub const METHODS: [(&str, &str); 21] = [
+pub fn methods() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    METHODS.iter().chain(super::kv_methods::METHODS.iter())
+}
+
+/// The methods answered here (`kv_methods` has the rest).
+const METHODS: [(&str, &str); 21] = [
     ("evrexec.run", "NAME [DATA] — run an event route; {} on success (Kamailio)"),
     ("route.run", "NAME [DATA] [PARAMS] — run a route; the reply, plugin, fuel and time"),
     ("api.run", "COMMAND [ARGS…] — run an API command (built-in or a plugin's)"),
@@ -224,12 +229,12 @@ async fn handle_one(s: &Server, request: Value) -> Option<Value> {
     })
 }
 
-struct Params(Vec<Value>);
+pub(super) struct Params(Vec<Value>);
 
 impl Params {
     /// Parameter `i` as text; numbers and booleans are accepted as their
     /// text, as kamcmd sends numeric-looking arguments as numbers.
-    fn text(&self, i: usize) -> Option<String> {
+    pub(super) fn text(&self, i: usize) -> Option<String> {
         match self.0.get(i)? {
             Value::String(s) => Some(s.clone()),
             Value::Number(n) => Some(n.to_string()),
@@ -238,7 +243,7 @@ impl Params {
         }
     }
 
-    fn required(&self, i: usize, what: &str) -> Result<String, RpcError> {
+    pub(super) fn required(&self, i: usize, what: &str) -> Result<String, RpcError> {
         self.text(i)
             .ok_or_else(|| RpcError::new(-32602, format!("Invalid params: {what} (string) expected at position {i}")))
     }
@@ -436,15 +441,15 @@ async fn call(s: &Server, method: &str, p: Params) -> Result<Value, RpcError> {
         }
         "core.version" => Ok(Value::String(format!("evrhost {}", env!("CARGO_PKG_VERSION")))),
         "core.uptime" => Ok(json!({"uptime": d.uptime().as_secs()})),
-        "system.listMethods" => Ok(Value::Array(METHODS.iter().map(|(m, _)| Value::String(m.to_string())).collect())),
+        "system.listMethods" => Ok(Value::Array(methods().map(|(m, _)| Value::String(m.to_string())).collect())),
         "system.methodHelp" => {
             let m = p.required(0, "method")?;
-            METHODS
-                .iter()
+            methods()
                 .find(|(name, _)| *name == m)
                 .map(|(_, usage)| Value::String(usage.to_string()))
                 .ok_or_else(|| RpcError::new(-32601, format!("Method Not Found: {m}")))
         }
+        kv if kv.starts_with("kv.") => super::kv_methods::call(d, kv, &p).await,
         _ => Err(RpcError::new(-32601, format!("Method Not Found: {method}"))),
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod jsonrpc;
+mod kv_methods;
 pub mod unix;
 
 use std::sync::Arc;
