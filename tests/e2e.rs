@@ -7,6 +7,7 @@ mod e2e {
     pub mod erlang;
     pub mod events;
     pub mod evrexec;
+    pub mod kv;
     pub mod reload;
     pub mod rpc;
     pub mod sandbox;

@@ -103,6 +103,11 @@ fn main() -> ExitCode {
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = LogHub::new();
+    // A file past RLIMIT_FSIZE must fail the write (EFBIG, which the kv
+    // store reports) rather than kill the daemon.
+    // SAFETY: SIG_IGN installs no handler code; nothing else has set one yet.
+    let _ =
+        unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGXFSZ, nix::sys::signal::SigHandler::SigIgn) };
     {
         use tracing_subscriber::prelude::*;
         let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);

@@ -75,20 +75,41 @@ impl Daemon {
                 .replace("{UDP}", &free_udp_port().to_string())
                 .replace("{DIR}", &dir.path().display().to_string()),
         );
-        let path = dir.path().join("evrhost.toml");
-        std::fs::write(&path, text).expect("write config");
+        std::fs::write(dir.path().join("evrhost.toml"), text).expect("write config");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let log = dir.path().join("evrhost.log");
+        let process = Daemon::spawn(dir.path(), addr).await?;
+        Ok(Daemon { process, addr, dir })
+    }
+
+    /// Runs the config in `dir` and waits until it answers on `addr`.
+    async fn spawn(dir: &Path, addr: SocketAddr) -> Result<Spawned, SpawnError> {
+        let path = dir.join("evrhost.toml");
+        let log = dir.join("evrhost.log");
         // The embedded kv store defaults to $XDG_STATE_HOME/evrhost: each
         // daemon gets its own, in its directory.
-        let state = dir.path().display().to_string();
-        let process = tokio::task::spawn_blocking(move || {
+        let state = dir.display().to_string();
+        tokio::task::spawn_blocking(move || {
             let env = [("RUST_LOG", "info"), ("NO_COLOR", "1"), ("XDG_STATE_HOME", state.as_str())];
             Spawned::start(Path::new(BIN), &path, addr, &log, &env, Duration::from_secs(60))
         })
         .await
-        .expect("the start task")?;
-        Ok(Daemon { process, addr, dir })
+        .expect("the start task")
+    }
+
+    /// SIGKILL; the directory (config, log, kv store) is kept.
+    pub fn kill(self) -> (tempfile::TempDir, SocketAddr) {
+        let Daemon { process, addr, dir } = self;
+        drop(process);
+        (dir, addr)
+    }
+
+    /// SIGKILL (nothing flushed, nothing closed), then the same config
+    /// again on the same directory, ports and kv store.
+    pub async fn kill_and_restart(self) -> Daemon {
+        let Daemon { process, addr, dir } = self;
+        drop(process);
+        let process = Daemon::spawn(dir.path(), addr).await.unwrap_or_else(|e| panic!("restart: {e}"));
+        Daemon { process, addr, dir }
     }
 
     pub async fn client(&self) -> RpcClient {

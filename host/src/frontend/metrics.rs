@@ -99,6 +99,16 @@ impl Registry {
                 let _ = writeln!(out, "{name}{{plugin=\"{}\"}} {v}", slot.name);
             }
         }
+        let kv = d.kv().metrics();
+        let backend = d.kv().backend_name();
+        for (name, help, v) in [
+            ("evrhost_kv_commits_total", "Commits of the embedded kv store.", kv.commits),
+            ("evrhost_kv_committed_writes_total", "Keys written by those commits.", kv.committed_writes),
+            ("evrhost_kv_errors_total", "Failed kv commits or Redis commands.", kv.errors),
+        ] {
+            header(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name}{{backend=\"{backend}\"}} {v}");
+        }
         for source in lock(&self.sources).iter() {
             source.render(&mut out);
         }

@@ -271,6 +271,9 @@ fn check_and_read(db: &redb::Database, path: &Path) -> Result<Loaded, JournalErr
 
 /// The committer thread: commits whatever is pending, until closed.
 fn committer(shared: &Shared, db: redb::Database) {
+    // None after a failed commit: redb refuses every write after an I/O
+    // error until the file is opened again.
+    let mut db = Some(db);
     let mut retry = MIN_RETRY;
     let mut logged: Option<Instant> = None;
     loop {
@@ -284,8 +287,15 @@ fn committer(shared: &Shared, db: redb::Database) {
         if writes == 0 && closing {
             return;
         }
-        match commit(&db, &batch) {
-            Ok(()) => {
+        let done = match db.take() {
+            Some(open) => commit(&open, &batch).map(|()| open),
+            None => redb::Database::create(&shared.path)
+                .map_err(redb::Error::from)
+                .and_then(|open| commit(&open, &batch).map(|()| open)),
+        };
+        match done {
+            Ok(open) => {
+                db = Some(open);
                 retry = MIN_RETRY;
                 if logged.take().is_some() {
                     tracing::info!(path = %shared.path.display(), "kv: commits succeed again");
