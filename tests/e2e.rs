@@ -8,6 +8,7 @@ mod e2e {
     pub mod events;
     pub mod evrexec;
     pub mod kv;
+    pub mod kv_backends;
     pub mod reload;
     pub mod rpc;
     pub mod sandbox;
