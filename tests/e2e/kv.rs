@@ -77,7 +77,7 @@ async fn acknowledged_counts_survive_kill_9_at_random_moments() {
     for round in 0..6 {
         let acked = Arc::new(Mutex::new(Vec::new()));
         let tasks = load(&daemon, CLIENTS, "k", &acked);
-        tokio::time::sleep(Duration::from_millis(50 + random_below(300))).await;
+        tokio::time::sleep(Duration::from_millis(200 + random_below(300))).await;
         daemon = daemon.kill_and_restart().await;
         for t in tasks {
             t.await.expect("client task");
@@ -93,6 +93,50 @@ async fn acknowledged_counts_survive_kill_9_at_random_moments() {
     }
     let (_, metrics) = daemon.scrape();
     assert!(metrics.contains("evrhost_kv_commits_total"), "{metrics}");
+}
+
+/// UDP too: a reply datagram leaves only once its counts are on disk
+/// (while the worker goes on with the next datagram).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_acknowledged_by_a_reply_datagram_survive_kill_9() {
+    let config = format!("{COUNTING}\n[[exec]]\nname = \"count\"\nsockaddr = \"udp:127.0.0.1:{{UDP}}\"\n");
+    let mut daemon = Daemon::start(&config).await;
+    let target = daemon.udp_addr(0);
+    let mut floor = 0u64;
+    for round in 0..3 {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let senders: Vec<_> = (0..3)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+                    socket.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+                    let (mut sent, mut replies, mut buf) = (0u64, 0u64, [0u8; 64]);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        socket.send_to(b"u", target).expect("send");
+                        sent += 1;
+                        // No reply in time (a loaded machine, or the daemon
+                        // gone): send again until told to stop.
+                        if let Ok(n) = socket.recv(&mut buf) {
+                            assert_eq!(&buf[..n], b"1");
+                            replies += 1;
+                        }
+                    }
+                    (sent, replies)
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300 + random_below(300))).await;
+        daemon = daemon.kill_and_restart().await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (sent, replies) =
+            senders.into_iter().map(|t| t.join().expect("sender")).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let now = counted(&daemon, "u").await;
+        assert!(replies > 0, "round {round}: no reply came back");
+        assert!(now >= floor + replies, "round {round}: {now} counted, {floor} + {replies} replied to");
+        assert!(now <= floor + sent, "round {round}: {now} counted, {floor} + {sent} sent");
+        floor = now;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -156,7 +156,9 @@ async fn embedded_keeps_quotas_tenants_and_atomic_incr() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_keeps_quotas_tenants_and_atomic_incr() {
     let redis = RedisServer::start();
-    quotas_isolation_and_atomic_incr(&format!("[kv]\nbackend = \"redis\"\nurl = \"{}\"", redis.url())).await;
+    // A generous timeout: the machine runs every other test meanwhile.
+    let kv = format!("[kv]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout_ms = 3000", redis.url());
+    quotas_isolation_and_atomic_incr(&kv).await;
 }
 
 /// Calls of `plugin` so far, by `plugin.stats`.
@@ -169,7 +171,7 @@ async fn calls(daemon: &Daemon, plugin: &str) -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_count_udp_datagrams_into_one_redis_exactly() {
     let redis = RedisServer::start();
-    let kv = format!("[kv]\nbackend = \"redis\"\nurl = \"{}\"\npool = 2", redis.url());
+    let kv = format!("[kv]\nbackend = \"redis\"\nurl = \"{}\"\npool = 2\ntimeout_ms = 3000", redis.url());
     let daemons = [Daemon::start(&config(&kv)).await, Daemon::start(&config(&kv)).await];
     let sockets: Vec<_> = daemons
         .iter()

@@ -125,12 +125,44 @@ impl Slot {
 }
 
 /// What `run_route` returns: the deciding reply and who gave it.
-#[derive(Debug)]
 pub struct RouteOutcome {
     pub reply: Reply,
     /// The plugin, or the remote target's name.
     pub plugin: Arc<str>,
     pub report: CallReport,
+    /// The plugin version that replied (None: a remote target), whose kv
+    /// journal `saved` waits on.
+    pub(crate) version: Option<Arc<PluginVersion>>,
+}
+
+impl std::fmt::Debug for RouteOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteOutcome")
+            .field("reply", &self.reply)
+            .field("plugin", &self.plugin)
+            .field("report", &self.report)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteOutcome {
+    /// Whether the reply must wait for `saved` before it leaves.
+    pub fn unsaved(&self) -> bool {
+        self.report.kv_ticket != crate::kv::Ticket::NONE
+    }
+
+    /// Waits until the kv writes the call made (or read) are durable; an
+    /// error if they cannot be, and then the reply must not be sent.
+    pub async fn saved(self, route: &str) -> Result<RouteOutcome, DispatchError> {
+        let Some(version) = self.version.clone().filter(|_| self.unsaved()) else {
+            return Ok(self);
+        };
+        let RouteOutcome { reply, plugin, report, version: v } = self;
+        match version.acknowledge("route", route, (Ok(reply), report)).await {
+            (Ok(reply), report) => Ok(RouteOutcome { reply, plugin, report, version: v }),
+            (Err(e), _) => Err(DispatchError::Call(Box::new(e))),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

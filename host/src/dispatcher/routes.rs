@@ -26,10 +26,20 @@ pub trait RemoteHandler: Send + Sync + 'static {
 pub struct RemoteError(pub String);
 
 impl Dispatcher {
+    /// `run_route_unsaved`, then waits until the call's kv writes are
+    /// durable: the outcome may be sent to its caller at once.
+    pub async fn run_route(&self, request: &Request) -> Result<RouteOutcome, DispatchError> {
+        self.run_route_unsaved(request).await?.saved(&request.route).await
+    }
+
     /// Runs the route `request.route`: its handlers in priority order until
     /// one replies `handled`. A handler that fails is logged and the next
     /// one runs; the error is returned only when no handler replied at all.
-    pub async fn run_route(&self, request: &Request) -> Result<RouteOutcome, DispatchError> {
+    ///
+    /// The reply is not acknowledged yet: a front-end that sends it must
+    /// first await `RouteOutcome::saved` (while it serves other requests),
+    /// one that sends nothing need not wait.
+    pub async fn run_route_unsaved(&self, request: &Request) -> Result<RouteOutcome, DispatchError> {
         let route = request.route.as_str();
         let handlers: Vec<Target> = {
             // A guard, not an Arc: no shared count to bounce between cores.
@@ -50,10 +60,19 @@ impl Dispatcher {
         };
         let mut declined: Option<RouteOutcome> = None;
         let mut failed: Option<DispatchError> = None;
+        // Every handler's kv writes must be durable before the reply goes:
+        // one journal numbers them all, so the last number covers them.
+        let mut ticket = crate::kv::Ticket::NONE;
         for target in &handlers {
             match self.run_target(target, request).await {
-                Ok(outcome) if outcome.reply.handled => return Ok(outcome),
-                Ok(outcome) => declined = Some(outcome),
+                Ok(mut outcome) if outcome.reply.handled => {
+                    outcome.report.kv_ticket = outcome.report.kv_ticket.max(ticket);
+                    return Ok(outcome);
+                }
+                Ok(outcome) => {
+                    ticket = ticket.max(outcome.report.kv_ticket);
+                    declined = Some(outcome);
+                }
                 Err(e) => {
                     tracing::warn!(route, handler = %target.name(), error = %e, "route handler failed; trying the next");
                     failed = Some(e);
@@ -61,7 +80,10 @@ impl Dispatcher {
             }
         }
         match (declined, failed) {
-            (Some(outcome), _) => Ok(outcome),
+            (Some(mut outcome), _) => {
+                outcome.report.kv_ticket = ticket;
+                Ok(outcome)
+            }
             (None, Some(e)) => Err(e),
             (None, None) => Err(DispatchError::RouteNotFound(route.to_string())),
         }
@@ -76,7 +98,7 @@ impl Dispatcher {
                     tracing::warn!(route = %request.route, handler = %handler.name(), error = %e, "remote route failed");
                 })?;
                 let report = CallReport { elapsed: started.elapsed(), ..CallReport::default() };
-                Ok(RouteOutcome { reply, plugin: handler.name().into(), report })
+                Ok(RouteOutcome { reply, plugin: handler.name().into(), report, version: None })
             }
         }
     }
@@ -101,7 +123,7 @@ impl Dispatcher {
             version.handle(request, 0).await
         };
         match result {
-            Ok(reply) => Ok(RouteOutcome { reply, plugin: slot.name.clone(), report }),
+            Ok(reply) => Ok(RouteOutcome { reply, plugin: slot.name.clone(), report, version: Some(version) }),
             Err(e) => Err(DispatchError::Call(Box::new(e))),
         }
     }

@@ -38,7 +38,7 @@ use super::metrics::{header, Metrics};
 use super::{Context, Frontend, FrontendError, Running};
 use crate::bus::Profiler;
 use crate::config::UdpDef;
-use crate::dispatcher::Dispatcher;
+use crate::dispatcher::{Dispatcher, RouteOutcome};
 use crate::runtime::{Origin, Peer, Request};
 
 /// Datagrams read per recvmmsg call.
@@ -207,12 +207,14 @@ pub fn start(
     let sender = Arc::new(UdpSocket::from_std(socket.try_clone()?)?);
     let stats = Arc::new(UdpStats::default());
     let backlog = Arc::new(Backlog { waiting: Default::default(), limit: def.queue });
+    let unsaved = Arc::new(tokio::sync::Semaphore::new(MAX_UNSAVED_REPLIES));
     // The channel holds batches; `backlog` bounds the datagrams in them.
     let (tx, rx) = async_channel::bounded::<Batch>(def.queue.div_ceil(BATCH).max(4));
     let mut tasks = Vec::new();
     for _ in 0..def.workers {
-        let (rx, sender, stats, d, backlog) = (rx.clone(), sender.clone(), stats.clone(), d.clone(), backlog.clone());
-        let (reply, profiling) = (def.reply, def.profiling.then(|| format!("UDP receiver udp:{addr}")));
+        let (rx, d, backlog) = (rx.clone(), d.clone(), backlog.clone());
+        let replies = Replies { socket: sender.clone(), stats: stats.clone(), on: def.reply, unsaved: unsaved.clone() };
+        let profiling = def.profiling.then(|| format!("UDP receiver udp:{addr}"));
         let mut request =
             Request { route: route.to_string(), data: Vec::new(), params: Vec::new(), origin: Origin::Cli };
         tasks.push(tokio::spawn(async move {
@@ -231,12 +233,12 @@ pub fn start(
                     request.data.extend_from_slice(data);
                     match profiling.as_ref().filter(|_| d.bus().wanted("E_PROFILING_PROC")) {
                         None => {
-                            handle(&d, &request, peer, &sender, &stats, reply).await;
+                            handle(&d, &request, peer, &replies).await;
                         }
                         Some(name) => {
                             let mut profiler = Profiler::start(d.bus(), "E_PROFILING_PROC", name);
                             profiler.enter("udp datagram", "udp", 0);
-                            let status = handle(&d, &request, peer, &sender, &stats, reply).await;
+                            let status = handle(&d, &request, peer, &replies).await;
                             profiler.exit("udp datagram", "udp", 0, status);
                             profiler.end(name, status);
                         }
@@ -254,35 +256,83 @@ pub fn start(
     Ok((UdpEndpoint { name: route.to_string(), addr, stats, inode }, tasks))
 }
 
+/// Replies waiting for their kv writes to be durable, per socket; past
+/// this a worker waits for its own before taking the next datagram.
+const MAX_UNSAVED_REPLIES: usize = 4096;
+
+/// Where a worker's replies go.
+struct Replies {
+    socket: Arc<UdpSocket>,
+    stats: Arc<UdpStats>,
+    /// Set: replies go back (`reply = true`).
+    on: bool,
+    unsaved: Arc<tokio::sync::Semaphore>,
+}
+
+impl Replies {
+    async fn send(&self, route: &str, data: &[u8], peer: SocketAddr) {
+        send_reply(&self.socket, &self.stats, route, data, peer).await;
+    }
+}
+
+async fn send_reply(socket: &UdpSocket, stats: &UdpStats, route: &str, data: &[u8], peer: SocketAddr) {
+    match socket.send_to(data, peer).await {
+        Ok(_) => stats.replies.fetch_add(1, Relaxed),
+        Err(e) => {
+            tracing::debug!(route = %route, %peer, error = %e, "reply datagram not sent");
+            stats.reply_errors.fetch_add(1, Relaxed)
+        }
+    };
+}
+
 /// Runs the route for one datagram; the status is 0, or -1 when the call
-/// failed (for profiling records).
-async fn handle(
-    d: &Dispatcher,
-    request: &Request,
-    peer: SocketAddr,
-    socket: &UdpSocket,
-    stats: &UdpStats,
-    reply: bool,
-) -> i64 {
+/// failed (for profiling records). A reply whose kv writes are not yet
+/// durable is sent once they are, while the worker takes the next
+/// datagram; without a reply nothing is acknowledged, so nothing waits.
+async fn handle(d: &Dispatcher, request: &Request, peer: SocketAddr, replies: &Replies) -> i64 {
     let route = request.route.as_str();
-    match d.run_route(request).await {
-        Ok(outcome) => {
-            if let (true, Some(data)) = (reply, outcome.reply.data) {
-                match socket.send_to(&data, peer).await {
-                    Ok(_) => stats.replies.fetch_add(1, Relaxed),
-                    Err(e) => {
-                        tracing::debug!(route = %route, %peer, error = %e, "reply datagram not sent");
-                        stats.reply_errors.fetch_add(1, Relaxed)
-                    }
-                };
+    let outcome = match d.run_route_unsaved(request).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            replies.stats.failed.fetch_add(1, Relaxed);
+            tracing::debug!(route = %route, %peer, error = %e, "datagram not handled");
+            return -1;
+        }
+    };
+    if !replies.on || outcome.reply.data.is_none() {
+        return 0;
+    }
+    if !outcome.unsaved() {
+        if let Some(data) = &outcome.reply.data {
+            replies.send(route, data, peer).await;
+        }
+        return 0;
+    }
+    let saved = |outcome: RouteOutcome, socket: Arc<UdpSocket>, stats: Arc<UdpStats>, route: String| async move {
+        match outcome.saved(&route).await {
+            Ok(o) => {
+                if let Some(data) = &o.reply.data {
+                    send_reply(&socket, &stats, &route, data, peer).await;
+                }
+                0
             }
+            Err(e) => {
+                stats.failed.fetch_add(1, Relaxed);
+                tracing::debug!(route = %route, %peer, error = %e, "reply withheld");
+                -1
+            }
+        }
+    };
+    let job = saved(outcome, replies.socket.clone(), replies.stats.clone(), route.to_string());
+    match replies.unsaved.clone().try_acquire_owned() {
+        Ok(permit) => {
+            tokio::spawn(async move {
+                job.await;
+                drop(permit);
+            });
             0
         }
-        Err(e) => {
-            stats.failed.fetch_add(1, Relaxed);
-            tracing::debug!(route = %route, %peer, error = %e, "datagram not handled");
-            -1
-        }
+        Err(_) => job.await,
     }
 }
 

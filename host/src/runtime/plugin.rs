@@ -112,7 +112,7 @@ impl PluginVersion {
     /// durable; the instance is back in the pool meanwhile. A write that
     /// cannot be saved turns the reply into an error, so no caller is told
     /// of a write a crash would lose.
-    async fn acknowledge<T>(&self, what: &'static str, target: &str, (result, report): Outcome<T>) -> Outcome<T> {
+    pub async fn acknowledge<T>(&self, what: &'static str, target: &str, (result, report): Outcome<T>) -> Outcome<T> {
         if report.kv_ticket == crate::kv::Ticket::NONE {
             return (result, report);
         }
@@ -127,13 +127,14 @@ impl PluginVersion {
         }
     }
 
-    /// Calls the route handler. `depth` counts nested command calls.
+    /// Calls the route handler. `depth` counts nested command calls. The
+    /// reply is not yet acknowledged: its caller waits for
+    /// `acknowledge` before the reply leaves (the dispatcher does).
     pub async fn handle(&self, request: &Request, depth: u32) -> Outcome<Reply> {
-        let outcome = call_export!(self, "route", &request.route, depth, false, |store, exports| {
+        let (result, report) = call_export!(self, "route", &request.route, depth, false, |store, exports| {
             let g = exports.route.as_ref().ok_or_else(|| missing(Export::Route))?;
             guest(g.call_handle(store, request).await)
         });
-        let (result, report) = self.acknowledge("route", &request.route, outcome).await;
         let result = result.and_then(|reply| {
             let size = reply.retval.len()
                 + reply.params.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()

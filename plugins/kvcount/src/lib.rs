@@ -27,7 +27,9 @@ impl Route for KvCount {
             kv::incr(&counter(key), 1).map_err(|e| format!("counting `{key}`: {}", e.message()))?;
             counted += 1;
         }
-        Ok(Reply::handled().retval(counted.to_string()))
+        // The count as data too, so a UDP sender gets it back (and knows
+        // the counts are saved: a reply leaves once its writes are durable).
+        Ok(Reply::handled().retval(counted.to_string()).data(counted.to_string()))
     }
 }
 
