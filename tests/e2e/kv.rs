@@ -259,7 +259,8 @@ async fn a_full_disk_withholds_replies_and_loses_nothing_acknowledged() {
     // Restart the same store under a file-size limit just above its size.
     let (kept, addr) = daemon.kill();
     let dir = kept.path().to_path_buf();
-    let size = std::fs::metadata(dir.join("evrhost/kv.redb")).expect("store").len();
+    let size = std::fs::metadata(dir.join("evrhost/kv.redb")).expect("store").len()
+        + std::fs::metadata(dir.join("evrhost/kv.wal")).expect("log").len();
     let wrapper = dir.join("limited.sh");
     std::fs::write(
         &wrapper,
@@ -283,7 +284,7 @@ async fn a_full_disk_withholds_replies_and_loses_nothing_acknowledged() {
     let refused = c.call("kv.set", json!(["default", "big", big])).await.expect("rpc");
     let (code, message) = error(&refused);
     assert_eq!(code, 503, "{message}");
-    assert!(message.contains("kv.redb"), "{message}");
+    assert!(message.contains("kv.wal"), "{message}");
     // Not writing still works; writing is refused with the cause named.
     assert_eq!(result(&c.call("route.run", json!(["echo", "hi"])).await.expect("rpc"))["data"], json!("hi"));
     let counting = c.call("route.run", json!(["count", "during"])).await.expect("rpc");

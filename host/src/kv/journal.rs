@@ -1,11 +1,14 @@
 //! The embedded store's journal: every tenant's keys in one redb file
-//! (`DIR/kv.redb`), written by one committer thread.
+//! (`DIR/kv.redb`) and a write-ahead log (`DIR/kv.wal`, [`super::wal`]),
+//! written by one committer thread.
 //!
 //! Writes are numbered and collected (latest value per key) while the
-//! committer is busy; each commit takes everything collected so far, in one
-//! redb transaction with an fsync. So concurrent calls share a commit, and
-//! a hot counter written a thousand times between two commits costs one
-//! row. A call that wrote waits (without holding a worker) for the commit
+//! committer is busy; each commit takes everything collected so far and
+//! appends it to the log with one fdatasync. So concurrent calls share a
+//! commit, and a hot counter written a thousand times between two commits
+//! costs one record. Every 16 MiB of log or 10 s the committer moves what
+//! the log holds into redb (one transaction) and empties the log; at open,
+//! a log left by a crash is replayed into redb first. A call that wrote waits (without holding a worker) for the commit
 //! covering its number; in `relaxed` mode nothing waits and the committer
 //! commits at most every `flush_ms`.
 
@@ -17,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
+use super::wal::{Wal, WalError};
 use super::{KvError, KvMetrics, Ticket};
 use crate::sync::lock;
 
@@ -25,6 +29,10 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// The layout this build writes; a file with another is refused.
 const FORMAT: u64 = 1;
 const FILE: &str = "kv.redb";
+const LOG: &str = "kv.wal";
+/// The log is moved into redb when it is this long, or this old.
+const CHECKPOINT_BYTES: u64 = 16 << 20;
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 /// How long a call waits for its commit before its reply says the store
 /// is unavailable.
 const COMMIT_WAIT: Duration = Duration::from_secs(5);
@@ -33,6 +41,9 @@ const MIN_RETRY: Duration = Duration::from_millis(50);
 const MAX_RETRY: Duration = Duration::from_secs(5);
 /// A failing store is logged at most once per this.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// In sync mode, writes no call waits for (a datagram without a reply, an
+/// event, a task) are committed at most this late: they gather meanwhile.
+const UNWAITED: Duration = Duration::from_millis(10);
 
 /// When a write counts as done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,10 +69,12 @@ pub enum JournalError {
     Format { path: PathBuf, found: u64 },
     #[error("kv: cannot start the committer thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Wal(#[from] WalError),
 }
 
 /// Writes collected for the next commit: tenant → key → value (None: deleted).
-type Batch = HashMap<String, HashMap<String, Option<Vec<u8>>>>;
+pub(crate) type Batch = HashMap<String, HashMap<String, Option<Vec<u8>>>>;
 
 #[derive(Default)]
 struct Pending {
@@ -69,6 +82,10 @@ struct Pending {
     writes: usize,
     /// The last number given out.
     last: u64,
+    /// When the oldest write in `batch` was made.
+    since: Option<Instant>,
+    /// Calls waiting for a commit: while there are none, writes gather.
+    waiters: usize,
     closing: bool,
 }
 
@@ -107,7 +124,20 @@ impl Journal {
         create_private_dir(dir).map_err(|source| JournalError::Dir { path: dir.to_path_buf(), source })?;
         let path = dir.join(FILE);
         let db = redb::Database::create(&path).map_err(|e| open_error(&path, e))?;
-        let loaded = check_and_read(&db, &path)?;
+        let mut loaded = check_and_read(&db, &path)?;
+        let (mut wal, records) = Wal::open(&dir.join(LOG))?;
+        if !records.is_empty() {
+            // What a crash left in the log goes into redb before anything
+            // else, in the order it was written.
+            let mut replay = Batch::new();
+            for (tenant, key, value) in records {
+                replay.entry(tenant).or_default().insert(key, value);
+            }
+            let fail = |e: &dyn std::fmt::Display| JournalError::Open { path: path.clone(), reason: e.to_string() };
+            commit(&db, &replay).map_err(|e| fail(&e))?;
+            wal.reset().map_err(|e| fail(&e))?;
+            loaded = check_and_read(&db, &path)?;
+        }
         let shared = Arc::new(Shared {
             path: path.clone(),
             durability,
@@ -123,7 +153,8 @@ impl Journal {
         std::thread::Builder::new()
             .name("evrhost-kv-commit".into())
             .spawn(move || {
-                committer(&worker, db);
+                let store = Store { db: Some(db), wal, unchecked: Batch::new(), checkpointed: Instant::now() };
+                committer(&worker, store);
                 let _ = done_tx.send(());
             })
             .map_err(JournalError::Thread)?;
@@ -155,6 +186,9 @@ impl Journal {
         };
         pending.writes += usize::from(fresh);
         pending.last += 1;
+        if was_empty {
+            pending.since = Some(Instant::now());
+        }
         let ticket = Ticket(pending.last);
         drop(pending);
         if was_empty {
@@ -175,7 +209,7 @@ impl Journal {
                 Some(Ok(()))
             } else if p.failed_upto >= t {
                 let reason = p.error.as_deref().unwrap_or("commit failed");
-                Some(Err(KvError::Unavailable { reason: format!("{}: {reason}", self.shared.path.display()) }))
+                Some(Err(KvError::Unavailable { reason: reason.to_string() }))
             } else {
                 None
             }
@@ -184,6 +218,7 @@ impl Journal {
             return done;
         }
         let mut rx = self.shared.progress.subscribe();
+        let _waiting = Waiting::new(&self.shared);
         let waited = tokio::time::timeout(COMMIT_WAIT, async {
             rx.wait_for(|p| outcome(p).is_some()).await.map(|p| outcome(&p).unwrap_or(Ok(())))
         })
@@ -216,6 +251,25 @@ impl Journal {
                 tracing::error!(path = %self.shared.path.display(), "kv: the last commit did not end in {within:?}");
             }
         }
+    }
+}
+
+/// A call waiting for a commit, counted while it waits (even if its
+/// future is dropped): the committer commits at once when one waits.
+struct Waiting<'a>(&'a Shared);
+
+impl<'a> Waiting<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        // Told under the lock, so the committer cannot miss it.
+        lock(&shared.pending).waiters += 1;
+        shared.wake.notify_one();
+        Waiting(shared)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.pending).waiters -= 1;
     }
 }
 
@@ -269,33 +323,96 @@ fn check_and_read(db: &redb::Database, path: &Path) -> Result<Loaded, JournalErr
     Ok(loaded)
 }
 
+/// The files, as the committer thread owns them.
+struct Store {
+    /// None after a failed checkpoint: redb refuses every write after an
+    /// I/O error until the file is opened again.
+    db: Option<redb::Database>,
+    wal: Wal,
+    /// What the log holds that redb does not yet (latest per key).
+    unchecked: Batch,
+    checkpointed: Instant,
+}
+
+impl Store {
+    /// Makes `batch` durable: one frame in the log. A checkpoint that is
+    /// due follows; its failure leaves the writes safe in the log.
+    /// On failure the batch comes back, to be retried.
+    fn commit(&mut self, shared: &Shared, batch: Batch) -> Result<(), (std::io::Error, Batch)> {
+        if let Err(e) = self.wal.append(&batch) {
+            return Err((e, batch));
+        }
+        for (tenant, keys) in batch {
+            self.unchecked.entry(tenant).or_default().extend(keys);
+        }
+        if self.wal.len() >= CHECKPOINT_BYTES || self.checkpointed.elapsed() >= CHECKPOINT_EVERY {
+            self.checkpoint(shared);
+        }
+        Ok(())
+    }
+
+    /// Moves what the log holds into redb and empties the log.
+    fn checkpoint(&mut self, shared: &Shared) {
+        self.checkpointed = Instant::now();
+        if self.wal.len() == 0 {
+            return;
+        }
+        let done = match self.db.take() {
+            Some(open) => commit(&open, &self.unchecked).map(|()| open),
+            None => redb::Database::create(&shared.path)
+                .map_err(redb::Error::from)
+                .and_then(|open| commit(&open, &self.unchecked).map(|()| open)),
+        };
+        match done {
+            Ok(open) => {
+                self.db = Some(open);
+                self.unchecked.clear();
+                if let Err(e) = self.wal.reset() {
+                    tracing::error!(path = %self.wal.path().display(), "kv: cannot empty the log after a checkpoint: {e}");
+                }
+            }
+            Err(e) => tracing::error!(
+                path = %shared.path.display(),
+                "kv: checkpoint failed: {e}; the writes stay in {} and the next checkpoint retries",
+                self.wal.path().display()
+            ),
+        }
+    }
+}
+
 /// The committer thread: commits whatever is pending, until closed.
-fn committer(shared: &Shared, db: redb::Database) {
-    // None after a failed commit: redb refuses every write after an I/O
-    // error until the file is opened again.
-    let mut db = Some(db);
+fn committer(shared: &Shared, mut store: Store) {
     let mut retry = MIN_RETRY;
     let mut logged: Option<Instant> = None;
     loop {
         let (batch, writes, upto, closing) = {
             let mut pending = lock(&shared.pending);
-            while pending.writes == 0 && !pending.closing {
-                pending = shared.wake.wait(pending).unwrap_or_else(std::sync::PoisonError::into_inner);
+            loop {
+                let due = match (pending.writes, pending.since) {
+                    _ if pending.closing => break,
+                    (0, _) | (_, None) => None,
+                    // Relaxed mode paces itself after each commit.
+                    _ if pending.waiters > 0 || shared.durability != Durability::Sync => break,
+                    (_, Some(since)) => Some(UNWAITED.saturating_sub(since.elapsed())).filter(|d| !d.is_zero()),
+                };
+                pending = match due {
+                    None if pending.writes > 0 => break,
+                    None => shared.wake.wait(pending).unwrap_or_else(std::sync::PoisonError::into_inner),
+                    Some(left) => match shared.wake.wait_timeout(pending, left) {
+                        Ok((guard, _)) => guard,
+                        Err(poisoned) => poisoned.into_inner().0,
+                    },
+                };
             }
+            pending.since = None;
             (std::mem::take(&mut pending.batch), std::mem::take(&mut pending.writes), pending.last, pending.closing)
         };
         if writes == 0 && closing {
+            store.checkpoint(shared);
             return;
         }
-        let done = match db.take() {
-            Some(open) => commit(&open, &batch).map(|()| open),
-            None => redb::Database::create(&shared.path)
-                .map_err(redb::Error::from)
-                .and_then(|open| commit(&open, &batch).map(|()| open)),
-        };
-        match done {
-            Ok(open) => {
-                db = Some(open);
+        match store.commit(shared, batch) {
+            Ok(()) => {
                 retry = MIN_RETRY;
                 if logged.take().is_some() {
                     tracing::info!(path = %shared.path.display(), "kv: commits succeed again");
@@ -307,9 +424,9 @@ fn committer(shared: &Shared, db: redb::Database) {
                     p.error = None;
                 });
             }
-            Err(e) => {
+            Err((e, kept)) => {
                 shared.errors.fetch_add(1, Relaxed);
-                let reason: Arc<str> = e.to_string().into();
+                let reason: Arc<str> = format!("{}: {e}", store.wal.path().display()).into();
                 if logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
                     logged = Some(Instant::now());
                     tracing::error!(
@@ -322,7 +439,7 @@ fn committer(shared: &Shared, db: redb::Database) {
                     p.failed_upto = upto;
                     p.error = Some(reason);
                 });
-                give_back(shared, batch);
+                give_back(shared, kept);
                 if closing {
                     tracing::error!(path = %shared.path.display(), "kv: stopping with writes not on disk");
                     return;

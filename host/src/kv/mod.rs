@@ -17,6 +17,7 @@
 pub mod journal;
 mod local;
 pub mod remote;
+mod wal;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ use std::time::Duration;
 pub use journal::{Durability, Journal, JournalError};
 pub use local::LocalSpace;
 pub use remote::{RedisSettings, RedisSpace, RemoteStore};
+pub use wal::WalError;
 
 use crate::sync::lock;
 
