@@ -381,8 +381,8 @@ struct DaemonFigures {
     rpc_rate: f64,
 }
 
-/// 3. The real daemon on each backend: UDP and 16 RPC clients one daemon
-/// at a time, single RPC calls interleaved across them.
+/// Part 3, the real daemon on each backend: UDP trials and single RPC
+/// calls taken in turn across the daemons, 16 RPC clients one at a time.
 fn through_daemons(all: &[Backend], scratch: &Path) -> anyhow::Result<Vec<DaemonFigures>> {
     let daemons: Vec<Daemon> = all
         .iter()
@@ -518,7 +518,7 @@ fn run(rows: &mut Vec<Row>, notes: &mut Vec<String>) -> anyhow::Result<()> {
             baseline: format!("{}{}", mark(memory), fmt_rate(memory.udp_loss_free)),
             ratio: f.udp_loss_free / memory.udp_loss_free,
             target: udp_target,
-            pass: (*name == "embedded").then(|| f.udp_loss_free >= 0.8 * memory.udp_loss_free),
+            pass: (*name == "embedded").then_some(f.udp_loss_free >= 0.8 * memory.udp_loss_free),
         });
     }
     for (name, f) in &figures {
@@ -530,7 +530,7 @@ fn run(rows: &mut Vec<Row>, notes: &mut Vec<String>) -> anyhow::Result<()> {
             baseline: fmt_ns(memory.rpc_p50),
             ratio: f.rpc_p50 / memory.rpc_p50,
             target: if durable { "extra ≤ ~1 fsync p50 (1.5x)" } else { "" },
-            pass: durable.then(|| extra <= 1.5 * fsync),
+            pass: durable.then_some(extra <= 1.5 * fsync),
         });
         if durable {
             notes.push(format!(

@@ -49,7 +49,7 @@ pub(super) fn check(ck: &Checker, kv: &Option<KvSection>, base: &Path) -> Result
             let dir = match &kv.dir {
                 Some(d) if d.get_ref().is_empty() => return Err(ck.at(d, "kv.dir", "an empty path")),
                 Some(d) => base.join(d.get_ref()),
-                None => return Ok(with_durability(ck, kv, embedded_default())?),
+                None => return with_durability(ck, kv, embedded_default()),
             };
             with_durability(ck, kv, KvBackend::Embedded { dir, durability: Durability::Sync })
         }

@@ -149,17 +149,15 @@ impl KvSpace {
 }
 
 /// Which backend, and its settings, as `[kv]` gives them.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Default)]
 pub enum KvBackend {
+    #[default]
     Memory,
-    Embedded { dir: PathBuf, durability: Durability },
+    Embedded {
+        dir: PathBuf,
+        durability: Durability,
+    },
     Redis(RedisSettings),
-}
-
-impl Default for KvBackend {
-    fn default() -> Self {
-        KvBackend::Memory
-    }
 }
 
 /// Where the embedded store lives when `[kv] dir` is not given:
@@ -191,7 +189,7 @@ pub struct KvStore {
     spaces: Mutex<HashMap<String, Arc<KvSpace>>>,
     /// Keys read back from the journal at open, by tenant, until the
     /// tenant's space is made.
-    loaded: Mutex<HashMap<String, Vec<(String, Vec<u8>)>>>,
+    loaded: Mutex<journal::Loaded>,
 }
 
 impl Default for KvStore {
