@@ -7,8 +7,8 @@
 //! `launch::<YourFrontend>(…)` line to `run` in `daemon.rs`.
 //!
 //! - `udp`: evrexec's UDP sockets — where a datagram enters (`udp::receive`),
-//!   becomes a route call (`udp::handle` → `Dispatcher::run_route`) and its
-//!   reply leaves.
+//!   becomes a route call (`udp::handle` → `Dispatcher::run_route_unsaved`)
+//!   and its reply leaves, once the call's kv writes are durable.
 //! - `rpc`: JSON-RPC 2.0 over HTTP and a UNIX socket, `/metrics`, on a
 //!   thread of its own.
 //! - `erlang`: a hidden Erlang C-node, as FreeSWITCH's mod_erlang_event.
