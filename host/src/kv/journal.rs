@@ -44,6 +44,9 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// In sync mode, writes no call waits for (a datagram without a reply, an
 /// event, a task) are committed at most this late: they gather meanwhile.
 const UNWAITED: Duration = Duration::from_millis(10);
+/// After a call waited for a commit, commits start at the first write for
+/// this long.
+const EAGER_FOR: Duration = Duration::from_millis(100);
 
 /// When a write counts as done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +89,9 @@ struct Pending {
     since: Option<Instant>,
     /// Calls waiting for a commit: while there are none, writes gather.
     waiters: usize,
+    /// Until then commits start at the first write, as calls have lately
+    /// waited for them (the commit then overlaps the rest of the call).
+    eager_until: Option<Instant>,
     closing: bool,
 }
 
@@ -261,7 +267,10 @@ struct Waiting<'a>(&'a Shared);
 impl<'a> Waiting<'a> {
     fn new(shared: &'a Shared) -> Self {
         // Told under the lock, so the committer cannot miss it.
-        lock(&shared.pending).waiters += 1;
+        let mut pending = lock(&shared.pending);
+        pending.waiters += 1;
+        pending.eager_until = Some(Instant::now() + EAGER_FOR);
+        drop(pending);
         shared.wake.notify_one();
         Waiting(shared)
     }
@@ -393,6 +402,7 @@ fn committer(shared: &Shared, mut store: Store) {
                     (0, _) | (_, None) => None,
                     // Relaxed mode paces itself after each commit.
                     _ if pending.waiters > 0 || shared.durability != Durability::Sync => break,
+                    _ if pending.eager_until.is_some_and(|t| t > Instant::now()) => break,
                     (_, Some(since)) => Some(UNWAITED.saturating_sub(since.elapsed())).filter(|d| !d.is_zero()),
                 };
                 pending = match due {
