@@ -167,10 +167,6 @@ impl Journal {
         Ok((Journal { shared, done: Mutex::new(Some(done_rx)) }, loaded))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.shared.path
-    }
-
     /// Collects one write for the next commit and numbers it. Called under
     /// the writing space's lock, so numbers follow the map's order per key.
     pub(crate) fn record(&self, tenant: &str, key: &str, value: Option<&[u8]>) -> Ticket {

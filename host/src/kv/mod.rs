@@ -246,15 +246,6 @@ impl KvStore {
             .clone()
     }
 
-    /// Tenants with keys, spaces made or not (for operators' listings).
-    pub fn tenants(&self) -> Vec<String> {
-        let mut names: Vec<String> = lock(&self.spaces).keys().cloned().collect();
-        names.extend(lock(&self.loaded).keys().cloned());
-        names.sort();
-        names.dedup();
-        names
-    }
-
     /// Counters of the store's health, for `/metrics`.
     pub fn metrics(&self) -> KvMetrics {
         match &self.backing {
