@@ -50,8 +50,9 @@ pub async fn start_with(config: &Config, kv: KvStore) -> Result<Arc<Dispatcher>,
 }
 
 /// Serves `config` until a signal stops it. `origin` names the config in
-/// the log; `logs` is the hub the process's tracing layer feeds.
-pub async fn run(config: Config, origin: &str, logs: Arc<LogHub>) -> Result<(), DaemonError> {
+/// the log; `logs` is the hub the process's tracing layer feeds; `ready`
+/// runs once every front-end serves.
+pub async fn run(config: Config, origin: &str, logs: Arc<LogHub>, ready: impl FnOnce()) -> Result<(), DaemonError> {
     let started = Instant::now();
     let kv = KvStore::open(&config.kv)?;
     tracing::info!(backend = kv.backend_name(), "kv: {}", describe(&config.kv));
@@ -85,6 +86,7 @@ pub async fn run(config: Config, origin: &str, logs: Arc<LogHub>) -> Result<(), 
         tracing::info!("exec tasks: {} workers", tasks.len());
     }
     tracing::info!(ms = started.elapsed().as_secs_f64() * 1e3, "ready");
+    ready();
 
     wait_for_shutdown(&d, &ctx.shutdown).await?;
     ctx.shutdown.cancel();

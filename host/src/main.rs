@@ -35,6 +35,10 @@ enum Command {
         /// Listen for JSON-RPC here instead of the config's `[rpc] listen`.
         #[arg(long, value_name = "IP:PORT")]
         listen: Option<std::net::SocketAddr>,
+        /// Bind the config's UDP route socket here instead (a config with
+        /// exactly one `[[exec]] sockaddr`, as the embedded default).
+        #[arg(long, value_name = "IP:PORT")]
+        udp: Option<std::net::SocketAddr>,
     },
     /// Runs one route of a plugin once and prints the reply, fuel and time.
     Call {
@@ -131,7 +135,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command, logs: Arc<LogHub>) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config, listen } => run(config.as_deref(), listen, logs).await,
+        Command::Run { config, listen, udp } => run(config.as_deref(), listen, udp, logs).await,
         Command::Call { plugin, route, data, params, fuel, deadline_ms, memory_mb, per_call } => {
             let mut def = plugin_def(&plugin)?;
             let limits = &mut def.spec.limits;
@@ -166,7 +170,12 @@ fn single(def: PluginDef, routes: Vec<RouteDef>) -> Config {
     config
 }
 
-async fn run(path: Option<&Path>, listen: Option<std::net::SocketAddr>, logs: Arc<LogHub>) -> anyhow::Result<ExitCode> {
+async fn run(
+    path: Option<&Path>,
+    listen: Option<std::net::SocketAddr>,
+    udp: Option<std::net::SocketAddr>,
+    logs: Arc<LogHub>,
+) -> anyhow::Result<ExitCode> {
     let (mut config, origin) = match path {
         Some(path) => (Config::load(path)?, path.display().to_string()),
         None => (Config::embedded_default()?, "the embedded default config".to_string()),
@@ -175,8 +184,44 @@ async fn run(path: Option<&Path>, listen: Option<std::net::SocketAddr>, logs: Ar
         config.rpc.listen = listen;
         config.rpc.check_exposure().context("--listen")?;
     }
-    daemon::run(config, &origin, logs).await?;
+    if let Some(addr) = udp {
+        match config.udp.as_mut_slice() {
+            [only] => only.addr = addr,
+            other => bail!("--udp: the config has {} UDP route sockets; it takes one", other.len()),
+        }
+    }
+    // Yate may speak to evrhost over its stdout: only the embedded default
+    // prints anything there.
+    let greeting = path.is_none().then(|| greeting(&config)).unwrap_or_default();
+    daemon::run(config, &origin, logs, move || print!("{greeting}")).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What to try first, once the embedded default serves: one line per job,
+/// each a command that works as printed.
+fn greeting(config: &Config) -> String {
+    let mut out = String::new();
+    let addr = config.rpc.listen.map(|a| a.to_string()).unwrap_or_default();
+    let rpc = if addr == DEFAULT_RPC_LISTEN { "evrhost rpc".to_string() } else { format!("evrhost rpc -a {addr}") };
+    out.push_str(&format!("evrhost is ready. JSON-RPC on {addr}; try:\n"));
+    out.push_str(&format!("  {rpc} route.run echo hello                  # a route, its reply, fuel and time\n"));
+    out.push_str(&format!("  {rpc} evrexec.run evrexec:test mydata       # as kamcmd runs Kamailio's\n"));
+    for udp in &config.udp {
+        let (ip, port) = (udp.addr.ip(), udp.addr.port());
+        out.push_str(&format!(
+            "  printf 'user=alice;ip=10.0.0.1' > /dev/udp/{ip}/{port}   # a datagram: route `{}` (bash)\n",
+            udp.route
+        ));
+    }
+    if config.plugins.iter().any(|p| p.spec.name == "kvcount") {
+        out.push_str(&format!("  {rpc} api.run kvcount.get user                # what the datagrams counted\n"));
+    }
+    if config.events.heartbeat.is_some() {
+        out.push_str(&format!(
+            "  {rpc} event.subscribe HEARTBEAT udp:127.0.0.1:7091 && nc -ulp 7091   # events, as OpenSIPS sends them\n"
+        ));
+    }
+    out
 }
 
 async fn call(def: PluginDef, route: &str, data: String, params: Vec<(String, String)>) -> anyhow::Result<ExitCode> {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::support::{evrhost, plugin, result, text, BIN};
 
@@ -59,31 +59,60 @@ fn inspect_names_a_file_that_is_not_a_component() {
     assert!(text(&out.stderr).contains("is a core wasm module, not a component"), "{}", text(&out.stderr));
 }
 
-/// The README's first command: the daemon on its embedded default.
+/// The README's first command: the daemon on its embedded default, which
+/// prints, once ready, commands to try; each works as printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_without_a_config_serves_the_embedded_demo() {
+    use std::io::BufRead;
     let port = super::support::free_port();
-    // `--listen` keeps clear of a daemon someone runs by hand on 7080.
+    let udp = super::support::free_udp_port();
+    // `--listen` and `--udp` keep clear of a daemon someone runs by hand.
     let state = tempfile::tempdir().expect("temp dir");
     let mut child = std::process::Command::new(BIN)
-        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--udp", &format!("127.0.0.1:{udp}")])
         .env("XDG_STATE_HOME", state.path())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn");
-    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let started = Instant::now();
-    let mut client = loop {
-        if let Ok(client) = evrhost::frontend::client::RpcClient::connect(addr, None).await {
-            break client;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let greeting = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let last = line.contains("HEARTBEAT");
+            lines.push(line);
+            if last {
+                break;
+            }
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "no listener");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        lines
+    });
+    let greeting = tokio::time::timeout(Duration::from_secs(60), greeting).await.expect("greeted").expect("read");
+    assert!(greeting[0].contains(&format!("JSON-RPC on 127.0.0.1:{port}")), "{greeting:?}");
+    // Each suggestion, run as printed (the binary for `evrhost`, up to its comment).
+    let run = |needle: &str| {
+        let line = greeting.iter().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no `{needle}` in {greeting:?}"));
+        let command = line.split('#').next().unwrap_or_default().trim().replace("evrhost ", &format!("{BIN} "));
+        let out = std::process::Command::new("bash").args(["-c", &command]).output().expect("bash runs");
+        assert!(out.status.success(), "{command}: {}", text(&out.stderr));
+        text(&out.stdout)
     };
-    let r = client.call("evrexec.run", json!(["evrexec:test", "mydata"])).await.expect("rpc");
-    assert_eq!(result(&r), &json!({}));
+    assert!(run("route.run echo").contains("hello"));
+    assert_eq!(run("evrexec.run").trim(), "{}");
+    run("/dev/udp/");
+    run("/dev/udp/");
+    let started = Instant::now();
+    while run("kvcount.get").trim() != "2" {
+        assert!(started.elapsed() < Duration::from_secs(10), "the datagrams were not counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(greeting.iter().any(|l| l.contains("event.subscribe HEARTBEAT")), "{greeting:?}");
+
+    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let mut client = evrhost::frontend::client::RpcClient::connect(addr, None).await.expect("rpc");
     let r = client.call("plugin.list", json!([])).await.expect("rpc");
-    assert_eq!(result(&r)[0]["source"], json!("builtin:counter"));
+    let sources: Vec<&Value> = result(&r).as_array().expect("a list").iter().map(|p| &p["source"]).collect();
+    assert!(sources.contains(&&json!("builtin:kvcount")), "{sources:?}");
     let _ = child.kill();
     let _ = child.wait();
 }

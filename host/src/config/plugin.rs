@@ -14,10 +14,20 @@ use super::tenant::Tenant;
 use super::{BadValue, ConfigError};
 use crate::runtime::{Capabilities, EngineSettings, Isolation, Limits, PluginSpec, Preopen};
 
-/// Plugins compiled into the binary, usable as `path = "builtin:NAME"`.
-pub const BUILTIN_PLUGINS: [(&str, &[u8]); 2] = [
+/// Plugins compiled into the binary, usable as `path = "builtin:NAME"`:
+/// the examples of `plugins/` (not the hostile fixtures), so that the
+/// embedded default and every config in `examples/` run from any directory.
+pub const BUILTIN_PLUGINS: [(&str, &[u8]); 10] = [
     ("echo", include_bytes!(concat!(env!("EVRHOST_PLUGINS_DIR"), "/echo.wasm"))),
     ("counter", include_bytes!(concat!(env!("EVRHOST_PLUGINS_DIR"), "/counter.wasm"))),
+    ("kvcount", include_bytes!(concat!(env!("EVRHOST_PLUGINS_DIR"), "/kvcount.wasm"))),
+    ("timer", include_bytes!(concat!(env!("EVRHOST_PLUGINS_DIR"), "/timer.wasm"))),
+    ("listener", include_bytes!(concat!(env!("EVRHOST_PLUGINS_DIR"), "/listener.wasm"))),
+    ("xlog", include_bytes!(concat!(env!("EVRHOST_PLUGINS_DIR"), "/xlog.wasm"))),
+    ("directory", include_bytes!(concat!(env!("EVRHOST_PLUGINS_DIR"), "/directory.wasm"))),
+    ("sipoptions", include_bytes!(concat!(env!("EVRHOST_PLUGINS_DIR"), "/sipoptions.wasm"))),
+    ("yateauth", include_bytes!(concat!(env!("EVRHOST_PLUGINS_DIR"), "/yateauth.wasm"))),
+    ("yateroute", include_bytes!(concat!(env!("EVRHOST_PLUGINS_DIR"), "/yateroute.wasm"))),
 ];
 
 /// The largest plugin file read: components built by componentize-py carry
