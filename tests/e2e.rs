@@ -2,6 +2,7 @@
 //! from `plugins/`, real sockets.
 
 mod e2e {
+    pub mod aliases;
     pub mod cli;
     pub mod config_errors;
     pub mod erlang;

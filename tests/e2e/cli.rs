@@ -116,3 +116,23 @@ async fn run_without_a_config_serves_the_embedded_demo() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Every config in `examples/` (one per system evrhost replaces) passes
+/// `evrhost check`: each plugin compiles and instantiates, each route has
+/// its export.
+#[test]
+fn every_example_config_checks() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("examples/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = evrhost(&["check", path.to_str().expect("utf-8")]);
+            assert!(out.status.success(), "{}: {}", path.display(), text(&out.stderr));
+            assert!(text(&out.stdout).contains(": ok: "), "{}", text(&out.stdout));
+            checked.push(path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string());
+        }
+    }
+    checked.sort();
+    assert_eq!(checked, ["freeswitch", "kamailio", "opensips", "yate"]);
+}

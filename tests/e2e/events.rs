@@ -14,23 +14,23 @@ use super::support::{error, result, Daemon};
 const SECOND: Duration = Duration::from_secs(1);
 
 /// An event_datagram peer: one JSON-RPC notification per datagram.
-struct UdpPeer {
+pub(super) struct UdpPeer {
     socket: UdpSocket,
 }
 
 impl UdpPeer {
-    fn new() -> UdpPeer {
+    pub(super) fn new() -> UdpPeer {
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
         socket.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
         UdpPeer { socket }
     }
 
-    fn socket(&self) -> String {
+    pub(super) fn socket(&self) -> String {
         format!("udp:{}", self.socket.local_addr().expect("addr"))
     }
 
     /// The next notification for `method` whose params satisfy `pred`.
-    fn next(&self, method: &str, within: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub(super) fn next(&self, method: &str, within: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + within;
         let mut buf = vec![0u8; 70_000];
         let mut seen = Vec::new();

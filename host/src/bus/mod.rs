@@ -71,6 +71,25 @@ pub fn reserved(name: &str) -> bool {
         || matches!(name, "HEARTBEAT" | "BACKGROUND_JOB" | "PLUGIN_LOAD" | "PLUGIN_RELOAD" | "PLUGIN_FAIL")
 }
 
+/// The events evrhost raises itself, each with the id OpenSIPS's
+/// `events_list` gives it (OpenSIPS's numbers for its core events; the
+/// rest follow).
+pub const HOST_EVENTS: [(&str, u32); 13] = [
+    ("E_CORE_THRESHOLD", 1),
+    ("E_CORE_SHM_THRESHOLD", 2),
+    ("E_CORE_PKG_THRESHOLD", 3),
+    ("E_CORE_PROC_AUTO_SCALE", 4),
+    ("E_CORE_TCP_DISCONNECT", 5),
+    ("E_CORE_LOG", 6),
+    ("E_PROFILING_PROC", 7),
+    ("E_PROFILING_SCRIPT", 8),
+    ("HEARTBEAT", 9),
+    ("BACKGROUND_JOB", 10),
+    ("PLUGIN_LOAD", 11),
+    ("PLUGIN_RELOAD", 12),
+    ("PLUGIN_FAIL", 13),
+];
+
 /// Who fired an event: `Event-Calling-File/Function/Line-Number`.
 #[derive(Clone, Debug)]
 pub struct Caller {
@@ -113,9 +132,19 @@ struct Subscription {
     name: String,
     subclass: Option<String>,
     expires: Option<Instant>,
+    /// As asked for (OpenSIPS lists it); None never expires.
+    expire: Option<Duration>,
 }
 
 impl Subscription {
+    /// `NAME` or `NAME:SUBCLASS`, as subscribed.
+    fn written(&self) -> String {
+        match &self.subclass {
+            Some(sub) => format!("{}:{sub}", self.name),
+            None => self.name.clone(),
+        }
+    }
+
     fn matches(&self, event: &Event, now: Instant) -> bool {
         self.expires.is_none_or(|t| t > now)
             && (self.name == "ALL" || self.name == event.name)
@@ -169,6 +198,10 @@ pub struct Bus {
     queue: usize,
     /// (second, local, GMT) of the last event's dates.
     dates: Mutex<(u64, String, String)>,
+    /// Events someone subscribed to by name, in the order first seen, at
+    /// most [`MAX_SUBSCRIBERS`]: what OpenSIPS's `events_list` would call
+    /// registered, with ids that stay put.
+    named: Mutex<Vec<String>>,
     /// Profiling sessions opened so far (E_PROFILING_* `session`).
     pub(crate) profiling_sessions: AtomicU64,
     /// The daemon's main runtime: delivery tasks and background jobs run
@@ -190,6 +223,7 @@ impl Bus {
             admin: Mutex::new(()),
             queue: queue.max(1),
             dates: Mutex::new((0, String::new(), String::new())),
+            named: Mutex::new(Vec::new()),
             profiling_sessions: AtomicU64::new(0),
             runtime: tokio::runtime::Handle::current(),
         })
@@ -281,7 +315,9 @@ impl Bus {
         let _admin = lock(&self.admin);
         // An expiry too far to represent is no expiry.
         let expires = expire.and_then(|d| Instant::now().checked_add(d));
-        let subscription = Subscription { name: name.to_string(), subclass: subclass.map(str::to_string), expires };
+        let subscription =
+            Subscription { name: name.to_string(), subclass: subclass.map(str::to_string), expires, expire };
+        self.remember(&subscription.written());
         let current = self.subscribers.load_full();
         if let Some(sub) = current.iter().find(|s| s.id == id) {
             let mut subs = lock(&sub.subscriptions);
@@ -364,19 +400,38 @@ impl Bus {
         }
     }
 
+    fn remember(&self, event: &str) {
+        let mut named = lock(&self.named);
+        if event != "ALL" && named.len() < MAX_SUBSCRIBERS && !named.iter().any(|n| n == event) {
+            named.push(event.to_string());
+        }
+    }
+
+    /// Events subscribed to by name since start, in the order first seen.
+    pub fn named(&self) -> Vec<String> {
+        lock(&self.named).clone()
+    }
+
+    /// Every live subscription: (subscriber, event as written, expire as
+    /// asked for).
+    pub fn subscriptions(&self) -> Vec<(String, String, Option<Duration>)> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for sub in self.subscribers.load().iter() {
+            for x in lock(&sub.subscriptions).iter().filter(|x| x.expires.is_none_or(|t| t > now)) {
+                out.push((sub.id.clone(), x.written(), x.expire));
+            }
+        }
+        out
+    }
+
     pub fn list(&self) -> Vec<SubscriberInfo> {
         self.subscribers
             .load()
             .iter()
             .map(|s| SubscriberInfo {
                 target: s.id.clone(),
-                events: lock(&s.subscriptions)
-                    .iter()
-                    .map(|x| match &x.subclass {
-                        Some(sub) => format!("{}:{sub}", x.name),
-                        None => x.name.clone(),
-                    })
-                    .collect(),
+                events: lock(&s.subscriptions).iter().map(Subscription::written).collect(),
                 filters: lock(&s.filters).len(),
                 queued: self.queue - s.tx.capacity(),
                 delivered: s.counters.delivered.load(Relaxed),

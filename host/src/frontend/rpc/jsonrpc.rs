@@ -13,8 +13,9 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
-use crate::bus::{split_event, FilterChange, FilterError};
-use crate::config::{CodeSource, EventSocket, PluginDef, RouteDef, RpcSettings};
+pub use super::params::RpcError;
+pub(super) use super::params::Params;
+use crate::config::{CodeSource, PluginDef, RouteDef, RpcSettings};
 use crate::dispatcher::{DispatchError, Dispatcher};
 use crate::frontend::event_sinks::EventSinks;
 use crate::runtime::{Origin, Request};
@@ -41,33 +42,18 @@ fn confined(settings: &RpcSettings, mut def: PluginDef) -> Result<PluginDef, Rpc
 /// Requests in one batch; more is refused as a whole.
 const MAX_BATCH: usize = 1000;
 
-pub struct RpcError {
-    pub code: i64,
-    pub message: String,
-}
-
-impl RpcError {
-    pub(super) fn new(code: i64, message: impl Into<String>) -> Self {
-        RpcError { code, message: message.into() }
-    }
-}
-
 /// Every method, with its usage, for `system.listMethods` and the docs.
 pub fn methods() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
-    METHODS.iter().chain(super::kv_methods::METHODS.iter())
+    METHODS.iter().chain(super::event_methods::METHODS.iter()).chain(super::kv_methods::METHODS.iter())
 }
 
 /// The methods answered here (`kv_methods` has the rest).
-const METHODS: [(&str, &str); 21] = [
+const METHODS: [(&str, &str); 19] = [
     ("evrexec.run", "NAME [DATA] — run an event route; {} on success (Kamailio)"),
     ("route.run", "NAME [DATA] [PARAMS] — run a route; the reply, plugin, fuel and time"),
     ("api.run", "COMMAND [ARGS…] — run an API command (built-in or a plugin's)"),
     ("api.list", "— the API commands"),
     ("api.bgrun", "COMMAND [ARGS…] — run a command in the background: its Job-UUID now, a BACKGROUND_JOB event later"),
-    ("event.subscribe", "EVENT SOCKET [EXPIRE] — OpenSIPS's event_subscribe: udp:IP:PORT or tcp:IP:PORT[/METHOD]; EVENT is NAME, ALL or CUSTOM:SUBCLASS; EXPIRE seconds (3600)"),
-    ("event.unsubscribe", "EVENT SOCKET — drop a subscription"),
-    ("event.list", "— subscribers: events, filters, queued, delivered, overflow, failed"),
-    ("event.filter", "SOCKET COMMAND… — a mod_event_socket filter command for a subscriber"),
     ("plugin.list", "— the loaded plugins"),
     ("plugin.stats", "[NAME] — calls, errors by cause, time and fuel"),
     ("plugin.load", "NAME PATH — load a plugin with default limits"),
@@ -76,6 +62,8 @@ const METHODS: [(&str, &str); 21] = [
     ("route.list", "— the routes and their handlers"),
     ("route.add", "NAME PLUGIN [PRIORITY] — bind a loaded plugin to a route (priority 100)"),
     ("route.remove", "NAME PLUGIN — unbind a plugin from a route"),
+    ("app_lua.list", "— Kamailio: one `N: [SOURCE]` line per plugin, or \"No scripts loaded\""),
+    ("app_lua.reload", "[N] — Kamailio: reload plugin N of app_lua.list, or all; {} or 500 \"Reload Failed\""),
     ("core.version", "— the version"),
     ("core.uptime", "— seconds since start"),
     ("system.listMethods", "— these methods"),
@@ -167,7 +155,7 @@ impl PlainCall<'_> {
                 Err(e) => return Some(encode(&parse_error(&e.to_string()))),
             },
         };
-        let result = call(s, &self.method, Params(params)).await;
+        let result = call(s, &self.method, Params::positional(params)).await;
         let id = self.id?.get();
         let mut out = Vec::with_capacity(64);
         match result {
@@ -213,40 +201,20 @@ async fn handle_one(s: &Server, request: Value) -> Option<Value> {
         return Some(failure(id_value, RpcError::new(-32600, "Invalid Request: method must be a string")));
     };
     let params = match obj.remove("params") {
-        None => Vec::new(),
-        Some(Value::Array(items)) => items,
-        Some(Value::Object(map)) => map.into_iter().map(|(_, v)| v).collect(),
+        None => Params::positional(Vec::new()),
+        Some(Value::Array(items)) => Params::positional(items),
+        Some(Value::Object(map)) => Params::named(map),
         Some(_) => {
             return Some(failure(id_value, RpcError::new(-32602, "Invalid params: must be an array or an object")))
         }
     };
-    let result = call(s, &method, Params(params)).await;
+    let result = call(s, &method, params).await;
     // A request without an id is a notification: no response, even on error.
     id.as_ref()?;
     Some(match result {
         Ok(result) => json!({"jsonrpc": "2.0", "result": result, "id": id_value}),
         Err(e) => failure(id_value, e),
     })
-}
-
-pub(super) struct Params(Vec<Value>);
-
-impl Params {
-    /// Parameter `i` as text; numbers and booleans are accepted as their
-    /// text, as kamcmd sends numeric-looking arguments as numbers.
-    pub(super) fn text(&self, i: usize) -> Option<String> {
-        match self.0.get(i)? {
-            Value::String(s) => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            Value::Bool(b) => Some(b.to_string()),
-            _ => None,
-        }
-    }
-
-    pub(super) fn required(&self, i: usize, what: &str) -> Result<String, RpcError> {
-        self.text(i)
-            .ok_or_else(|| RpcError::new(-32602, format!("Invalid params: {what} (string) expected at position {i}")))
-    }
 }
 
 fn dispatch_error(e: DispatchError) -> RpcError {
@@ -274,7 +242,7 @@ async fn call(s: &Server, method: &str, p: Params) -> Result<Value, RpcError> {
         "route.run" => {
             let name = p.required(0, "route name")?;
             let data = p.text(1).unwrap_or_default();
-            let params = match p.0.get(2) {
+            let params = match p.get(2) {
                 None | Some(Value::Null) => Vec::new(),
                 Some(Value::Object(map)) => map
                     .iter()
@@ -299,7 +267,7 @@ async fn call(s: &Server, method: &str, p: Params) -> Result<Value, RpcError> {
         }
         "api.run" => {
             let command = p.required(0, "command")?;
-            let args: Vec<String> = (1..p.0.len()).filter_map(|i| p.text(i)).collect();
+            let args = p.rest(1);
             let text = d.run_command(&command, &args.join(" "), 0).await.map_err(dispatch_error)?;
             Ok(Value::String(text))
         }
@@ -311,7 +279,7 @@ async fn call(s: &Server, method: &str, p: Params) -> Result<Value, RpcError> {
         )),
         "api.bgrun" => {
             let command = p.required(0, "command")?;
-            let args: Vec<String> = (1..p.0.len()).filter_map(|i| p.text(i)).collect();
+            let args = p.rest(1);
             let job = uuid::Uuid::new_v4().to_string();
             let (d2, reply_job) = (d.clone(), job.clone());
             d.bus().spawn(async move {
@@ -320,57 +288,6 @@ async fn call(s: &Server, method: &str, p: Params) -> Result<Value, RpcError> {
                 d2.run_background(&job, &command, &args.join(" "), &caller, failure).await;
             });
             Ok(json!({"job_uuid": reply_job}))
-        }
-        "event.subscribe" => {
-            let event = p.required(0, "event")?;
-            let socket = p.required(1, "socket")?;
-            let expire = match p.0.get(2) {
-                None | Some(Value::Null) => 3600,
-                Some(v) => v
-                    .as_i64()
-                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                    .ok_or_else(|| RpcError::new(-32602, "Invalid params: expire must be a number"))?,
-            };
-            if expire < 0 {
-                return Err(RpcError::new(-32602, "Negative expire value"));
-            }
-            let socket = EventSocket::parse(&socket).map_err(|_| RpcError::new(400, "Bad parameter value"))?;
-            let (name, subclass) = split_event(&event);
-            if name.is_empty() {
-                return Err(RpcError::new(400, "Bad parameter value"));
-            }
-            // OpenSIPS: an expire of 0 removes the subscription.
-            if expire == 0 {
-                d.bus().unsubscribe(&socket.id(), name, subclass);
-            } else {
-                let expire = Some(std::time::Duration::from_secs(expire as u64));
-                s.sinks
-                    .subscribe(d.bus(), &socket, name, subclass, expire)
-                    .map_err(|e| RpcError::new(400, e.to_string()))?;
-            }
-            Ok(Value::String("OK".into()))
-        }
-        "event.unsubscribe" => {
-            let event = p.required(0, "event")?;
-            let socket = p.required(1, "socket")?;
-            let target = EventSocket::parse(&socket).map_err(|_| RpcError::new(400, "Bad parameter value"))?;
-            let (name, subclass) = split_event(&event);
-            if d.bus().unsubscribe(&target.id(), name, subclass) {
-                Ok(Value::String("OK".into()))
-            } else {
-                Err(RpcError::new(404, format!("{socket} is not subscribed to {event}")))
-            }
-        }
-        "event.list" => Ok(serde_json::to_value(d.bus().list()).unwrap_or(Value::Null)),
-        "event.filter" => {
-            let socket = p.required(0, "socket")?;
-            let target = EventSocket::parse(&socket).map_err(|_| RpcError::new(400, "Bad parameter value"))?;
-            let command: Vec<String> = (1..p.0.len()).filter_map(|i| p.text(i)).collect();
-            match d.bus().filter(&target.id(), &command.join(" ")) {
-                Ok(change) => Ok(Value::String(filter_reply(&change))),
-                Err(crate::bus::BusError::Filter(e)) => Err(RpcError::new(400, filter_error(&e))),
-                Err(e) => Err(RpcError::new(400, e.to_string())),
-            }
         }
         "plugin.list" => Ok(serde_json::to_value(d.plugins()).unwrap_or(Value::Null)),
         "plugin.stats" => {
@@ -421,7 +338,7 @@ async fn call(s: &Server, method: &str, p: Params) -> Result<Value, RpcError> {
             if name.is_empty() || name.len() > 256 {
                 return Err(RpcError::new(-32602, "Invalid params: a route name is 1 to 256 bytes"));
             }
-            let priority = match p.0.get(2) {
+            let priority = match p.get(2) {
                 None | Some(Value::Null) => 100,
                 Some(v) => v
                     .as_i64()
@@ -449,26 +366,31 @@ async fn call(s: &Server, method: &str, p: Params) -> Result<Value, RpcError> {
                 .map(|(_, usage)| Value::String(usage.to_string()))
                 .ok_or_else(|| RpcError::new(-32601, format!("Method Not Found: {m}")))
         }
-        kv if kv.starts_with("kv.") => super::kv_methods::call(d, kv, &p).await,
-        _ => Err(RpcError::new(-32601, format!("Method Not Found: {method}"))),
-    }
-}
-
-/// A filter command's outcome as mod_event_socket answers it.
-fn filter_reply(change: &FilterChange) -> String {
-    match change {
-        FilterChange::Added { header, value } => format!("+OK filter added. [{header}]=[{value}]"),
-        FilterChange::Deleted { header, value } => {
-            format!("+OK filter deleted. [{header}][{}]", value.as_deref().unwrap_or(""))
+        "app_lua.list" => {
+            let lines: Vec<String> =
+                d.plugins().iter().enumerate().map(|(i, p)| format!("{i}: [{}]", p.source)).collect();
+            Ok(Value::String(if lines.is_empty() { "No scripts loaded".into() } else { lines.join("\n") }))
         }
-        FilterChange::DeletedAll => "+OK filter deleted. [all]".to_string(),
-    }
-}
-
-fn filter_error(e: &FilterError) -> String {
-    match e {
-        FilterError::Syntax => "-ERR invalid syntax".to_string(),
-        other => format!("-ERR {other}"),
+        "app_lua.reload" => {
+            // Kamailio: an absent position (-1) reloads every script.
+            let plugins = d.plugins();
+            let chosen = match p.get(0).and_then(|v| v.as_i64().or_else(|| v.as_str()?.parse().ok())) {
+                None | Some(-1) => plugins.iter().collect::<Vec<_>>(),
+                Some(i) => usize::try_from(i).ok().and_then(|i| plugins.get(i)).into_iter().collect(),
+            };
+            if chosen.is_empty() {
+                return Err(RpcError::new(500, "Reload Failed"));
+            }
+            for plugin in chosen {
+                d.reload(&plugin.name, None).await.map_err(|_| RpcError::new(500, "Reload Failed"))?;
+            }
+            Ok(json!({}))
+        }
+        kv if kv.starts_with("kv.") => super::kv_methods::call(d, kv, &p).await,
+        other => match super::event_methods::call(s, other, &p).await {
+            Some(answer) => answer,
+            None => Err(RpcError::new(-32601, format!("Method Not Found: {method}"))),
+        },
     }
 }
 

@@ -1,11 +1,14 @@
 //! The JSON-RPC front-end: JSON-RPC 2.0 over HTTP (`http.rs`, with
 //! `/metrics` and `/health`) and over a UNIX stream socket (`unix.rs`),
-//! one method table for both (`jsonrpc.rs`), served by a thread of its own
+//! one method table for both (`jsonrpc.rs`, with `event_methods.rs` and
+//! `kv_methods.rs`; `params.rs` reads parameters), served by a thread of its own
 //! (`frontend/thread.rs`).
 
+mod event_methods;
 pub mod http;
 pub mod jsonrpc;
 mod kv_methods;
+mod params;
 pub mod unix;
 
 use std::sync::Arc;
