@@ -13,6 +13,7 @@ use evrhost::bus::log_layer::{BusLayer, LogHub};
 use evrhost::config::{Config, PluginDef, RouteDef, DEFAULT_RPC_LISTEN};
 use evrhost::daemon::{self, start};
 use evrhost::frontend::client::RpcClient;
+use evrhost::frontend::rpc::jsonrpc;
 use evrhost::runtime::{Export, Isolation, Origin, Request};
 
 #[derive(Parser)]
@@ -64,21 +65,59 @@ enum Command {
     /// Checks a config: syntax, references, and that every plugin compiles,
     /// instantiates and exports what its routes need.
     Check { config: PathBuf },
-    /// Calls a JSON-RPC method of a running daemon, like kamcmd.
+    /// Calls a JSON-RPC method of a running daemon, like kamcmd; `--help
+    /// METHOD` asks the daemon what METHOD takes.
+    #[command(disable_help_flag = true)]
     Rpc {
-        method: String,
+        /// A JSON-RPC method (`system.listMethods` lists them).
+        #[arg(value_parser = MethodName, hide_possible_values = true, required_unless_present = "help")]
+        method: Option<String>,
         /// Parameters; numeric-looking ones are sent as numbers unless
         /// prefixed with `s:`.
         params: Vec<String>,
         /// The daemon's RPC address.
         #[arg(short, long, default_value = DEFAULT_RPC_LISTEN)]
         addr: std::net::SocketAddr,
-        #[arg(long, env = "EVRHOST_RPC_TOKEN")]
+        /// The daemon's `[rpc] token`.
+        #[arg(long, env = "EVRHOST_RPC_TOKEN", hide_env_values = true)]
         token: Option<String>,
         /// Print the whole JSON response.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "table")]
         json: bool,
+        /// Print a list result as a table even when not on a terminal (on
+        /// one, that is the default).
+        #[arg(long)]
+        table: bool,
+        /// Print help; with METHOD, the daemon's usage of that method.
+        #[arg(short, long)]
+        help: bool,
     },
+    /// Prints a shell completion script: `source <(evrhost completions bash)`.
+    Completions { shell: clap_complete::Shell },
+}
+
+/// Any method name, offering the daemon's own as completions (a newer
+/// daemon may answer more).
+#[derive(Clone)]
+struct MethodName;
+
+impl clap::builder::TypedValueParser for MethodName {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        clap::builder::StringValueParser::new().parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            jsonrpc::methods().map(|(name, usage)| clap::builder::PossibleValue::new(*name).help(*usage)),
+        ))
+    }
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
@@ -149,7 +188,28 @@ async fn dispatch(command: Command, logs: Arc<LogHub>) -> anyhow::Result<ExitCod
         }
         Command::Inspect { plugin } => inspect(&plugin).await,
         Command::Check { config } => check(&config).await,
-        Command::Rpc { method, params, addr, token, json } => rpc(addr, token, &method, &params, json).await,
+        Command::Rpc { method: None, .. } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            if let Some(rpc) = cli.find_subcommand_mut("rpc") {
+                rpc.clone().bin_name("evrhost rpc").print_help()?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rpc { method: Some(method), addr, token, help: true, .. } => method_help(addr, token, &method).await,
+        Command::Rpc { method: Some(method), params, addr, token, json, table, help: false } => {
+            use std::io::IsTerminal;
+            let output = match (json, table || std::io::stdout().is_terminal()) {
+                (true, _) => Output::Json,
+                (false, true) => Output::Table,
+                (false, false) => Output::Plain,
+            };
+            rpc(addr, token, &method, &params, output).await
+        }
+        Command::Completions { shell } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cli, "evrhost", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -316,33 +376,71 @@ fn rpc_param(arg: &str) -> Value {
     Value::String(arg.to_string())
 }
 
+/// How `evrhost rpc` prints a result.
+#[derive(Clone, Copy, PartialEq)]
+enum Output {
+    /// The whole response.
+    Json,
+    /// Lists as tables, the rest as `Plain`.
+    Table,
+    /// Text as itself, anything else as pretty JSON.
+    Plain,
+}
+
 async fn rpc(
     addr: std::net::SocketAddr,
     token: Option<String>,
     method: &str,
     params: &[String],
-    json: bool,
+    output: Output,
 ) -> anyhow::Result<ExitCode> {
     let mut client = RpcClient::connect(addr, token).await?;
     let params = Value::Array(params.iter().map(|p| rpc_param(p)).collect());
     let response = client.call(method, params).await?;
-    if json {
+    if output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&response)?);
     }
     if let Some(error) = response.get("error") {
-        if !json {
+        if output != Output::Json {
             let code = error.get("code").cloned().unwrap_or(Value::Null);
             let message = error.get("message").and_then(Value::as_str).unwrap_or("(no message)");
             eprintln!("error: {code} - {message}");
         }
         return Ok(ExitCode::from(1));
     }
-    if !json {
-        match response.get("result") {
-            Some(Value::String(text)) => println!("{text}"),
-            Some(other) => println!("{}", serde_json::to_string_pretty(other)?),
-            None => bail!("the response has neither result nor error: {response}"),
-        }
+    let result = response.get("result").with_context(|| format!("the response has neither result nor error: {response}"))?;
+    match result {
+        _ if output == Output::Json => {}
+        Value::String(text) => println!("{text}"),
+        other => match evrhost::frontend::table::render(method, other).filter(|_| output == Output::Table) {
+            Some(table) => print!("{table}"),
+            None => println!("{}", serde_json::to_string_pretty(other)?),
+        },
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `evrhost rpc --help METHOD`: the daemon's `system.methodHelp`, or the
+/// usage this binary knows when no daemon answers.
+async fn method_help(addr: std::net::SocketAddr, token: Option<String>, method: &str) -> anyhow::Result<ExitCode> {
+    let asked = match RpcClient::connect(addr, token).await {
+        Ok(mut client) => Some(client.call("system.methodHelp", Value::Array(vec![method.into()])).await?),
+        Err(_) => None,
+    };
+    let usage = match &asked {
+        Some(response) => match (response.get("result"), response.get("error")) {
+            (Some(Value::String(usage)), _) => usage.clone(),
+            (_, Some(error)) => {
+                let message = error.get("message").and_then(Value::as_str).unwrap_or("(no message)");
+                bail!("{method}: {message}");
+            }
+            _ => bail!("system.methodHelp answered {response}"),
+        },
+        None => match jsonrpc::methods().find(|(name, _)| *name == method) {
+            Some((_, usage)) => format!("{usage}  (from this binary: no daemon at {addr})"),
+            None => bail!("{method}: no such method, and no daemon at {addr} to ask"),
+        },
+    };
+    println!("{method} {usage}");
     Ok(ExitCode::SUCCESS)
 }

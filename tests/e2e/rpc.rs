@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 
 use serde_json::json;
 
-use super::support::{error, evrhost, result, text, Daemon};
+use super::support::{error, evrhost, result, text, Daemon, BIN};
 
 const CONFIG: &str = r#"
 [rpc]
@@ -127,6 +127,36 @@ async fn the_rpc_command_is_a_kamcmd() {
     let out = evrhost(&["rpc", "-a", "127.0.0.1:1", "core.version"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("cannot connect to 127.0.0.1:1"), "{}", text(&out.stderr));
+
+    // Lists: JSON into a pipe, a table on a terminal (or with --table).
+    let out = evrhost(&["rpc", "-a", &addr, "route.list"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON into a pipe");
+    assert!(doc.as_array().is_some_and(|routes| !routes.is_empty()), "{doc}");
+    let out = evrhost(&["rpc", "-a", &addr, "--table", "plugin.list"]);
+    let table = text(&out.stdout);
+    let mut lines = table.lines();
+    assert!(lines.next().is_some_and(|h| h.starts_with("PLUGIN ") && h.contains(" TENANT ")), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("echo ") && l.contains("route")), "{table}");
+    let on_a_tty = format!("{BIN} rpc -a {addr} route.list");
+    let out = std::process::Command::new("script").args(["-qec", &on_a_tty, "/dev/null"]).output().expect("script");
+    assert!(text(&out.stdout).starts_with("ROUTE "), "{}", text(&out.stdout));
+
+    // --help METHOD asks the daemon; a method it lacks is named.
+    let out = evrhost(&["rpc", "-a", &addr, "--help", "evrexec.run"]);
+    assert_eq!(text(&out.stdout).trim(), "evrexec.run NAME [DATA] — run an event route; {} on success (Kamailio)");
+    let out = evrhost(&["rpc", "-a", &addr, "--help", "no.such"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("no.such: Method Not Found"), "{}", text(&out.stderr));
+    let out = evrhost(&["rpc", "--help"]);
+    assert!(text(&out.stdout).contains("Usage: evrhost rpc [OPTIONS] [METHOD] [PARAMS]..."), "{}", text(&out.stdout));
+
+    // Completion scripts offer the methods.
+    for shell in ["bash", "zsh"] {
+        let out = evrhost(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        let script = text(&out.stdout);
+        assert!(script.contains("subscribers_list") && script.contains("plugin.reload"), "{shell}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,7 @@ pub mod erlang;
 pub mod event_sinks;
 pub mod metrics;
 pub mod rpc;
+pub mod table;
 pub mod thread;
 pub mod udp;
 pub mod yate;
