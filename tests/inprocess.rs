@@ -447,3 +447,64 @@ async fn a_plugin_sends_the_engine_only_the_messages_its_tenant_may() {
     );
     assert_eq!(*engine.0.lock().expect("lock"), ["chan.masquerade", "call.drop"], "the denied one never left");
 }
+
+/// The log lines a tap got so far, as text.
+fn drained(records: &mut tokio::sync::mpsc::Receiver<evrhost::bus::log_layer::LogRecord>) -> Vec<String> {
+    let mut lines = Vec::new();
+    while let Ok(record) = records.try_recv() {
+        lines.push(record.text);
+    }
+    lines
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_traced_plugin_logs_each_import_with_its_arguments_result_and_time() {
+    use tracing_subscriber::prelude::*;
+    let host = TestHost::start(
+        "[[plugin]]\nname = \"counter\"\npath = \"{counter}\"\ntrace = true\n\
+         [[route]]\nname = \"count\"\nplugin = \"counter\"\n\
+         [[plugin]]\nname = \"hostile\"\npath = \"{hostile}\"\ndeadline_ms = 5000\n\
+         [[route]]\nname = \"spin\"\nplugin = \"hostile\"\n",
+    )
+    .await
+    .expect("the host starts");
+    let _guard = tracing_subscriber::registry().with(BusLayer::new(host.ctx.logs.clone())).set_default();
+    let (_tap, mut records) = host.ctx.logs.tap(tracing::Level::INFO);
+    let d = &host.dispatcher;
+
+    d.run_route(&request("count", "alice")).await.expect("counted");
+    let lines = drained(&mut records);
+    let import = lines.iter().find(|l| l.contains("kv.incr(")).unwrap_or_else(|| panic!("no kv.incr in {lines:?}"));
+    assert!(import.starts_with(r#"kv.incr("counter:alice", 1) -> 1"#), "{import}");
+    for tag in ["plugin=counter", "tenant=default", "route=count", "us="] {
+        assert!(import.contains(tag), "{tag} missing: {import}");
+    }
+    let end = lines.iter().find(|l| l.starts_with("call ok")).unwrap_or_else(|| panic!("no call line in {lines:?}"));
+    assert!(end.contains("imports=1") && end.contains("untraced=0"), "{end}");
+    // An error is traced as the guest sees it.
+    d.run_command("counter.get", "alice", 0).await.expect("a command");
+    let lines = drained(&mut records);
+    assert!(lines.iter().any(|l| l.starts_with(r#"kv.get("counter:alice") -> "1""#)), "{lines:?}");
+
+    // Switched off, nothing; the switch holds across a reload.
+    d.set_trace("counter", false).expect("a plugin");
+    d.run_route(&request("count", "alice")).await.expect("counted");
+    let lines = drained(&mut records);
+    assert!(!lines.iter().any(|l| l.contains("kv.incr") || l.starts_with("call ")), "{lines:?}");
+    d.set_trace("counter", true).expect("a plugin");
+    d.reload("counter", None).await.expect("reloaded");
+    assert!(d.plugins().iter().any(|p| p.name == "counter" && p.trace));
+    d.run_route(&request("count", "bob")).await.expect("counted");
+    assert!(drained(&mut records).iter().any(|l| l.starts_with(r#"kv.incr("counter:bob", 1) -> 1"#)));
+    assert!(matches!(d.set_trace("ghost", true), Err(DispatchError::PluginNotFound(_))));
+
+    // A call making thousands of imports traces the first 200 and counts the rest.
+    d.set_trace("hostile", true).expect("a plugin");
+    d.run_route(&request("spin", "20")).await.expect("spun");
+    let lines = drained(&mut records);
+    let traced = lines.iter().filter(|l| l.starts_with("host.now() -> ")).count();
+    assert_eq!(traced, evrhost::runtime::MAX_TRACED_PER_CALL as usize, "{}", lines.len());
+    let end = lines.iter().find(|l| l.starts_with("call ok")).expect("the call's line");
+    let untraced: u64 = end.split("untraced=").nth(1).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+    assert!(untraced > 100, "{end}");
+}

@@ -273,9 +273,17 @@ name = "echo_pc"
 path = "{echo}"
 isolation = "per-call"
 
+[[plugin]]
+name = "counter"
+path = "{counter}"
+
 [[route]]
 name = "echo"
 plugin = "echo"
+
+[[route]]
+name = "count"
+plugin = "counter"
 
 [[route]]
 name = "echo_pc"
@@ -286,6 +294,7 @@ listen = ""
 "#,
         cache = cache.display(),
         echo = echo.display(),
+        counter = echo.with_file_name("counter.wasm").display(),
     )
 }
 
@@ -401,6 +410,62 @@ fn in_process(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
         }));
         let parts: Vec<String> = names.iter().zip(&t).map(|(n, v)| format!("{n} {}", fmt_ns(median(v)))).collect();
         results.notes.push(format!("primitives (median per op, incl. ~1 ns loop): {}", parts.join("; ")));
+    }
+
+    // Tracing off costs an import one relaxed load and a branch: that,
+    // against what one import (counter's kv.incr) costs on its own, the
+    // difference of a counter and an echo call. Tracing on is noted (the
+    // bench has no log subscriber, so it is the cost of rendering only).
+    {
+        let counter = d.plugin("counter").context("counter did not load")?;
+        let (count, echo) = (request("count"), request("echo"));
+        let switch = evrhost::runtime::TraceSwitch::new(false);
+        let v = &echo_v;
+        let t = rt.block_on(interleave(4, 20, 200, 1000, async |case| match case {
+            0 => match counter.handle(&count, 0).await.0 {
+                Ok(reply) if reply.handled => {
+                    std::hint::black_box(reply);
+                }
+                _ => failed(),
+            },
+            1 => match v.handle(&echo, 0).await.0 {
+                Ok(reply) if reply.handled => {
+                    std::hint::black_box(reply);
+                }
+                _ => failed(),
+            },
+            2 => {
+                for _ in 0..100 {
+                    if std::hint::black_box(&switch).is_on() {
+                        failed();
+                    }
+                }
+            }
+            _ => {
+                d.set_trace("counter", true).unwrap_or_else(|_| failed());
+                let ok = counter.handle(&count, 0).await.0.is_ok_and(|r| r.handled);
+                d.set_trace("counter", false).unwrap_or_else(|_| failed());
+                if !ok {
+                    failed();
+                }
+            }
+        }));
+        let (with_import, without, check) = (median(&t[0]), median(&t[1]), median(&t[2]) / 100.0);
+        let import = (with_import - without).max(1.0);
+        results.rows.push(Row {
+            case: "trace off: check per import",
+            evrhost: fmt_ns(check),
+            baseline: fmt_ns(import),
+            ratio: check / import,
+            target: "≤1% of an import",
+            pass: check / import <= 0.01,
+        });
+        results.notes.push(format!(
+            "trace: counter call (1 kv.incr) {} off, {} on (rendering only, no log subscriber); echo call {}",
+            fmt_ns(with_import),
+            fmt_ns(median(&t[3])),
+            fmt_ns(without)
+        ));
     }
 
     // 2. A fresh instance per call.

@@ -2,6 +2,7 @@
 //! batches, and the `evrhost rpc` client.
 
 use std::io::{Read, Write};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -149,6 +150,21 @@ async fn the_rpc_command_is_a_kamcmd() {
     assert!(text(&out.stderr).contains("no.such: Method Not Found"), "{}", text(&out.stderr));
     let out = evrhost(&["rpc", "--help"]);
     assert!(text(&out.stdout).contains("Usage: evrhost rpc [OPTIONS] [METHOD] [PARAMS]..."), "{}", text(&out.stdout));
+
+    // Tracing switched over RPC, as Kamailio operators switch debug levels.
+    let out = evrhost(&["rpc", "-a", &addr, "plugin.trace", "echo", "on"]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).ok(), Some(json!({"name": "echo", "trace": true})));
+    let out = evrhost(&["rpc", "-a", &addr, "plugin.trace", "echo", "loud"]);
+    assert!(text(&out.stderr).contains("-32602 - Invalid params: on or off"), "{}", text(&out.stderr));
+    let out = evrhost(&["rpc", "-a", &addr, "plugin.trace", "ghost", "on"]);
+    assert!(text(&out.stderr).starts_with("error: 404"), "{}", text(&out.stderr));
+    let r = daemon.client().await.call("route.run", json!(["evrexec:test", "traced"])).await.expect("rpc");
+    result(&r);
+    let out = evrhost(&["rpc", "-a", &addr, "--json", "plugin.list"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let echo = doc["result"].as_array().and_then(|l| l.iter().find(|p| p["name"] == "echo")).cloned();
+    assert_eq!(echo.map(|p| p["trace"].clone()), Some(json!(true)));
+    daemon.wait_for_log(&["call ok", "plugin=echo", "route=evrexec:test"], Duration::from_secs(5)).await;
 
     // Completion scripts offer the methods.
     for shell in ["bash", "zsh"] {

@@ -122,6 +122,7 @@ impl PluginDef {
             config: BTreeMap::new(),
             preopens: Vec::new(),
             profiling: false,
+            trace: false,
             host_commands: Vec::new(),
         };
         Ok(PluginDef { spec, code })
@@ -160,6 +161,9 @@ pub(super) struct PluginSection {
     /// E_PROFILING_SCRIPT records for each route call.
     #[serde(default)]
     profiling: bool,
+    /// Log each host import the plugin's calls make (app_lua's log_mode).
+    #[serde(default)]
+    trace: bool,
     /// Host commands the plugin may call (`commands.call`).
     #[serde(default)]
     host_commands: Vec<Spanned<String>>,
@@ -270,6 +274,7 @@ pub(super) fn check(
         config,
         preopens,
         profiling: p.profiling,
+        trace: p.trace,
         host_commands,
     };
     Ok(PluginDef { spec, code })

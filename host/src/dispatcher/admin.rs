@@ -12,7 +12,7 @@ use super::{DispatchError, Dispatcher, Slot};
 use crate::bus::Caller;
 use crate::config::{CodeSource, PluginDef, RouteDef};
 use crate::error::chain;
-use crate::runtime::{LoadError, PluginSpec, PluginVersion, Stats};
+use crate::runtime::{LoadError, PluginSpec, PluginVersion, Stats, TraceSwitch};
 use crate::sync::lock;
 
 impl Dispatcher {
@@ -20,6 +20,7 @@ impl Dispatcher {
         &self,
         def: &PluginDef,
         stats: Arc<Stats>,
+        trace: Arc<TraceSwitch>,
     ) -> Result<Arc<PluginVersion>, LoadError> {
         let name = &def.spec.name;
         let wasm = def.code.read().await.map_err(|source| LoadError::Read {
@@ -29,7 +30,7 @@ impl Dispatcher {
         })?;
         let limits = self.tenants.get(&def.spec.tenant).map(|t| t.kv).unwrap_or_default();
         let kv = self.kv.space(&def.spec.tenant, limits);
-        self.runtime.load(def.spec.clone(), wasm, kv, self.link.clone(), stats).await
+        self.runtime.load(def.spec.clone(), wasm, kv, self.link.clone(), stats, trace).await
     }
 
     /// PLUGIN_LOAD, PLUGIN_RELOAD or PLUGIN_FAIL.
@@ -58,7 +59,7 @@ impl Dispatcher {
             tracing::error!(plugin = %name, error = %why, "reload refused; the old version serves on");
             self.plugin_event("PLUGIN_FAIL", name, &why);
         };
-        let new = self.load_version(&def, slot.stats.clone()).await.inspect_err(|e| refused(e))?;
+        let new = self.load_version(&def, slot.stats.clone(), slot.trace.clone()).await.inspect_err(|e| refused(e))?;
         // The whole table is checked against the new version first: what
         // routes and tasks need, and command names.
         let rebuilt = Table::build(table.spec.clone(), Some((name, &new))).inspect_err(|e| refused(e))?;
@@ -87,13 +88,14 @@ impl Dispatcher {
             return Err(DispatchError::PluginExists(name));
         }
         let stats = Arc::new(Stats::default());
+        let trace = Arc::new(TraceSwitch::new(def.spec.trace));
         let version = self
-            .load_version(&def, stats.clone())
+            .load_version(&def, stats.clone(), trace.clone())
             .await
             .inspect_err(|e| self.plugin_event("PLUGIN_FAIL", &name, &chain(e)))?;
         self.plugin_event("PLUGIN_LOAD", &name, version.short_hash());
         let mut spec = table.spec.clone();
-        spec.plugins.insert(name.clone(), Arc::new(Slot::new(&name, version.clone(), def.code.clone(), stats)));
+        spec.plugins.insert(name.clone(), Arc::new(Slot::new(&name, version.clone(), def.code.clone(), stats, trace)));
         self.publish(Table::build(spec, None)?);
         tracing::info!(plugin = %name, source = %def.code.describe(), "plugin loaded");
         Ok(version)

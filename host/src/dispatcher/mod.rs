@@ -47,6 +47,7 @@ use crate::config::{CodeSource, Config, Tenant};
 use crate::kv::KvStore;
 use crate::runtime::{
     CallError, CallReport, Export, LoadError, PluginVersion, Reply, Runtime, Services, Stats, StatsSnapshot,
+    TraceSwitch,
 };
 use crate::sync::lock;
 use table::{Spec, Table};
@@ -93,6 +94,8 @@ pub struct Slot {
     current: ArcSwap<PluginVersion>,
     code: Mutex<CodeSource>,
     stats: Arc<Stats>,
+    /// `plugin.trace`: kept across versions, as the stats are.
+    trace: Arc<TraceSwitch>,
     reloads: AtomicU64,
     /// Woken when the current version is replaced or the plugin unloaded,
     /// so long-running exec tasks move to the new version.
@@ -100,12 +103,19 @@ pub struct Slot {
 }
 
 impl Slot {
-    fn new(name: &str, version: Arc<PluginVersion>, code: CodeSource, stats: Arc<Stats>) -> Slot {
+    fn new(
+        name: &str,
+        version: Arc<PluginVersion>,
+        code: CodeSource,
+        stats: Arc<Stats>,
+        trace: Arc<TraceSwitch>,
+    ) -> Slot {
         Slot {
             name: name.into(),
             current: ArcSwap::new(version),
             code: Mutex::new(code),
             stats,
+            trace,
             reloads: AtomicU64::new(0),
             swapped: tokio::sync::Notify::new(),
         }
@@ -177,6 +187,8 @@ pub struct PluginInfo {
     pub idle_instances: usize,
     pub max_instances: usize,
     pub reloads: u64,
+    /// Whether its calls log each import they make (`plugin.trace`).
+    pub trace: bool,
     pub loaded_at: u64,
     pub stats: StatsSnapshot,
 }
@@ -234,12 +246,13 @@ impl Dispatcher {
         let mut spec = Spec::default();
         for def in &config.plugins {
             let stats = Arc::new(Stats::default());
+            let trace = Arc::new(TraceSwitch::new(def.spec.trace));
             let version = dispatcher
-                .load_version(def, stats.clone())
+                .load_version(def, stats.clone(), trace.clone())
                 .await
                 .inspect_err(|e| dispatcher.plugin_event("PLUGIN_FAIL", &def.spec.name, &crate::error::chain(e)))?;
             dispatcher.plugin_event("PLUGIN_LOAD", &def.spec.name, version.short_hash());
-            let slot = Slot::new(&def.spec.name, version, def.code.clone(), stats);
+            let slot = Slot::new(&def.spec.name, version, def.code.clone(), stats, trace);
             spec.plugins.insert(def.spec.name.clone(), Arc::new(slot));
         }
         spec.needs = config
@@ -319,6 +332,14 @@ impl Dispatcher {
         self.table.load().spec.plugins.get(name).cloned()
     }
 
+    /// Switches a plugin's call tracing; its next call sees it.
+    pub fn set_trace(&self, name: &str, on: bool) -> Result<(), DispatchError> {
+        let slot = self.slot(name).ok_or_else(|| DispatchError::PluginNotFound(name.to_string()))?;
+        slot.trace.set(on);
+        tracing::info!(plugin = %name, on, "trace switched");
+        Ok(())
+    }
+
     pub fn slots(&self) -> Vec<Arc<Slot>> {
         self.table.load().spec.plugins.values().cloned().collect()
     }
@@ -339,6 +360,7 @@ impl Dispatcher {
                     idle_instances: v.idle_instances(),
                     max_instances: v.spec.limits.max_instances,
                     reloads: slot.reloads.load(Relaxed),
+                    trace: slot.trace.is_on(),
                     loaded_at: v.loaded_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
                     stats: slot.stats.snapshot(),
                 }

@@ -12,6 +12,7 @@ use super::bindings::{Answer, Event, HostError, Level, Message};
 use super::contract::interface;
 use super::services::FetchQuery;
 use super::state::HostState;
+use super::trace::traced;
 use std::sync::Arc;
 
 use crate::kv::{KvError, KvSpace, Ticket};
@@ -110,21 +111,25 @@ impl types::Host for HostState {}
 
 impl host::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
-        if self.plugin.spec.capabilities.log {
-            emit_log(self, level, &message);
-        }
+        traced!(self, "host.log", [level, message], {
+            if self.plugin.spec.capabilities.log {
+                emit_log(self, level, &message);
+            }
+        })
     }
 
     fn config(&mut self, key: String) -> Option<String> {
-        let spec = &self.plugin.spec;
-        if !spec.capabilities.config {
-            return None;
-        }
-        spec.config.get(&key).cloned()
+        traced!(self, "host.config", [key], {
+            let spec = &self.plugin.spec;
+            if !spec.capabilities.config {
+                return None;
+            }
+            spec.config.get(&key).cloned()
+        })
     }
 
     fn now(&mut self) -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+        traced!(self, "host.now", [], { SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64) })
     }
 
     /// Never reached: `add_sleep` shadows this definition with one that
@@ -174,27 +179,39 @@ async fn within<T>(
 
 impl kv::Host for HostState {
     async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, HostError> {
-        let (space, left) = self.kv_space()?;
-        let done = within(&space, left, space.get(&key)).await;
-        self.settle(done)
+        traced!(self, "kv.get", [key], async {
+            let (space, left) = self.kv_space()?;
+            let done = within(&space, left, space.get(&key)).await;
+            self.settle(done)
+        })
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), HostError> {
-        let (space, left) = self.kv_space()?;
-        let done = within(&space, left, space.set(&key, value)).await;
-        self.settle(done)
+        let traced = self.trace_begin(&[&key, &value]);
+        let result = async {
+            let (space, left) = self.kv_space()?;
+            let done = within(&space, left, space.set(&key, value)).await;
+            self.settle(done)
+        }
+        .await;
+        self.trace_end("kv.set", traced, &result);
+        result
     }
 
     async fn delete(&mut self, key: String) -> Result<bool, HostError> {
-        let (space, left) = self.kv_space()?;
-        let done = within(&space, left, space.delete(&key)).await;
-        self.settle(done)
+        traced!(self, "kv.delete", [key], async {
+            let (space, left) = self.kv_space()?;
+            let done = within(&space, left, space.delete(&key)).await;
+            self.settle(done)
+        })
     }
 
     async fn incr(&mut self, key: String, delta: i64) -> Result<i64, HostError> {
-        let (space, left) = self.kv_space()?;
-        let done = within(&space, left, space.incr(&key, delta)).await;
-        self.settle(done)
+        traced!(self, "kv.incr", [key, delta], async {
+            let (space, left) = self.kv_space()?;
+            let done = within(&space, left, space.incr(&key, delta)).await;
+            self.settle(done)
+        })
     }
 }
 
@@ -207,6 +224,42 @@ fn event_size(event: &Event) -> usize {
 
 impl events::Host for HostState {
     fn fire(&mut self, event: Event) -> Result<(), HostError> {
+        let traced = self.trace_begin(&[&event]);
+        let result = self.fire_checked(event);
+        self.trace_end("events.fire", traced, &result);
+        result
+    }
+
+    fn subscribe(&mut self, name: String, subclass: Option<String>) -> Result<(), HostError> {
+        traced!(self, "events.subscribe", [name, subclass], {
+            if !self.plugin.spec.capabilities.events {
+                return Err(denied("events"));
+            }
+            self.plugin.services.subscribe(&self.plugin.spec.name, &name, subclass.as_deref())
+        })
+    }
+
+    fn unsubscribe(&mut self, name: String, subclass: Option<String>) -> Result<bool, HostError> {
+        traced!(self, "events.unsubscribe", [name, subclass], {
+            if !self.plugin.spec.capabilities.events {
+                return Err(denied("events"));
+            }
+            self.plugin.services.unsubscribe(&self.plugin.spec.name, &name, subclass.as_deref())
+        })
+    }
+
+    fn filter(&mut self, command: String) -> Result<String, HostError> {
+        traced!(self, "events.filter", [command], {
+            if !self.plugin.spec.capabilities.events {
+                return Err(denied("events"));
+            }
+            self.plugin.services.filter(&self.plugin.spec.name, &command)
+        })
+    }
+}
+
+impl HostState {
+    fn fire_checked(&mut self, event: Event) -> Result<(), HostError> {
         let spec = &self.plugin.spec;
         if !spec.capabilities.events {
             return Err(denied("events"));
@@ -220,40 +273,21 @@ impl events::Host for HostState {
         }
         self.plugin.services.fire(&spec.name, &self.call.target, event)
     }
-
-    fn subscribe(&mut self, name: String, subclass: Option<String>) -> Result<(), HostError> {
-        if !self.plugin.spec.capabilities.events {
-            return Err(denied("events"));
-        }
-        self.plugin.services.subscribe(&self.plugin.spec.name, &name, subclass.as_deref())
-    }
-
-    fn unsubscribe(&mut self, name: String, subclass: Option<String>) -> Result<bool, HostError> {
-        if !self.plugin.spec.capabilities.events {
-            return Err(denied("events"));
-        }
-        self.plugin.services.unsubscribe(&self.plugin.spec.name, &name, subclass.as_deref())
-    }
-
-    fn filter(&mut self, command: String) -> Result<String, HostError> {
-        if !self.plugin.spec.capabilities.events {
-            return Err(denied("events"));
-        }
-        self.plugin.services.filter(&self.plugin.spec.name, &command)
-    }
 }
 
 impl commands::Host for HostState {
     async fn call(&mut self, command: String, args: String) -> Result<String, HostError> {
-        if !self.plugin.spec.capabilities.commands {
-            return Err(denied("commands"));
-        }
-        let depth = self.call.depth + 1;
-        if depth > MAX_COMMAND_DEPTH {
-            return Err(HostError::Failed(format!("command calls nested deeper than {MAX_COMMAND_DEPTH}")));
-        }
-        let (services, caller) = (self.plugin.services.clone(), self.plugin.spec.clone());
-        services.call_command(&caller, &command, &args, depth).await
+        traced!(self, "commands.call", [command, args], async {
+            if !self.plugin.spec.capabilities.commands {
+                return Err(denied("commands"));
+            }
+            let depth = self.call.depth + 1;
+            if depth > MAX_COMMAND_DEPTH {
+                return Err(HostError::Failed(format!("command calls nested deeper than {MAX_COMMAND_DEPTH}")));
+            }
+            let (services, caller) = (self.plugin.services.clone(), self.plugin.spec.clone());
+            services.call_command(&caller, &command, &args, depth).await
+        })
     }
 }
 
@@ -266,14 +300,20 @@ impl fetch::Host for HostState {
         value: String,
         params: Vec<(String, String)>,
     ) -> Result<String, HostError> {
-        if !self.plugin.spec.capabilities.fetch {
-            return Err(denied("fetch"));
+        let traced = self.trace_begin(&[&section, &tag, &key, &value, &params]);
+        let result = async {
+            if !self.plugin.spec.capabilities.fetch {
+                return Err(denied("fetch"));
+            }
+            if section.is_empty() || section.len() > 64 {
+                return Err(HostError::Invalid("a section name is 1 to 64 bytes".into()));
+            }
+            let services = self.plugin.services.clone();
+            services.fetch(FetchQuery { section, tag, key, value, params }).await
         }
-        if section.is_empty() || section.len() > 64 {
-            return Err(HostError::Invalid("a section name is 1 to 64 bytes".into()));
-        }
-        let services = self.plugin.services.clone();
-        services.fetch(FetchQuery { section, tag, key, value, params }).await
+        .await;
+        self.trace_end("fetch.fetch", traced, &result);
+        result
     }
 }
 
@@ -302,13 +342,26 @@ impl HostState {
 
 impl messages::Host for HostState {
     async fn dispatch(&mut self, message: Message) -> Result<Answer, HostError> {
-        self.message_allowed(&message)?;
-        let (services, caller) = (self.plugin.services.clone(), self.plugin.spec.clone());
-        services.dispatch_message(&caller, message).await
+        let traced = self.trace_begin(&[&message]);
+        // Moved in whole: a shared borrow of the state held across the
+        // await would need it to be Sync.
+        let this = &mut *self;
+        let result = async move {
+            this.message_allowed(&message)?;
+            let (services, caller) = (this.plugin.services.clone(), this.plugin.spec.clone());
+            services.dispatch_message(&caller, message).await
+        }
+        .await;
+        self.trace_end("messages.dispatch", traced, &result);
+        result
     }
 
     fn enqueue(&mut self, message: Message) -> Result<(), HostError> {
-        self.message_allowed(&message)?;
-        self.plugin.services.enqueue_message(&self.plugin.spec, message)
+        let traced = self.trace_begin(&[&message]);
+        let result = self.message_allowed(&message).and_then(|()| {
+            self.plugin.services.enqueue_message(&self.plugin.spec, message)
+        });
+        self.trace_end("messages.enqueue", traced, &result);
+        result
     }
 }

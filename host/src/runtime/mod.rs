@@ -20,6 +20,7 @@ pub mod services;
 mod spec;
 mod state;
 pub mod stats;
+pub(crate) mod trace;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub use pool::CallReport;
 pub use services::{FetchQuery, Services};
 pub use spec::PluginSpec;
 pub use stats::{Stats, StatsSnapshot};
+pub use trace::{TraceSwitch, MAX_TRACED_PER_CALL};
 
 use crate::kv::KvSpace;
 use exports::ExportIndices;
@@ -123,6 +125,7 @@ impl Runtime {
         kv: Arc<KvSpace>,
         services: Arc<dyn Services>,
         stats: Arc<Stats>,
+        trace: Arc<TraceSwitch>,
     ) -> Result<Arc<PluginVersion>, LoadError> {
         let name = spec.name.clone();
         if spec.limits.memory_bytes > self.settings.max_memory_bytes {
@@ -156,7 +159,7 @@ impl Runtime {
         let idle_ticks = u64::try_from(spec.limits.idle_after.as_nanos() / tick).unwrap_or(u64::MAX);
         let log_budget = state::LogBudget::new(spec.limits.max_log_bytes_per_s);
         let ctx =
-            Arc::new(PluginCtx { spec: spec.clone(), kv, services, deadline_ticks, ticks, idle_ticks, log_budget });
+            Arc::new(PluginCtx { spec: spec.clone(), kv, services, deadline_ticks, ticks, idle_ticks, log_budget, trace });
         let pool = Pool::new(pre, indices.clone(), ctx, stats.clone());
         let warm = match spec.limits.isolation {
             Isolation::Reuse => spec.limits.min_instances.max(1),

@@ -325,6 +325,7 @@ impl Worker {
         call.target.push_str(target);
         (call.depth, call.is_task, call.log_lines, call.log_dropped, call.log_rate_dropped) = (depth, is_task, 0, 0, 0);
         call.kv_ticket = crate::kv::Ticket::NONE;
+        (call.traced, call.trace_skipped) = (0, 0);
         Ok(())
     }
 
@@ -438,6 +439,9 @@ impl Lease<'_> {
             }
             None => {}
         }
+        if pool.ctx.trace.is_on() {
+            trace_call(data, &result, elapsed, fuel);
+        }
         if data.call.log_rate_dropped > 0 {
             pool.stats.log_dropped(data.call.log_rate_dropped);
         }
@@ -506,6 +510,27 @@ impl Drop for Lease<'_> {
         };
         self.pool.give_back(worker);
     }
+}
+
+/// The trace's last line for a call: how it ended, what it cost, and the
+/// imports past the per-call cap that were not traced.
+fn trace_call<T>(data: &HostState, result: &Result<T, Cause>, elapsed: Duration, fuel: u64) {
+    let spec = &data.plugin.spec;
+    let outcome = match result {
+        Ok(_) => "ok".to_string(),
+        Err(cause) => format!("failed: {cause}"),
+    };
+    tracing::info!(
+        target: "trace",
+        plugin = %spec.name,
+        tenant = %spec.tenant,
+        route = %data.call.target,
+        us = elapsed.as_micros() as u64,
+        fuel,
+        imports = data.call.traced + data.call.trace_skipped,
+        untraced = data.call.trace_skipped,
+        "call {outcome}"
+    );
 }
 
 /// Names the cause of a wasmtime error, using what the store saw.

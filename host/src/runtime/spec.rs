@@ -18,6 +18,9 @@ pub struct PluginSpec {
     pub preopens: Vec<Preopen>,
     /// E_PROFILING_SCRIPT records for each route call.
     pub profiling: bool,
+    /// Whether calls start out logging each import they make (app_lua's
+    /// `log_mode`); `plugin.trace` switches it at run time.
+    pub trace: bool,
     /// The host's own commands (`echo`, `status`, …) this plugin may call
     /// through `commands.call`; none unless granted. Plugins' commands it
     /// may call are its own tenant's, always.

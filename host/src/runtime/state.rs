@@ -25,6 +25,8 @@ pub struct PluginCtx {
     pub idle_ticks: u64,
     /// What the plugin may still log this second.
     pub log_budget: LogBudget,
+    /// Whether calls log each import they make (kept across versions).
+    pub trace: Arc<super::trace::TraceSwitch>,
 }
 
 /// A plugin's log bytes per second: every call and instance of the version
@@ -104,6 +106,9 @@ pub struct CallCtx {
     /// The last kv write the call made or saw: its reply waits until that
     /// is durable.
     pub kv_ticket: crate::kv::Ticket,
+    /// Imports traced in this call, and those past the cap that were not.
+    pub traced: u32,
+    pub trace_skipped: u32,
 }
 
 pub struct HostState {

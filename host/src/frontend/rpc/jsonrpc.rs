@@ -48,7 +48,7 @@ pub fn methods() -> impl Iterator<Item = &'static (&'static str, &'static str)> 
 }
 
 /// The methods answered here (`kv_methods` has the rest).
-const METHODS: [(&str, &str); 19] = [
+const METHODS: [(&str, &str); 20] = [
     ("evrexec.run", "NAME [DATA] — run an event route; {} on success (Kamailio)"),
     ("route.run", "NAME [DATA] [PARAMS] — run a route; the reply, plugin, fuel and time"),
     ("api.run", "COMMAND [ARGS…] — run an API command (built-in or a plugin's)"),
@@ -59,6 +59,7 @@ const METHODS: [(&str, &str); 19] = [
     ("plugin.load", "NAME PATH — load a plugin with default limits"),
     ("plugin.reload", "NAME [PATH] — load a new version and swap it in atomically"),
     ("plugin.unload", "NAME — remove a plugin and its routes"),
+    ("plugin.trace", "NAME on|off — log each host import its calls make (name, arguments, result, time), as app_lua's log_mode"),
     ("route.list", "— the routes and their handlers"),
     ("route.add", "NAME PLUGIN [PRIORITY] — bind a loaded plugin to a route (priority 100)"),
     ("route.remove", "NAME PLUGIN — unbind a plugin from a route"),
@@ -330,6 +331,16 @@ async fn call(s: &Server, method: &str, p: Params) -> Result<Value, RpcError> {
             let name = p.required(0, "plugin name")?;
             let routes = d.unload(&name).await.map_err(dispatch_error)?;
             Ok(json!({"name": name, "routes_removed": routes}))
+        }
+        "plugin.trace" => {
+            let name = p.required(0, "plugin name")?;
+            let on = match p.text(1).as_deref() {
+                Some("on" | "1" | "true") => true,
+                Some("off" | "0" | "false") => false,
+                _ => return Err(RpcError::new(-32602, "Invalid params: on or off expected at position 1")),
+            };
+            d.set_trace(&name, on).map_err(dispatch_error)?;
+            Ok(json!({"name": name, "trace": on}))
         }
         "route.list" => Ok(serde_json::to_value(d.routes()).unwrap_or(Value::Null)),
         "route.add" => {
