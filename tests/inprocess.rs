@@ -505,6 +505,70 @@ async fn a_traced_plugin_logs_each_import_with_its_arguments_result_and_time() {
     let traced = lines.iter().filter(|l| l.starts_with("host.now() -> ")).count();
     assert_eq!(traced, evrhost::runtime::MAX_TRACED_PER_CALL as usize, "{}", lines.len());
     let end = lines.iter().find(|l| l.starts_with("call ok")).expect("the call's line");
-    let untraced: u64 = end.split("untraced=").nth(1).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+    let untraced: u64 =
+        end.split("untraced=").nth(1).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0);
     assert!(untraced > 100, "{end}");
+}
+
+#[tokio::test]
+async fn a_trap_names_the_guest_functions_and_file_lines_and_an_opt_in_coredump_is_written_bounded() {
+    let dumps = tempfile::tempdir().expect("temp dir");
+    let host = TestHost::start(&format!(
+        "[runtime]\ncoredump_dir = \"{}\"\ncoredump_keep = 2\n\
+         [[plugin]]\nname = \"hostile\"\npath = \"{{hostile}}\"\nmemory_mb = 16\n\
+         [[route]]\nname = \"panic\"\nplugin = \"hostile\"\n\
+         [[route]]\nname = \"recurse\"\nplugin = \"hostile\"\n\
+         [[route]]\nname = \"loop\"\nplugin = \"hostile\"\n",
+        dumps.path().display()
+    ))
+    .await
+    .expect("the host starts");
+    let d = &host.dispatcher;
+    let call_error = |e: DispatchError| match e {
+        DispatchError::Call(e) => e,
+        other => panic!("not a call error: {other}"),
+    };
+
+    // A panic: the frame that panicked, by name and file:line (the hostile
+    // fixture carries line tables), without the guest's panic machinery.
+    let e = call_error(d.run_route(&request("panic", "")).await.expect_err("it panics"));
+    let bt = e.backtrace.clone().expect("a backtrace");
+    assert_eq!(bt.frames[0].function, "handle", "{bt}");
+    let at = bt.frames[0].location.as_deref().unwrap_or_default();
+    assert!(at.ends_with("plugins/hostile/src/lib.rs:37:24"), "{bt}");
+    let text = e.to_string();
+    assert!(text.contains("panic: hostile plugin panics on purpose") && text.contains("(in handle at "), "{text}");
+    // Runaway recursion: the caller's line is bounded, the backtrace too.
+    let e = call_error(d.run_route(&request("recurse", "")).await.expect_err("it overflows"));
+    let bt = e.backtrace.clone().expect("a backtrace");
+    assert!(bt.frames.len() <= 20 && bt.frames.iter().skip(1).all(|f| f.function == "recurse"), "{bt}");
+    assert!(e.to_string().contains("… 14 more)"), "{e}");
+
+    // The first trap was dumped; the second came within the second and
+    // was not. A dump is a wasm coredump ("core" custom section).
+    let files = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> =
+            std::fs::read_dir(dir).map_or(Vec::new(), |d| d.filter_map(|e| Some(e.ok()?.path())).collect());
+        v.sort();
+        v
+    };
+    let started = std::time::Instant::now();
+    while files(dumps.path()).is_empty() && started.elapsed() < 5 * SECOND {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let written = files(dumps.path());
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert!(written[0].file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("hostile-")), "{written:?}");
+    let bytes = std::fs::read(&written[0]).expect("the dump");
+    assert_eq!(&bytes[..4], b"\0asm");
+    assert!(bytes.windows(4).any(|w| w == b"core"), "a coredump section");
+    // Only the newest `coredump_keep` stay.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        d.run_route(&request("loop", "")).await.expect_err("out of fuel");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kept = files(dumps.path());
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(!kept.contains(&written[0]), "the oldest was removed: {kept:?}");
 }

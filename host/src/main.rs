@@ -114,9 +114,7 @@ impl clap::builder::TypedValueParser for MethodName {
     }
 
     fn possible_values(&self) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
-        Some(Box::new(
-            jsonrpc::methods().map(|(name, usage)| clap::builder::PossibleValue::new(*name).help(*usage)),
-        ))
+        Some(Box::new(jsonrpc::methods().map(|(name, usage)| clap::builder::PossibleValue::new(*name).help(*usage))))
     }
 }
 
@@ -307,6 +305,10 @@ async fn call(def: PluginDef, route: &str, data: String, params: Vec<(String, St
         Err(evrhost::dispatcher::DispatchError::Call(e)) => {
             println!("error:   {e}");
             println!("cause:   {}", e.cause.kind());
+            if let Some(bt) = &e.backtrace {
+                println!("backtrace (innermost first):");
+                print!("{bt}");
+            }
             let stats = d.plugins().into_iter().next().map(|p| p.stats);
             if let Some(stats) = stats {
                 println!("fuel:    {}", stats.fuel);
@@ -408,7 +410,8 @@ async fn rpc(
         }
         return Ok(ExitCode::from(1));
     }
-    let result = response.get("result").with_context(|| format!("the response has neither result nor error: {response}"))?;
+    let result =
+        response.get("result").with_context(|| format!("the response has neither result nor error: {response}"))?;
     match result {
         _ if output == Output::Json => {}
         Value::String(text) => println!("{text}"),

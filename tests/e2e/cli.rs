@@ -91,7 +91,8 @@ async fn run_without_a_config_serves_the_embedded_demo() {
     assert!(greeting[0].contains(&format!("JSON-RPC on 127.0.0.1:{port}")), "{greeting:?}");
     // Each suggestion, run as printed (the binary for `evrhost`, up to its comment).
     let run = |needle: &str| {
-        let line = greeting.iter().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no `{needle}` in {greeting:?}"));
+        let line =
+            greeting.iter().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no `{needle}` in {greeting:?}"));
         let command = line.split('#').next().unwrap_or_default().trim().replace("evrhost ", &format!("{BIN} "));
         let out = std::process::Command::new("bash").args(["-c", &command]).output().expect("bash runs");
         assert!(out.status.success(), "{command}: {}", text(&out.stderr));
@@ -135,4 +136,18 @@ fn every_example_config_checks() {
     }
     checked.sort();
     assert_eq!(checked, ["freeswitch", "kamailio", "opensips", "yate"]);
+}
+
+#[test]
+fn call_shows_a_trapped_guests_backtrace() {
+    let hostile = plugin("hostile");
+    let out = evrhost(&["call", hostile.to_str().expect("utf-8"), "panic"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("cause:   panic"), "{stdout}");
+    let frames: Vec<&str> = stdout.lines().skip_while(|l| !l.starts_with("backtrace")).skip(1).collect();
+    assert!(
+        frames.first().is_some_and(|f| f.trim().starts_with("0: handle at ") && f.ends_with("src/lib.rs:37:24")),
+        "{stdout}"
+    );
 }

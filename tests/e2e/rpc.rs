@@ -153,7 +153,10 @@ async fn the_rpc_command_is_a_kamcmd() {
 
     // Tracing switched over RPC, as Kamailio operators switch debug levels.
     let out = evrhost(&["rpc", "-a", &addr, "plugin.trace", "echo", "on"]);
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).ok(), Some(json!({"name": "echo", "trace": true})));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).ok(),
+        Some(json!({"name": "echo", "trace": true}))
+    );
     let out = evrhost(&["rpc", "-a", &addr, "plugin.trace", "echo", "loud"]);
     assert!(text(&out.stderr).contains("-32602 - Invalid params: on or off"), "{}", text(&out.stderr));
     let out = evrhost(&["rpc", "-a", &addr, "plugin.trace", "ghost", "on"]);

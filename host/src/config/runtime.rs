@@ -8,7 +8,7 @@ use toml::Spanned;
 
 use super::checker::Checker;
 use super::ConfigError;
-use crate::runtime::{ComponentCache, EngineSettings};
+use crate::runtime::{ComponentCache, CoredumpSettings, EngineSettings};
 
 /// The largest linear memory a plugin may have, in MiB (wasm32's 4 GiB).
 pub(super) const MAX_MEMORY_MB: u64 = 4096;
@@ -25,6 +25,22 @@ pub(super) struct RuntimeSection {
     epoch_tick_ms: Option<Spanned<u64>>,
     max_instances: Option<Spanned<u32>>,
     max_memory_mb: Option<Spanned<u64>>,
+    /// On a trap, a wasm coredump is written here (relative to the file).
+    coredump_dir: Option<String>,
+    coredump_max_mb: Option<Spanned<u64>>,
+    coredump_keep: Option<Spanned<u64>>,
+}
+
+/// `coredump_*`: off unless a directory is given; the bounds are checked
+/// even then, so a file that passes `check` with them serves with them.
+fn coredump(ck: &Checker, rt: &RuntimeSection, base: &Path) -> Result<Option<CoredumpSettings>, ConfigError> {
+    let max_mb = ck.range(&rt.coredump_max_mb, "runtime.coredump_max_mb", 1, MAX_MEMORY_MB)?.unwrap_or(64);
+    let keep = ck.range(&rt.coredump_keep, "runtime.coredump_keep", 1, 10_000)?.unwrap_or(16);
+    Ok(rt.coredump_dir.as_ref().map(|dir| CoredumpSettings {
+        dir: base.join(dir),
+        max_bytes: (max_mb as usize) << 20,
+        keep: keep as usize,
+    }))
 }
 
 /// The engine's settings, and the cache directory (None: no cache).
@@ -44,6 +60,7 @@ pub(super) fn check(
             .range(&rt.max_instances, "runtime.max_instances", 1, MAX_INSTANCES)?
             .unwrap_or(defaults.total_instances),
         max_memory_bytes: max_memory_mb.map_or(defaults.max_memory_bytes, |mb| (mb as usize) << 20),
+        coredump: coredump(ck, rt, base)?,
     };
     let cache_dir = match (rt.cache, &rt.cache_dir) {
         (Some(false), _) => None,

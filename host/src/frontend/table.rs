@@ -132,7 +132,8 @@ mod tests {
         assert_eq!(super::render("x", &json!({"a": 1})), None);
         assert_eq!(super::render("plugin.list", &json!([])).as_deref(), Some("(none)\n"));
         let long = super::render("x", &json!([{"a": "é".repeat(100), "b": "é".repeat(100)}])).expect("a table");
-        let widths: Vec<usize> = long.lines().nth(1).unwrap_or_default().split("  ").map(|c| c.chars().count()).collect();
+        let widths: Vec<usize> =
+            long.lines().nth(1).unwrap_or_default().split("  ").map(|c| c.chars().count()).collect();
         assert_eq!(widths, [61, 100], "all but the last column are cut");
     }
 }

@@ -17,11 +17,18 @@ pub struct EngineSettings {
     pub total_instances: u32,
     /// No plugin's memory cap may exceed this.
     pub max_memory_bytes: usize,
+    /// Coredumps on traps; None off.
+    pub coredump: Option<super::coredump::CoredumpSettings>,
 }
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        EngineSettings { tick: Duration::from_millis(1), total_instances: 1000, max_memory_bytes: 1 << 30 }
+        EngineSettings {
+            tick: Duration::from_millis(1),
+            total_instances: 1000,
+            max_memory_bytes: 1 << 30,
+            coredump: None,
+        }
     }
 }
 
@@ -49,6 +56,10 @@ pub fn config(settings: &EngineSettings) -> Config {
         .consume_fuel(true)
         .epoch_interruption(true)
         .memory_init_cow(true)
+        // Traps name the guest's functions, with file:line from DWARF
+        // when the component has it (parsed at compile time only).
+        .wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Enable)
+        .coredump_on_trap(settings.coredump.is_some())
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     config
 }

@@ -96,15 +96,28 @@ impl std::error::Error for Cause {}
 /// Boxed sources of load errors (wasmtime's, mostly).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A failed call: which plugin, which route (or command, or event), why.
+/// A failed call: which plugin, which route (or command, or event), why,
+/// and for a trap where the guest was.
 #[derive(Clone, Debug, thiserror::Error)]
-#[error("plugin `{plugin}`, {what} `{target}`: {cause}")]
 pub struct CallError {
     pub plugin: String,
     /// "route", "command", "event" or "task".
     pub what: &'static str,
     pub target: String,
     pub cause: Cause,
+    pub backtrace: Option<std::sync::Arc<super::backtrace::GuestBacktrace>>,
+}
+
+/// The backtrace's innermost frames follow the cause, on the same line, so
+/// every caller (an RPC error, a reply to a peer) gets them, bounded.
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "plugin `{}`, {} `{}`: {}", self.plugin, self.what, self.target, self.cause)?;
+        if let Some(bt) = &self.backtrace {
+            write!(f, " (in {})", bt.short(super::backtrace::SHORT_FRAMES))?;
+        }
+        Ok(())
+    }
 }
 
 /// A plugin that cannot be loaded (or reloaded: the old version serves on).

@@ -129,7 +129,9 @@ impl host::Host for HostState {
     }
 
     fn now(&mut self) -> u64 {
-        traced!(self, "host.now", [], { SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64) })
+        traced!(self, "host.now", [], {
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+        })
     }
 
     /// Never reached: `add_sleep` shadows this definition with one that
@@ -358,9 +360,9 @@ impl messages::Host for HostState {
 
     fn enqueue(&mut self, message: Message) -> Result<(), HostError> {
         let traced = self.trace_begin(&[&message]);
-        let result = self.message_allowed(&message).and_then(|()| {
-            self.plugin.services.enqueue_message(&self.plugin.spec, message)
-        });
+        let result = self
+            .message_allowed(&message)
+            .and_then(|()| self.plugin.services.enqueue_message(&self.plugin.spec, message));
         self.trace_end("messages.enqueue", traced, &result);
         result
     }

@@ -4,10 +4,12 @@
 //! The runtime knows wasmtime and nothing about wire formats; front-ends
 //! reach it through the dispatcher.
 
+mod backtrace;
 mod bindings;
 pub mod cache;
 mod clock;
 pub mod contract;
+mod coredump;
 mod engine;
 pub mod error;
 mod exports;
@@ -28,8 +30,10 @@ use std::sync::Arc;
 use wasmtime::component::{Component, Linker};
 use wasmtime::Engine;
 
+pub use backtrace::{Frame, GuestBacktrace};
 pub use bindings::{Answer, CommandInfo, Event, HostError, Level, Message, MessageInfo, Origin, Peer, Reply, Request};
 pub use cache::{CacheOutcome, ComponentCache};
+pub use coredump::CoredumpSettings;
 pub use engine::{config as engine_config, EngineSettings};
 pub use error::{CallError, Cause, LoadError};
 pub use exports::Export;
@@ -60,6 +64,7 @@ pub struct Runtime {
     cache: ComponentCache,
     settings: EngineSettings,
     ticker: engine::Ticker,
+    coredumps: Option<Arc<coredump::Coredumps>>,
 }
 
 /// What a component imports and exports, by interface name.
@@ -92,7 +97,8 @@ impl Runtime {
         imports::add_sleep(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let cache = ComponentCache::new(&engine, cache_dir);
         let ticker = engine::Ticker::start(&engine, settings.tick).map_err(RuntimeError::Ticker)?;
-        Ok(Arc::new(Runtime { engine, linker, cache, settings, ticker }))
+        let coredumps = settings.coredump.clone().map(|c| Arc::new(coredump::Coredumps::new(c)));
+        Ok(Arc::new(Runtime { engine, linker, cache, settings, ticker, coredumps }))
     }
 
     /// Compiles a component, or maps it from the cache. CPU-heavy for a
@@ -158,8 +164,17 @@ impl Runtime {
         let ticks = self.ticker.ticks.clone();
         let idle_ticks = u64::try_from(spec.limits.idle_after.as_nanos() / tick).unwrap_or(u64::MAX);
         let log_budget = state::LogBudget::new(spec.limits.max_log_bytes_per_s);
-        let ctx =
-            Arc::new(PluginCtx { spec: spec.clone(), kv, services, deadline_ticks, ticks, idle_ticks, log_budget, trace });
+        let ctx = Arc::new(PluginCtx {
+            spec: spec.clone(),
+            kv,
+            services,
+            deadline_ticks,
+            ticks,
+            idle_ticks,
+            log_budget,
+            trace,
+            coredumps: self.coredumps.clone(),
+        });
         let pool = Pool::new(pre, indices.clone(), ctx, stats.clone());
         let warm = match spec.limits.isolation {
             Isolation::Reuse => spec.limits.min_instances.max(1),

@@ -37,7 +37,8 @@ macro_rules! call_export {
                     None => Err(Failure::Wasm(wasmtime::format_err!("a lease without an instance"))),
                 };
                 let (result, report) = lease.finish(outcome);
-                (result.map_err(|cause| $self.error($what, target, cause)), report)
+                let failed = |(cause, backtrace)| CallError { backtrace, ..$self.error($what, target, cause) };
+                (result.map_err(failed), report)
             }
         }
     }};
@@ -105,7 +106,7 @@ impl PluginVersion {
     }
 
     fn error(&self, what: &'static str, target: &str, cause: Cause) -> CallError {
-        CallError { plugin: self.spec.name.clone(), what, target: target.to_string(), cause }
+        CallError { plugin: self.spec.name.clone(), what, target: target.to_string(), cause, backtrace: None }
     }
 
     /// Holds a reply until the kv writes its call made (or read) are

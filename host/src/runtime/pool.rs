@@ -33,6 +33,7 @@ use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
+use super::backtrace::GuestBacktrace;
 use super::bindings::Level;
 use super::clock::{self, Stamp};
 use super::error::{chain, Cause};
@@ -55,6 +56,9 @@ pub(crate) struct Worker {
 }
 
 /// How a call went wrong before it is classified.
+/// A call's cause of failure, and where the guest was when it trapped.
+pub(crate) type Fault = (Cause, Option<Arc<GuestBacktrace>>);
+
 pub(crate) enum Failure {
     /// The handler returned `err`.
     Guest(String),
@@ -408,21 +412,29 @@ impl Lease<'_> {
 
     /// Ends the call: classifies a failure, logs output, counts, and returns
     /// the instance to the pool or drops it.
-    pub fn finish<T>(mut self, outcome: Result<T, Failure>) -> (Result<T, Cause>, CallReport) {
+    pub fn finish<T>(mut self, outcome: Result<T, Failure>) -> (Result<T, Fault>, CallReport) {
         let elapsed = self.started.elapsed();
         let Some(mut worker) = self.worker.take() else {
             // `acquire` returns a lease only with its worker in place.
             let cause = Cause::Host { message: "lease without an instance".into() };
-            return (Err(cause), CallReport { elapsed, ..CallReport::default() });
+            return (Err((cause, None)), CallReport { elapsed, ..CallReport::default() });
         };
         let pool = self.pool;
         let limits = &pool.ctx.spec.limits;
         let fuel = limits.fuel.saturating_sub(worker.store.get_fuel().unwrap_or(0));
         let stderr = worker.flush_output();
+        let mut backtrace = None;
         let result = match outcome {
             Ok(value) => Ok(value),
             Err(Failure::Guest(message)) => Err(Cause::Guest { message }),
-            Err(Failure::Wasm(e)) => Err(classify(&e, worker.store.data(), &stderr)),
+            Err(Failure::Wasm(e)) => {
+                backtrace = GuestBacktrace::of(&e).map(Arc::new);
+                if let Some(dumps) = &pool.ctx.coredumps {
+                    let target = worker.store.data().call.target.clone();
+                    dumps.write(&e, &mut worker.store, &pool.ctx.spec.name, &target);
+                }
+                Err(classify(&e, worker.store.data(), &stderr))
+            }
         };
         let data = worker.store.data();
         let kv_ticket = data.call.kv_ticket;
@@ -432,6 +444,7 @@ impl Lease<'_> {
                 plugin = %pool.ctx.spec.name,
                 route = %data.call.target,
                 cause = %cause.kind(),
+                backtrace = backtrace.as_ref().map(|bt| bt.short(usize::MAX)),
                 "call failed: {cause}; instance discarded"
             ),
             Some(cause) => {
@@ -488,7 +501,7 @@ impl Lease<'_> {
             self.worker = Some(worker);
         }
         self.finished = true;
-        (result, CallReport { elapsed, fuel, kv_ticket })
+        (result.map_err(|cause| (cause, backtrace)), CallReport { elapsed, fuel, kv_ticket })
     }
 }
 

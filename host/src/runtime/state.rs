@@ -27,6 +27,8 @@ pub struct PluginCtx {
     pub log_budget: LogBudget,
     /// Whether calls log each import they make (kept across versions).
     pub trace: Arc<super::trace::TraceSwitch>,
+    /// Where traps are dumped; None off.
+    pub(crate) coredumps: Option<Arc<super::coredump::Coredumps>>,
 }
 
 /// A plugin's log bytes per second: every call and instance of the version

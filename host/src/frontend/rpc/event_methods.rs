@@ -172,7 +172,8 @@ fn subscribers(s: &Server, p: &Params) -> Result<Value, RpcError> {
         return Ok(json!({"Events": events}));
     };
     let event = as_text(event).ok_or_else(param_error)?;
-    let (name, id) = known.iter().find(|(n, _)| *n == event).ok_or_else(|| RpcError::new(404, "Event not published"))?;
+    let (name, id) =
+        known.iter().find(|(n, _)| *n == event).ok_or_else(|| RpcError::new(404, "Event not published"))?;
     let subs = of(name);
     let Some(socket) = p.by_name(1, "socket") else {
         // OpenSIPS prints an event only when it has subscribers.
@@ -202,9 +203,12 @@ fn raise(s: &Server, p: &Params) -> Result<Value, RpcError> {
     let headers: Vec<(String, String)> = match p.by_name(1, "params") {
         None | Some(Value::Null) => Vec::new(),
         // OpenSIPS names array parameters by nothing; here by position.
-        Some(Value::Array(items)) => {
-            items.iter().enumerate().map(|(i, v)| Some((i.to_string(), as_text(v)?))).collect::<Option<_>>().ok_or_else(bad)?
-        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Some((i.to_string(), as_text(v)?)))
+            .collect::<Option<_>>()
+            .ok_or_else(bad)?,
         Some(Value::Object(map)) => named(map),
         Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
             Ok(Value::Object(map)) => named(&map),

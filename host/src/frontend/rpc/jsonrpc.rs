@@ -13,8 +13,8 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
-pub use super::params::RpcError;
 pub(super) use super::params::Params;
+pub use super::params::RpcError;
 use crate::config::{CodeSource, PluginDef, RouteDef, RpcSettings};
 use crate::dispatcher::{DispatchError, Dispatcher};
 use crate::frontend::event_sinks::EventSinks;
@@ -59,7 +59,10 @@ const METHODS: [(&str, &str); 20] = [
     ("plugin.load", "NAME PATH — load a plugin with default limits"),
     ("plugin.reload", "NAME [PATH] — load a new version and swap it in atomically"),
     ("plugin.unload", "NAME — remove a plugin and its routes"),
-    ("plugin.trace", "NAME on|off — log each host import its calls make (name, arguments, result, time), as app_lua's log_mode"),
+    (
+        "plugin.trace",
+        "NAME on|off — log each host import its calls make (name, arguments, result, time), as app_lua's log_mode",
+    ),
     ("route.list", "— the routes and their handlers"),
     ("route.add", "NAME PLUGIN [PRIORITY] — bind a loaded plugin to a route (priority 100)"),
     ("route.remove", "NAME PLUGIN — unbind a plugin from a route"),
