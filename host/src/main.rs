@@ -258,26 +258,28 @@ async fn run(
 /// What to try first, once the embedded default serves: one line per job,
 /// each a command that works as printed.
 fn greeting(config: &Config) -> String {
-    let mut out = String::new();
     let addr = config.rpc.listen.map(|a| a.to_string()).unwrap_or_default();
     let rpc = if addr == DEFAULT_RPC_LISTEN { "evrhost rpc".to_string() } else { format!("evrhost rpc -a {addr}") };
-    out.push_str(&format!("evrhost is ready. JSON-RPC on {addr}; try:\n"));
-    out.push_str(&format!("  {rpc} route.run echo hello                  # a route, its reply, fuel and time\n"));
-    out.push_str(&format!("  {rpc} evrexec.run evrexec:test mydata       # as kamcmd runs Kamailio's\n"));
+    let mut lines = vec![
+        (format!("{rpc} route.run echo hello"), "a route: its reply, fuel and time".to_string()),
+        (format!("{rpc} evrexec.run evrexec:test mydata"), "as kamcmd runs Kamailio's".to_string()),
+    ];
     for udp in &config.udp {
         let (ip, port) = (udp.addr.ip(), udp.addr.port());
-        out.push_str(&format!(
-            "  printf 'user=alice;ip=10.0.0.1' > /dev/udp/{ip}/{port}   # a datagram: route `{}` (bash)\n",
-            udp.route
-        ));
+        let datagram = format!("printf 'user=alice;ip=10.0.0.1' > /dev/udp/{ip}/{port}");
+        lines.push((datagram, format!("a datagram to route `{}` (bash)", udp.route)));
     }
     if config.plugins.iter().any(|p| p.spec.name == "kvcount") {
-        out.push_str(&format!("  {rpc} api.run kvcount.get user                # what the datagrams counted\n"));
+        lines.push((format!("{rpc} api.run kvcount.get user"), "what the datagrams counted".to_string()));
     }
     if config.events.heartbeat.is_some() {
-        out.push_str(&format!(
-            "  {rpc} event.subscribe HEARTBEAT udp:127.0.0.1:7091 && nc -ulp 7091   # events, as OpenSIPS sends them\n"
-        ));
+        let subscribe = format!("{rpc} event.subscribe HEARTBEAT udp:127.0.0.1:7091 && nc -ulp 7091");
+        lines.push((subscribe, "events, as OpenSIPS sends them".to_string()));
+    }
+    let width = lines.iter().map(|(command, _)| command.len()).max().unwrap_or(0);
+    let mut out = format!("evrhost is ready. JSON-RPC on {addr}; try:\n");
+    for (command, why) in lines {
+        out.push_str(&format!("  {command:<width$}  # {why}\n"));
     }
     out
 }
