@@ -1,8 +1,8 @@
 //! The one wasmtime engine every plugin shares, and the epoch ticker that
 //! enforces call deadlines.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -68,39 +68,110 @@ pub fn build(settings: &EngineSettings) -> wasmtime::Result<Engine> {
     Engine::new(&config(settings))
 }
 
-/// Advances the engine's epoch once per tick. It counts ticks from a fixed
-/// start and catches up after a late wake-up, so a deadline of N ticks is
-/// N ticks of wall time, not N sleeps (a naive sleep loop drifts ~20%).
+/// Advances the engine's epoch once per tick while a call runs, and
+/// sleeps (parked, no wake-up at all) while none does. It counts ticks
+/// from a fixed start, so a deadline of N ticks is N ticks of wall time,
+/// not N sleeps (a naive sleep loop drifts ~20%), and a late or parked
+/// ticker catches up at once.
 ///
-/// It also publishes the tick count, so a call's deadline can be checked
-/// against wall time while the call yields (see `pool`).
+/// It publishes the tick count in its [`EpochClock`], so a call's deadline
+/// can be checked against wall time while the call yields (see `pool`).
 pub struct Ticker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    pub ticks: Arc<AtomicU64>,
+    pub clock: Arc<EpochClock>,
+}
+
+/// Ticks since start, and whether any call runs (one that does holds an
+/// [`Active`]).
+///
+/// Invariant: while a call runs, `now` lags wall time by at most a tick
+/// (the ticker runs); while none runs the ticker is parked and `now`
+/// reads the wall clock. `enter` and the ticker's decision to park are
+/// ordered (SeqCst on `active` and `parked`), so a call never runs with
+/// the ticker parked.
+pub struct EpochClock {
+    start: Instant,
+    tick_ns: u128,
+    ticks: AtomicU64,
+    active: AtomicUsize,
+    parked: AtomicBool,
+    thread: OnceLock<std::thread::Thread>,
+}
+
+impl EpochClock {
+    fn wall(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos() / self.tick_ns).unwrap_or(u64::MAX)
+    }
+
+    /// Ticks since start.
+    pub fn now(&self) -> u64 {
+        if self.parked.load(Ordering::Acquire) {
+            return self.wall();
+        }
+        self.ticks.load(Ordering::Acquire)
+    }
+
+    /// Marks a call running until the guard drops; wakes a parked ticker.
+    pub fn enter(&self) -> Active<'_> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) {
+            self.ticks.fetch_max(self.wall(), Ordering::AcqRel);
+            if let Some(thread) = self.thread.get() {
+                thread.unpark();
+            }
+        }
+        Active(self)
+    }
+}
+
+/// A running call's hold on the ticker.
+pub struct Active<'c>(&'c EpochClock);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Ticker {
     pub fn start(engine: &Engine, tick: Duration) -> std::io::Result<Ticker> {
         let stop = Arc::new(AtomicBool::new(false));
-        let ticks = Arc::new(AtomicU64::new(0));
+        let clock = Arc::new(EpochClock {
+            start: Instant::now(),
+            tick_ns: tick.as_nanos().max(1),
+            ticks: AtomicU64::new(0),
+            active: AtomicUsize::new(0),
+            parked: AtomicBool::new(false),
+            thread: OnceLock::new(),
+        });
         let weak = engine.weak();
-        let (flag, published) = (stop.clone(), ticks.clone());
+        let (flag, c) = (stop.clone(), clock.clone());
         let thread = std::thread::Builder::new().name("evrhost-epoch".into()).spawn(move || {
-            let start = Instant::now();
-            let mut ticks: u128 = 0;
             while !flag.load(Ordering::Relaxed) {
+                if c.active.load(Ordering::SeqCst) == 0 {
+                    c.parked.store(true, Ordering::SeqCst);
+                    if c.active.load(Ordering::SeqCst) == 0 && !flag.load(Ordering::Relaxed) {
+                        std::thread::park();
+                    }
+                    c.ticks.fetch_max(c.wall(), Ordering::AcqRel);
+                    c.parked.store(false, Ordering::SeqCst);
+                    continue;
+                }
                 std::thread::sleep(tick);
                 let Some(engine) = weak.upgrade() else { break };
-                let due = start.elapsed().as_nanos() / tick.as_nanos().max(1);
-                while ticks < due {
+                // One increment however late: stores' epoch deadlines are
+                // one tick ahead, and a call's deadline is checked against
+                // the published ticks, not the engine's epoch.
+                let due = c.wall();
+                if due > c.ticks.load(Ordering::Acquire) {
                     engine.increment_epoch();
-                    ticks += 1;
+                    c.ticks.fetch_max(due, Ordering::AcqRel);
                 }
-                published.store(u64::try_from(ticks).unwrap_or(u64::MAX), Ordering::Release);
             }
         })?;
-        Ok(Ticker { stop, thread: Some(thread), ticks })
+        let _ = clock.thread.set(thread.thread().clone());
+        Ok(Ticker { stop, thread: Some(thread), clock })
     }
 }
 
@@ -108,7 +179,45 @@ impl Drop for Ticker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    /// Idle, the ticker parks and the clock still reads wall time; a call
+    /// wakes it, and its ticks then keep pace.
+    #[test]
+    fn the_ticker_parks_when_no_call_runs_and_keeps_time() {
+        let engine = wasmtime::Engine::default();
+        let ticker = super::Ticker::start(&engine, Duration::from_millis(1)).expect("a ticker");
+        let clock = ticker.clock.clone();
+        let wait_for = |want: bool| {
+            let started = Instant::now();
+            while clock.parked.load(std::sync::atomic::Ordering::SeqCst) != want {
+                assert!(started.elapsed() < Duration::from_secs(5), "parked never became {want}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        wait_for(true);
+        std::thread::sleep(Duration::from_millis(50));
+        let idle = clock.now();
+        assert!(idle >= 50, "parked, the clock reads the wall: {idle}");
+        let published = clock.ticks.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(published < idle, "and nothing published meanwhile: {published} vs {idle}");
+
+        let active = clock.enter();
+        assert!(clock.ticks.load(std::sync::atomic::Ordering::SeqCst) >= idle, "enter brings the ticks up to date");
+        wait_for(false);
+        let before = clock.now();
+        std::thread::sleep(Duration::from_millis(30));
+        let ran = clock.now() - before;
+        assert!((20..=60).contains(&ran), "running, ticks keep pace with wall time: {ran}");
+        drop(active);
+        wait_for(true);
     }
 }

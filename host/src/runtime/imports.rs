@@ -150,8 +150,7 @@ impl HostState {
             return Err(denied("kv"));
         }
         let plugin = &self.plugin;
-        let left_ticks =
-            self.call.deadline_tick.saturating_sub(plugin.ticks.load(std::sync::atomic::Ordering::Acquire));
+        let left_ticks = self.call.deadline_tick.saturating_sub(plugin.ticks.now());
         let left = plugin.spec.limits.deadline.mul_f64(left_ticks as f64 / plugin.deadline_ticks.max(1) as f64);
         Ok((plugin.kv.clone(), left))
     }

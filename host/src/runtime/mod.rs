@@ -161,7 +161,7 @@ impl Runtime {
         let spec = Arc::new(spec);
         let tick = self.settings.tick.as_nanos().max(1);
         let deadline_ticks = u64::try_from(spec.limits.deadline.as_nanos().div_ceil(tick)).unwrap_or(u64::MAX).max(1);
-        let ticks = self.ticker.ticks.clone();
+        let ticks = self.ticker.clock.clone();
         let idle_ticks = u64::try_from(spec.limits.idle_after.as_nanos() / tick).unwrap_or(u64::MAX);
         let log_budget = state::LogBudget::new(spec.limits.max_log_bytes_per_s);
         let ctx = Arc::new(PluginCtx {

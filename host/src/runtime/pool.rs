@@ -159,7 +159,7 @@ impl Pool {
     /// more than `min_instances` are alive.
     pub fn shrink_idle(&self) {
         let limits = &self.ctx.spec.limits;
-        let now = self.ctx.ticks.load(std::sync::atomic::Ordering::Relaxed);
+        let now = self.ctx.ticks.now();
         let idle_ticks = self.ctx.idle_ticks;
         let mut dropped = Vec::new();
         let (mut live, in_use) = {
@@ -194,6 +194,8 @@ impl Pool {
     /// Makes `n` instances ahead of traffic; in per-call isolation they
     /// only prove that the plugin instantiates, and are dropped.
     pub async fn warm(&self, n: usize, isolation: Isolation) -> Result<(), Cause> {
+        // Instantiation runs guest code under a deadline: the ticker must run.
+        let _active = self.ctx.ticks.enter();
         for _ in 0..n {
             let worker = self.instantiate().await?;
             if isolation == Isolation::Reuse {
@@ -229,7 +231,8 @@ impl Pool {
             }
         };
         // From here the lease owns the slot: dropping it gives it back.
-        let mut lease = Lease { pool: self, worker: None, finished: false, started };
+        let active = self.ctx.ticks.enter();
+        let mut lease = Lease { pool: self, worker: None, finished: false, started, _active: active };
         let mut worker = match taken {
             Some(worker) => worker,
             None => {
@@ -290,7 +293,7 @@ impl Pool {
             let call = &mut ctx.data_mut().call;
             call.ticks_seen += 1;
             let (deadline, seen) = (call.deadline_tick, call.ticks_seen);
-            if ctx.data().plugin.ticks.load(std::sync::atomic::Ordering::Acquire) >= deadline {
+            if ctx.data().plugin.ticks.now() >= deadline {
                 Ok(UpdateDeadline::Interrupt)
             } else if seen >= 2 {
                 Ok(UpdateDeadline::Yield(1))
@@ -311,7 +314,7 @@ impl Pool {
         };
         let exports = self.indices.load(&mut store, &instance).map_err(host)?;
         self.stats.instantiated();
-        Ok(Worker { store, exports, last_used: self.ctx.ticks.load(std::sync::atomic::Ordering::Relaxed) })
+        Ok(Worker { store, exports, last_used: self.ctx.ticks.now() })
     }
 }
 
@@ -402,6 +405,9 @@ pub(crate) struct Lease<'p> {
     /// Set by `finish`; until then the worker is mid-call.
     finished: bool,
     started: Stamp,
+    /// Keeps the epoch ticker awake while the call runs (it parks when no
+    /// call does, so an idle daemon never wakes).
+    _active: super::engine::Active<'p>,
 }
 
 impl Lease<'_> {
@@ -497,7 +503,7 @@ impl Lease<'_> {
                 state.live = state.live.saturating_sub(1);
             }
         } else if limits.isolation == Isolation::Reuse {
-            worker.last_used = pool.ctx.ticks.load(std::sync::atomic::Ordering::Relaxed);
+            worker.last_used = pool.ctx.ticks.now();
             self.worker = Some(worker);
         }
         self.finished = true;

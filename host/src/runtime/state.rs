@@ -19,8 +19,9 @@ pub struct PluginCtx {
     pub services: Arc<dyn Services>,
     /// The call deadline in epoch ticks.
     pub deadline_ticks: u64,
-    /// Epoch ticks so far, as the ticker publishes them.
-    pub ticks: Arc<std::sync::atomic::AtomicU64>,
+    /// Epoch ticks so far, and the calls running (which keep the ticker
+    /// awake).
+    pub ticks: Arc<super::engine::EpochClock>,
     /// `limits.idle_after` in epoch ticks.
     pub idle_ticks: u64,
     /// What the plugin may still log this second.
@@ -84,7 +85,7 @@ impl LogBudget {
 impl PluginCtx {
     /// The tick at which a call (or a task's slice) starting now must end.
     pub fn deadline_from_now(&self) -> u64 {
-        self.ticks.load(std::sync::atomic::Ordering::Acquire).saturating_add(self.deadline_ticks)
+        self.ticks.now().saturating_add(self.deadline_ticks)
     }
 }
 
