@@ -9,8 +9,11 @@ use std::fmt;
 const MAX_FRAMES: usize = 20;
 /// Frames in the one-line form a caller's error carries.
 pub const SHORT_FRAMES: usize = 6;
-/// Characters of one function name kept.
+/// Characters of one function name, and of one location, kept: both come
+/// from the component (its name section, its DWARF), so a hostile one
+/// cannot make a log line or an error of any size.
 const MAX_NAME: usize = 120;
+const MAX_LOCATION: usize = 240;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame {
@@ -59,7 +62,7 @@ impl GuestBacktrace {
                 let symbols = frame.symbols();
                 if symbols.is_empty() {
                     let function = frame.func_name().map_or_else(fallback, demangled);
-                    return vec![Frame { function: bounded(function), location: None }];
+                    return vec![Frame { function: bounded(function, MAX_NAME), location: None }];
                 }
                 // Inlined functions give several symbols for one frame.
                 symbols
@@ -71,7 +74,10 @@ impl GuestBacktrace {
                             (Some(line), None) => format!("{file}:{line}"),
                             _ => file.to_string(),
                         });
-                        Frame { function: bounded(function), location }
+                        Frame {
+                            function: bounded(function, MAX_NAME),
+                            location: location.map(|l| bounded(l, MAX_LOCATION)),
+                        }
                     })
                     .collect()
             })
@@ -97,8 +103,8 @@ fn demangled(name: &str) -> String {
     format!("{:#}", rustc_demangle::demangle(name))
 }
 
-fn bounded(mut name: String) -> String {
-    if let Some((at, _)) = name.char_indices().nth(MAX_NAME) {
+fn bounded(mut name: String, max: usize) -> String {
+    if let Some((at, _)) = name.char_indices().nth(max) {
         name.truncate(at);
         name.push('…');
     }
