@@ -317,7 +317,7 @@ impl Bus {
         let expires = expire.and_then(|d| Instant::now().checked_add(d));
         let subscription =
             Subscription { name: name.to_string(), subclass: subclass.map(str::to_string), expires, expire };
-        self.remember(&subscription.written());
+        let written = subscription.written();
         let current = self.subscribers.load_full();
         if let Some(sub) = current.iter().find(|s| s.id == id) {
             let mut subs = lock(&sub.subscriptions);
@@ -326,6 +326,7 @@ impl Bus {
                 return Err(BusError::TooManySubscriptions { id: id.to_string() });
             }
             subs.push(subscription);
+            self.remember(&written);
             return Ok(());
         }
         if current.len() >= MAX_SUBSCRIBERS {
@@ -344,6 +345,7 @@ impl Bus {
         let mut next = (*current).clone();
         next.push(sub);
         self.subscribers.store(Arc::new(next));
+        self.remember(&written);
         Ok(())
     }
 
@@ -400,6 +402,7 @@ impl Bus {
         }
     }
 
+    /// Only a subscription that was made names an event.
     fn remember(&self, event: &str) {
         let mut named = lock(&self.named);
         if event != "ALL" && named.len() < MAX_SUBSCRIBERS && !named.iter().any(|n| n == event) {

@@ -51,7 +51,7 @@ pub fn render(method: &str, result: &Value) -> Option<String> {
     let cols: Vec<(&str, &str)> = match columns(method) {
         Some(cols) => cols.to_vec(),
         None => {
-            let first = rows[0].as_object()?;
+            let first = rows.first()?.as_object()?;
             owned = first
                 .iter()
                 .filter(|(_, v)| !v.is_object())

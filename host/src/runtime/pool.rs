@@ -55,10 +55,10 @@ pub(crate) struct Worker {
     last_used: u64,
 }
 
-/// How a call went wrong before it is classified.
 /// A call's cause of failure, and where the guest was when it trapped.
 pub(crate) type Fault = (Cause, Option<Arc<GuestBacktrace>>);
 
+/// How a call went wrong before it is classified.
 pub(crate) enum Failure {
     /// The handler returned `err`.
     Guest(String),
