@@ -572,3 +572,48 @@ async fn a_trap_names_the_guest_functions_and_file_lines_and_an_opt_in_coredump_
     assert_eq!(kept.len(), 2, "{kept:?}");
     assert!(!kept.contains(&written[0]), "the oldest was removed: {kept:?}");
 }
+
+/// CPU time this thread has run, from the kernel's scheduler statistics.
+fn thread_cpu() -> Duration {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
+    Duration::from_nanos(text.split_whitespace().next().and_then(|ns| ns.parse().ok()).expect("run time in ns"))
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_route_that_ran_long_takes_the_slow_lane_off_the_callers_thread_until_it_is_short_again() {
+    let host = TestHost::start(&format!(
+        "{ECHO}[[plugin]]\nname = \"hostile\"\npath = \"{{hostile}}\"\nfuel = 100000000000\n\
+         [[route]]\nname = \"spin\"\nplugin = \"hostile\"\n[[route]]\nname = \"ok\"\nplugin = \"hostile\"\n"
+    ))
+    .await
+    .expect("the host starts");
+    let d = &host.dispatcher;
+    let lane_calls = |name: &str| d.plugins().into_iter().find(|p| p.name == name).expect("loaded").stats.slow_lane_calls;
+
+    // Its first long call runs where it arrived; it marks the route.
+    assert_eq!(d.run_route(&request("spin", "5")).await.expect("spins").reply.retval, "spun");
+    assert_eq!(lane_calls("hostile"), 0);
+    // The next runs on the lane: this thread hardly runs while it spins.
+    let cpu = thread_cpu();
+    let outcome = d.run_route(&request("spin", "200")).await.expect("spins on the lane");
+    let used = thread_cpu() - cpu;
+    assert_eq!(outcome.reply.retval, "spun");
+    assert!(outcome.report.elapsed >= Duration::from_millis(200), "{:?}", outcome.report);
+    assert!(used < Duration::from_millis(50), "the caller's thread ran {used:?} of a 200 ms call");
+    assert_eq!(lane_calls("hostile"), 1);
+
+    // Other routes, of this plugin or another, stay where they arrive.
+    for _ in 0..5 {
+        d.run_route(&request("ok", "")).await.expect("ok");
+        d.run_route(&request("echo", "x")).await.expect("echo");
+    }
+    assert_eq!((lane_calls("hostile"), lane_calls("echo")), (1, 0));
+
+    // Two long calls weigh 32 short ones: then the route is back.
+    for _ in 0..32 {
+        assert_eq!(d.run_route(&request("spin", "0")).await.expect("short").reply.retval, "spun");
+    }
+    assert_eq!(lane_calls("hostile"), 33);
+    d.run_route(&request("spin", "0")).await.expect("short");
+    assert_eq!(lane_calls("hostile"), 33, "a route whose calls are short again runs where it arrives");
+}

@@ -846,87 +846,6 @@ fn start_null_http(rt: &tokio::runtime::Runtime) -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// A minimal HTTP/1.1 client, as load generators such as wrk are: one
-/// prebuilt request written per call, the response read until its
-/// Content-Length is in. It costs a round trip a few hundred nanoseconds;
-/// a hyper client on a tokio runtime costs several microseconds of its own.
-///
-/// `busy_poll`: wait for the answer by polling the socket instead of
-/// sleeping in read(2). A sleeping client is woken by an interrupt to its
-/// idle vCPU, ~10 µs on this VM, which then counts in every round trip; a
-/// polling one measures the server and the loopback, not its own wake-up.
-struct RawClient {
-    stream: TcpStream,
-    busy_poll: bool,
-    buf: Vec<u8>,
-}
-
-impl RawClient {
-    fn connect(addr: SocketAddr, busy_poll: bool) -> anyhow::Result<RawClient> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        Ok(RawClient { stream, busy_poll, buf: Vec::with_capacity(4096) })
-    }
-
-    fn read_some(&mut self) -> anyhow::Result<()> {
-        let mut chunk = [0u8; 4096];
-        let n = if self.busy_poll {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                match nix::sys::socket::recv(self.stream.as_raw_fd(), &mut chunk, MsgFlags::MSG_DONTWAIT) {
-                    Ok(n) => break n,
-                    Err(Errno::EAGAIN) if Instant::now() < deadline => std::hint::spin_loop(),
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        } else {
-            self.stream.read(&mut chunk)?
-        };
-        if n == 0 {
-            return Err(anyhow!("connection closed"));
-        }
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(())
-    }
-
-    /// Sends `request` (a whole HTTP request); true when the answer is a
-    /// 200 carrying a JSON-RPC result.
-    fn round_trip(&mut self, request: &[u8]) -> anyhow::Result<bool> {
-        self.stream.write_all(request)?;
-        self.buf.clear();
-        let head_end = loop {
-            self.read_some()?;
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-        };
-        let head = std::str::from_utf8(&self.buf[..head_end])?;
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")))
-            .and_then(|(_, v)| v.trim().parse().ok())
-            .ok_or_else(|| anyhow!("no Content-Length"))?;
-        let ok = head.starts_with("HTTP/1.1 200 ");
-        while self.buf.len() < head_end + length {
-            self.read_some()?;
-        }
-        Ok(ok && self.buf[head_end..].starts_with(br#"{"jsonrpc":"2.0","result""#))
-    }
-}
-
-/// A whole keep-alive POST of one JSON-RPC call.
-fn rpc_request(addr: SocketAddr, method: &str) -> Vec<u8> {
-    let body = format!(r#"{{"jsonrpc":"2.0","method":"{method}","params":["evrexec:test","mydata"],"id":1}}"#);
-    let mut request = format!(
-        "POST /RPC HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    request.extend_from_slice(body.as_bytes());
-    request
-}
-
 /// One sequence of timed round trips: a call answering whether it got a
 /// JSON-RPC result, and what it measured.
 struct Series<'a> {
@@ -943,7 +862,7 @@ impl<'a> Series<'a> {
 
     fn raw(addr: SocketAddr, method: &str, busy_poll: bool) -> anyhow::Result<Series<'a>> {
         let mut client = RawClient::connect(addr, busy_poll)?;
-        let request = rpc_request(addr, method);
+        let request = rpc_request(addr, method, r#"["evrexec:test","mydata"]"#);
         Ok(Series::new(move || client.round_trip(&request)))
     }
 

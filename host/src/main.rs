@@ -250,7 +250,7 @@ async fn run(
     }
     // Yate may speak to evrhost over its stdout: only the embedded default
     // prints anything there.
-    let greeting = path.is_none().then(|| greeting(&config)).unwrap_or_default();
+    let greeting = if path.is_none() { greeting(&config) } else { String::new() };
     daemon::run(config, &origin, logs, move || print!("{greeting}")).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -71,3 +71,7 @@ pub fn daemon(dir: &std::path::Path, config: &str) -> Kill {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
+
+mod raw_rpc;
+#[allow(unused_imports)] // the benches that time RPC use them
+pub use raw_rpc::{rpc_request, RawClient};

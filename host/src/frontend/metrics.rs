@@ -80,7 +80,7 @@ impl Registry {
         }
         type Gauge =
             (&'static str, &'static str, &'static str, fn(&crate::runtime::StatsSnapshot, usize, usize) -> u64);
-        let families: [Gauge; 5] = [
+        let families: [Gauge; 6] = [
             ("evrhost_fuel_consumed_total", "counter", "Fuel the plugin's calls used.", |s, _, _| s.fuel),
             ("evrhost_instances_idle", "gauge", "Instances ready in the plugin's pool.", |_, idle, _| idle as u64),
             ("evrhost_instances_max", "gauge", "The plugin's max_instances.", |_, _, max| max as u64),
@@ -90,6 +90,12 @@ impl Registry {
                 "counter",
                 "Instances thrown away after a trap or a limit.",
                 |s, _, _| s.discarded,
+            ),
+            (
+                "evrhost_slow_lane_calls_total",
+                "counter",
+                "Calls run on the slow lane: their route, command or event ran long lately.",
+                |s, _, _| s.slow_lane_calls,
             ),
         ];
         for (name, kind, help, value) in families {

@@ -14,6 +14,7 @@ mod engine;
 pub mod error;
 mod exports;
 mod imports;
+mod lanes;
 pub mod limits;
 mod output;
 pub mod plugin;
@@ -56,6 +57,8 @@ pub enum RuntimeError {
     Engine(String),
     #[error("cannot start the epoch ticker thread: {0}")]
     Ticker(std::io::Error),
+    #[error(transparent)]
+    SlowLane(#[from] lanes::SlowLaneError),
 }
 
 pub struct Runtime {
@@ -65,6 +68,8 @@ pub struct Runtime {
     settings: EngineSettings,
     ticker: engine::Ticker,
     coredumps: Option<Arc<coredump::Coredumps>>,
+    /// Where calls that run long go (see `lanes`).
+    slow_lane: lanes::SlowLane,
 }
 
 /// What a component imports and exports, by interface name.
@@ -98,7 +103,8 @@ impl Runtime {
         let cache = ComponentCache::new(&engine, cache_dir);
         let ticker = engine::Ticker::start(&engine, settings.tick).map_err(RuntimeError::Ticker)?;
         let coredumps = settings.coredump.clone().map(|c| Arc::new(coredump::Coredumps::new(c)));
-        Ok(Arc::new(Runtime { engine, linker, cache, settings, ticker, coredumps }))
+        let slow_lane = lanes::SlowLane::start()?;
+        Ok(Arc::new(Runtime { engine, linker, cache, settings, ticker, coredumps, slow_lane }))
     }
 
     /// Compiles a component, or maps it from the cache. CPU-heavy for a
@@ -174,6 +180,8 @@ impl Runtime {
             log_budget,
             trace,
             coredumps: self.coredumps.clone(),
+            history: lanes::CallHistory::default(),
+            slow_lane: self.slow_lane.handle(),
         });
         let pool = Pool::new(pre, indices.clone(), ctx, stats.clone());
         let warm = match spec.limits.isolation {

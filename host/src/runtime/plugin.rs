@@ -128,10 +128,36 @@ impl PluginVersion {
         }
     }
 
+    /// Runs `call` (of `target`) on the slow lane, for a target that ran
+    /// long lately (`lanes`); a lane that stopped under it fails the call.
+    async fn on_slow_lane<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        target: &str,
+        call: impl std::future::Future<Output = Outcome<T>> + Send + 'static,
+    ) -> Outcome<T> {
+        self.stats.slow_lane();
+        match super::lanes::run_on(self.pool.slow_lane(), call).await {
+            Some(outcome) => outcome,
+            None => {
+                let cause = Cause::Host { message: "the slow lane stopped under the call (the daemon is stopping)".into() };
+                (Err(self.error(what, target, cause)), CallReport::default())
+            }
+        }
+    }
+
     /// Calls the route handler. `depth` counts nested command calls. The
     /// reply is not yet acknowledged: its caller waits for
     /// `acknowledge` before the reply leaves (the dispatcher does).
-    pub async fn handle(&self, request: &Request, depth: u32) -> Outcome<Reply> {
+    pub async fn handle(self: &Arc<Self>, request: &Request, depth: u32) -> Outcome<Reply> {
+        if self.pool.runs_long(&request.route) {
+            let (me, owned) = (self.clone(), request.clone());
+            return self.on_slow_lane("route", &request.route, async move { me.handle_here(&owned, depth).await }).await;
+        }
+        self.handle_here(request, depth).await
+    }
+
+    async fn handle_here(&self, request: &Request, depth: u32) -> Outcome<Reply> {
         let (result, report) = call_export!(self, "route", &request.route, depth, false, |store, exports| {
             let g = exports.route.as_ref().ok_or_else(|| missing(Export::Route))?;
             guest(g.call_handle(store, request).await)
@@ -152,16 +178,33 @@ impl PluginVersion {
     }
 
     /// Runs one of the plugin's API commands.
-    pub async fn execute(&self, command: &str, args: &str, depth: u32) -> Outcome<String> {
-        let outcome = call_export!(self, "command", command, depth, false, |store, exports| {
-            let g = exports.api.as_ref().ok_or_else(|| missing(Export::Api))?;
-            guest(g.call_execute(store, command, args).await)
-        });
+    pub async fn execute(self: &Arc<Self>, command: &str, args: &str, depth: u32) -> Outcome<String> {
+        let outcome = if self.pool.runs_long(command) {
+            let (me, c, a) = (self.clone(), command.to_string(), args.to_string());
+            self.on_slow_lane("command", command, async move { me.execute_here(&c, &a, depth).await }).await
+        } else {
+            self.execute_here(command, args, depth).await
+        };
         self.acknowledge("command", command, outcome).await
     }
 
+    async fn execute_here(&self, command: &str, args: &str, depth: u32) -> Outcome<String> {
+        call_export!(self, "command", command, depth, false, |store, exports| {
+            let g = exports.api.as_ref().ok_or_else(|| missing(Export::Api))?;
+            guest(g.call_execute(store, command, args).await)
+        })
+    }
+
     /// Delivers an event to the subscriber export.
-    pub async fn on_event(&self, event: &Event) -> Outcome<()> {
+    pub async fn on_event(self: &Arc<Self>, event: &Event) -> Outcome<()> {
+        if self.pool.runs_long(&event.name) {
+            let (me, owned) = (self.clone(), event.clone());
+            return self.on_slow_lane("event", &event.name, async move { me.on_event_here(&owned).await }).await;
+        }
+        self.on_event_here(event).await
+    }
+
+    async fn on_event_here(&self, event: &Event) -> Outcome<()> {
         call_export!(self, "event", &event.name, 0, false, |store, exports| {
             let g = exports.subscriber.as_ref().ok_or_else(|| missing(Export::Subscriber))?;
             g.call_on_event(store, event).await.map_err(Failure::Wasm)

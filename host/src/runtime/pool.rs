@@ -42,6 +42,7 @@ use super::imports::emit_log;
 use super::output::OutputCapture;
 use super::state::{CallCtx, HostState, MemoryLimiter, PluginCtx};
 use super::stats::Stats;
+use super::trace::trace_call;
 use super::Isolation;
 use crate::sync::lock;
 
@@ -107,6 +108,15 @@ impl Pool {
         // Each update under the lock is a push, a pop or a counter step: a
         // panic cannot leave it half-done.
         lock(&self.state)
+    }
+
+    /// Whether a call of `target` belongs on the slow lane (`lanes`).
+    pub fn runs_long(&self, target: &str) -> bool {
+        self.ctx.history.runs_long(target)
+    }
+
+    pub fn slow_lane(&self) -> &tokio::runtime::Handle {
+        &self.ctx.slow_lane
     }
 
     pub fn idle_count(&self) -> usize {
@@ -212,6 +222,7 @@ impl Pool {
     pub async fn acquire(&self, target: &str, depth: u32, is_task: bool) -> Result<Lease<'_>, Cause> {
         let limits = &self.ctx.spec.limits;
         let started = clock::now();
+        let mut waited = Duration::ZERO;
         let taken = match self.try_take() {
             Some(taken) => taken,
             None => {
@@ -222,6 +233,7 @@ impl Pool {
                     // is not missed.
                     let freed = self.freed.notified();
                     if let Some(taken) = self.try_take() {
+                        waited = started.elapsed();
                         break taken;
                     }
                     if tokio::time::timeout_at(give_up, freed).await.is_err() {
@@ -232,7 +244,7 @@ impl Pool {
         };
         // From here the lease owns the slot: dropping it gives it back.
         let active = self.ctx.ticks.enter();
-        let mut lease = Lease { pool: self, worker: None, finished: false, started, _active: active };
+        let mut lease = Lease { pool: self, worker: None, finished: false, started, waited, _active: active };
         let mut worker = match taken {
             Some(worker) => worker,
             None => {
@@ -296,6 +308,11 @@ impl Pool {
             if ctx.data().plugin.ticks.now() >= deadline {
                 Ok(UpdateDeadline::Interrupt)
             } else if seen >= 2 {
+                if seen == 2 {
+                    // Its target's next calls take the slow lane at once.
+                    let data = ctx.data();
+                    data.plugin.history.mark_long(&data.call.target);
+                }
                 Ok(UpdateDeadline::Yield(1))
             } else {
                 Ok(UpdateDeadline::Continue(1))
@@ -405,6 +422,8 @@ pub(crate) struct Lease<'p> {
     /// Set by `finish`; until then the worker is mid-call.
     finished: bool,
     started: Stamp,
+    /// How long it waited for a free instance (zero in the common case).
+    waited: Duration,
     /// Keeps the epoch ticker awake while the call runs (it parks when no
     /// call does, so an idle daemon never wakes).
     _active: super::engine::Active<'p>,
@@ -494,8 +513,13 @@ impl Lease<'_> {
         if data.limiter.crossed {
             pool.raise_pkg_threshold(data.limiter.size);
         }
-        worker.store.data_mut().limiter.crossed = false;
         let poisoned = result.as_ref().err().is_some_and(Cause::poisons_instance);
+        // A call that yielded was counted long then. Time waiting for a
+        // free instance held no thread.
+        if data.call.ticks_seen < 2 {
+            pool.ctx.history.record(&data.call.target, elapsed.saturating_sub(self.waited), fuel, poisoned);
+        }
+        worker.store.data_mut().limiter.crossed = false;
         if poisoned {
             pool.stats.discarded();
             if limits.isolation == Isolation::Reuse {
@@ -529,27 +553,6 @@ impl Drop for Lease<'_> {
         };
         self.pool.give_back(worker);
     }
-}
-
-/// The trace's last line for a call: how it ended, what it cost, and the
-/// imports past the per-call cap that were not traced.
-fn trace_call<T>(data: &HostState, result: &Result<T, Cause>, elapsed: Duration, fuel: u64) {
-    let spec = &data.plugin.spec;
-    let outcome = match result {
-        Ok(_) => "ok".to_string(),
-        Err(cause) => format!("failed: {cause}"),
-    };
-    tracing::info!(
-        target: "trace",
-        plugin = %spec.name,
-        tenant = %spec.tenant,
-        route = %data.call.target,
-        us = elapsed.as_micros() as u64,
-        fuel,
-        imports = data.call.traced + data.call.trace_skipped,
-        untraced = data.call.trace_skipped,
-        "call {outcome}"
-    );
 }
 
 /// Names the cause of a wasmtime error, using what the store saw.

@@ -30,6 +30,9 @@ pub struct PluginCtx {
     pub trace: Arc<super::trace::TraceSwitch>,
     /// Where traps are dumped; None off.
     pub(crate) coredumps: Option<Arc<super::coredump::Coredumps>>,
+    /// Which of its targets ran long lately, and where those run.
+    pub(crate) history: super::lanes::CallHistory,
+    pub(crate) slow_lane: tokio::runtime::Handle,
 }
 
 /// A plugin's log bytes per second: every call and instance of the version

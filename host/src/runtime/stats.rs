@@ -21,6 +21,7 @@ pub struct Stats {
     instantiated: AtomicU64,
     discarded: AtomicU64,
     log_dropped: AtomicU64,
+    slow_lane: AtomicU64,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -35,6 +36,8 @@ pub struct StatsSnapshot {
     pub instantiated: u64,
     pub discarded: u64,
     pub log_lines_dropped: u64,
+    /// Calls run on the slow lane, their target having run long lately.
+    pub slow_lane_calls: u64,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -68,6 +71,10 @@ impl Stats {
 
     pub(crate) fn discarded(&self) {
         self.discarded.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn slow_lane(&self) {
+        self.slow_lane.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn log_dropped(&self, n: usize) {
@@ -118,6 +125,7 @@ impl Stats {
             instantiated: self.instantiated.load(Relaxed),
             discarded: self.discarded.load(Relaxed),
             log_lines_dropped: self.log_dropped.load(Relaxed),
+            slow_lane_calls: self.slow_lane.load(Relaxed),
         }
     }
 }

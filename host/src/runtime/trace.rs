@@ -213,3 +213,24 @@ impl Shown for Answer {
         quoted(&self.retvalue, out);
     }
 }
+
+/// The trace's last line for a call: how it ended, what it cost, and the
+/// imports past the per-call cap that were not traced.
+pub(crate) fn trace_call<T>(data: &super::state::HostState, result: &Result<T, super::error::Cause>, elapsed: std::time::Duration, fuel: u64) {
+    let spec = &data.plugin.spec;
+    let outcome = match result {
+        Ok(_) => "ok".to_string(),
+        Err(cause) => format!("failed: {cause}"),
+    };
+    tracing::info!(
+        target: "trace",
+        plugin = %spec.name,
+        tenant = %spec.tenant,
+        route = %data.call.target,
+        us = elapsed.as_micros() as u64,
+        fuel,
+        imports = data.call.traced + data.call.trace_skipped,
+        untraced = data.call.trace_skipped,
+        "call {outcome}"
+    );
+}
