@@ -588,7 +588,8 @@ async fn a_route_that_ran_long_takes_the_slow_lane_off_the_callers_thread_until_
     .await
     .expect("the host starts");
     let d = &host.dispatcher;
-    let lane_calls = |name: &str| d.plugins().into_iter().find(|p| p.name == name).expect("loaded").stats.slow_lane_calls;
+    let lane_calls =
+        |name: &str| d.plugins().into_iter().find(|p| p.name == name).expect("loaded").stats.slow_lane_calls;
 
     // Its first long call runs where it arrived; it marks the route.
     assert_eq!(d.run_route(&request("spin", "5")).await.expect("spins").reply.retval, "spun");

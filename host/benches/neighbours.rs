@@ -161,13 +161,16 @@ fn slow_lane_calls(rpc: SocketAddr) -> String {
     });
     let Ok(answer) = answer else { return "?".into() };
     let plugins = answer["result"].as_array().cloned().unwrap_or_default();
-    let counts: Vec<String> =
-        plugins.iter().map(|p| format!("{} {}", p["name"].as_str().unwrap_or("?"), p["stats"]["slow_lane_calls"])).collect();
+    let counts: Vec<String> = plugins
+        .iter()
+        .map(|p| format!("{} {}", p["name"].as_str().unwrap_or("?"), p["stats"]["slow_lane_calls"]))
+        .collect();
     counts.join(", ")
 }
 
 fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg").map_or_else(|_| "?".into(), |l| l.split(' ').take(3).collect::<Vec<_>>().join(" "))
+    std::fs::read_to_string("/proc/loadavg")
+        .map_or_else(|_| "?".into(), |l| l.split(' ').take(3).collect::<Vec<_>>().join(" "))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -201,10 +204,8 @@ fn main() -> anyhow::Result<()> {
     let plan: [(&'static str, &[(&'static str, &'static str)]); 3] =
         [("idle", &[]), ("2 × grow 32 MiB", &[("grow", "32"), ("grow", "32")]), ("every hostile route", &hostile)];
     // In turns, so that a noisy stretch of the machine hits every phase.
-    let mut phases: Vec<Phase> = plan
-        .iter()
-        .map(|(name, _)| Phase { name, times: Vec::new(), errors: 0, neighbours: Vec::new() })
-        .collect();
+    let mut phases: Vec<Phase> =
+        plan.iter().map(|(name, _)| Phase { name, times: Vec::new(), errors: 0, neighbours: Vec::new() }).collect();
     for _ in 0..ROUNDS {
         for (phase, (name, load)) in phases.iter_mut().zip(plan) {
             let block = measure(rpc, name, calls / ROUNDS, load);

@@ -94,4 +94,3 @@ pub fn rpc_request(addr: SocketAddr, method: &str, params: &str) -> Vec<u8> {
     request.extend_from_slice(body.as_bytes());
     request
 }
-

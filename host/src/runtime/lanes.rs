@@ -75,7 +75,8 @@ impl CallHistory {
     fn bucket(&self, target: &str) -> &AtomicU8 {
         // FNV-1a: a few nanoseconds for a route name, and no key to seed;
         // a collision only shares a lane.
-        let hash = target.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let hash =
+            target.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         &self.buckets[(hash as usize) % BUCKETS]
     }
 

@@ -140,7 +140,8 @@ impl PluginVersion {
         match super::lanes::run_on(self.pool.slow_lane(), call).await {
             Some(outcome) => outcome,
             None => {
-                let cause = Cause::Host { message: "the slow lane stopped under the call (the daemon is stopping)".into() };
+                let cause =
+                    Cause::Host { message: "the slow lane stopped under the call (the daemon is stopping)".into() };
                 (Err(self.error(what, target, cause)), CallReport::default())
             }
         }
@@ -152,7 +153,9 @@ impl PluginVersion {
     pub async fn handle(self: &Arc<Self>, request: &Request, depth: u32) -> Outcome<Reply> {
         if self.pool.runs_long(&request.route) {
             let (me, owned) = (self.clone(), request.clone());
-            return self.on_slow_lane("route", &request.route, async move { me.handle_here(&owned, depth).await }).await;
+            return self
+                .on_slow_lane("route", &request.route, async move { me.handle_here(&owned, depth).await })
+                .await;
         }
         self.handle_here(request, depth).await
     }

@@ -216,7 +216,12 @@ impl Shown for Answer {
 
 /// The trace's last line for a call: how it ended, what it cost, and the
 /// imports past the per-call cap that were not traced.
-pub(crate) fn trace_call<T>(data: &super::state::HostState, result: &Result<T, super::error::Cause>, elapsed: std::time::Duration, fuel: u64) {
+pub(crate) fn trace_call<T>(
+    data: &super::state::HostState,
+    result: &Result<T, super::error::Cause>,
+    elapsed: std::time::Duration,
+    fuel: u64,
+) {
     let spec = &data.plugin.spec;
     let outcome = match result {
         Ok(_) => "ok".to_string(),
