@@ -130,6 +130,7 @@ impl PluginVersion {
 
     /// Runs `call` (of `target`) on the slow lane, for a target that ran
     /// long lately (`lanes`); a lane that stopped under it fails the call.
+    /// Callers box it: the common path's future stays as small as before.
     async fn on_slow_lane<T: Send + 'static>(
         &self,
         what: &'static str,
@@ -153,9 +154,8 @@ impl PluginVersion {
     pub async fn handle(self: &Arc<Self>, request: &Request, depth: u32) -> Outcome<Reply> {
         if self.pool.runs_long(&request.route) {
             let (me, owned) = (self.clone(), request.clone());
-            return self
-                .on_slow_lane("route", &request.route, async move { me.handle_here(&owned, depth).await })
-                .await;
+            let call = async move { me.handle_here(&owned, depth).await };
+            return Box::pin(self.on_slow_lane("route", &request.route, call)).await;
         }
         self.handle_here(request, depth).await
     }
@@ -184,7 +184,8 @@ impl PluginVersion {
     pub async fn execute(self: &Arc<Self>, command: &str, args: &str, depth: u32) -> Outcome<String> {
         let outcome = if self.pool.runs_long(command) {
             let (me, c, a) = (self.clone(), command.to_string(), args.to_string());
-            self.on_slow_lane("command", command, async move { me.execute_here(&c, &a, depth).await }).await
+            let call = async move { me.execute_here(&c, &a, depth).await };
+            Box::pin(self.on_slow_lane("command", command, call)).await
         } else {
             self.execute_here(command, args, depth).await
         };
@@ -202,7 +203,8 @@ impl PluginVersion {
     pub async fn on_event(self: &Arc<Self>, event: &Event) -> Outcome<()> {
         if self.pool.runs_long(&event.name) {
             let (me, owned) = (self.clone(), event.clone());
-            return self.on_slow_lane("event", &event.name, async move { me.on_event_here(&owned).await }).await;
+            let call = async move { me.on_event_here(&owned).await };
+            return Box::pin(self.on_slow_lane("event", &event.name, call)).await;
         }
         self.on_event_here(event).await
     }
