@@ -41,8 +41,8 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::io::{IoSlice, IoSliceMut, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::io::{IoSlice, IoSliceMut};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -205,19 +205,6 @@ reply = false
     )
 }
 
-/// A plain HTTP/1.1 GET with `Connection: close`: the status and the body.
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = s.set_nodelay(true);
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.get(9..12)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
-    Some((status, body))
-}
-
 fn start_daemon(dir: &Path, workers: usize) -> anyhow::Result<Daemon> {
     let rpc: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
     let udp: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
@@ -238,23 +225,7 @@ impl Daemon {
 
     /// The sum of a metric's samples, all labels together.
     fn metric(&self, name: &str) -> Option<u64> {
-        let (200, text) = http_get(self.rpc, "/metrics")? else {
-            return None;
-        };
-        let mut sum = 0.0;
-        let mut seen = false;
-        for line in text.lines() {
-            let Some(rest) = line.strip_prefix(name) else {
-                continue;
-            };
-            if rest.starts_with('{') || rest.starts_with(' ') {
-                if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
-                    sum += v;
-                    seen = true;
-                }
-            }
-        }
-        seen.then_some(sum as u64)
+        metric(self.rpc, name)
     }
 
     fn pid(&self) -> u32 {

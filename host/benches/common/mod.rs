@@ -74,4 +74,4 @@ pub fn free_port() -> u16 {
 
 mod raw_rpc;
 #[allow(unused_imports)] // the benches that time RPC use them
-pub use raw_rpc::{rpc_request, RawClient};
+pub use raw_rpc::{http_get, metric, rpc_request, RawClient};

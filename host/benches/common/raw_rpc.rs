@@ -94,3 +94,37 @@ pub fn rpc_request(addr: SocketAddr, method: &str, params: &str) -> Vec<u8> {
     request.extend_from_slice(body.as_bytes());
     request
 }
+
+/// A plain HTTP/1.1 GET with `Connection: close`: the status and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_nodelay(true);
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.get(9..12)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Some((status, body))
+}
+
+/// The sum of a `/metrics` family's samples, all labels together.
+pub fn metric(rpc: SocketAddr, name: &str) -> Option<u64> {
+    let (200, text) = http_get(rpc, "/metrics")? else {
+        return None;
+    };
+    let mut sum = 0.0;
+    let mut seen = false;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if rest.starts_with('{') || rest.starts_with(' ') {
+            if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                sum += v;
+                seen = true;
+            }
+        }
+    }
+    seen.then_some(sum as u64)
+}
