@@ -141,8 +141,9 @@ impl PluginVersion {
         match super::lanes::run_on(self.pool.slow_lane(), call).await {
             Some(outcome) => outcome,
             None => {
-                let cause =
-                    Cause::Host { message: "the slow lane stopped under the call (the daemon is stopping)".into() };
+                let message =
+                    "the call ended on the slow lane without an answer (the daemon is stopping, or a host panic)";
+                let cause = Cause::Host { message: message.into() };
                 (Err(self.error(what, target, cause)), CallReport::default())
             }
         }
