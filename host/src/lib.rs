@@ -18,6 +18,8 @@
 //!   exec tasks, periodic work.
 //! - [`frontend`]: wire protocols (UDP, JSON-RPC over HTTP and UNIX
 //!   sockets, the Erlang C-node, event sinks, metrics).
+//! - [`guest`]: the plugin author's tools, `evrhost new` and `build`;
+//!   it uses none of the above.
 //! - [`daemon`]: wires them together; [`harness`]: the same in process,
 //!   for tests.
 
@@ -29,6 +31,7 @@ pub mod dispatcher;
 pub mod error;
 pub mod exec;
 pub mod frontend;
+pub mod guest;
 pub mod harness;
 pub mod housekeeping;
 pub mod kv;

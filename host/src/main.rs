@@ -60,6 +60,23 @@ enum Command {
         #[arg(long)]
         per_call: bool,
     },
+    /// Makes a plugin project: `evrhost new hello --lang js`, then `evrhost build hello`.
+    New {
+        name: String,
+        #[arg(long, value_enum)]
+        lang: evrhost::guest::Language,
+        /// Where to make it (its directory is DIR/NAME).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Builds a plugin project (a directory with a plugin.toml) into a component.
+    Build {
+        #[arg(default_value = ".")]
+        project: PathBuf,
+        /// The component's path (default: PROJECT/NAME.wasm).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Shows a plugin's exports, imports and commands.
     Inspect { plugin: PathBuf },
     /// Checks a config: syntax, references, and that every plugin compiles,
@@ -183,6 +200,16 @@ async fn dispatch(command: Command, logs: Arc<LogHub>) -> anyhow::Result<ExitCod
                 limits.isolation = Isolation::PerCall;
             }
             call(def, &route, data.unwrap_or_default(), params).await
+        }
+        Command::New { name, lang, dir } => {
+            let made = evrhost::guest::new(&dir, &name, lang)?;
+            println!("made {}: see its README.md, then `evrhost build {}`", made.display(), made.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Build { project, output } => {
+            let built = evrhost::guest::build(&project, output.as_deref())?;
+            println!("built {} ({}): {}", built.manifest.name, built.manifest.language.name(), built.component.display());
+            Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { plugin } => inspect(&plugin).await,
         Command::Check { config } => check(&config).await,

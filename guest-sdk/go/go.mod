@@ -1,0 +1,3 @@
+module evrhost.dev/sdk
+
+go 1.27

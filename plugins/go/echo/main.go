@@ -1,0 +1,32 @@
+// Answers every request with its own data and parameters, as the Rust
+// `echo` does; `echo.upper TEXT` is a command, to show an `api` export.
+package main
+
+import (
+	"strings"
+
+	"evrhost.dev/sdk"
+	"evrhost.dev/sdk/api"
+	"evrhost.dev/sdk/route"
+)
+
+type Echo struct{}
+
+func (Echo) Handle(req *evrhost.Request) (*evrhost.Reply, error) {
+	return evrhost.Handled().Retval("ok").Params(req.Params).Data(req.Data), nil
+}
+
+func (Echo) Commands() []evrhost.Command {
+	return []evrhost.Command{{Name: "echo.upper", Usage: "TEXT", Description: "TEXT in capitals"}}
+}
+
+func (Echo) Execute(command, args string) (string, error) {
+	return strings.ToUpper(args), nil
+}
+
+func init() {
+	route.Serve(Echo{})
+	api.Serve(Echo{})
+}
+
+func main() {}

@@ -1,0 +1,28 @@
+// A JavaScript plugin that misbehaves on request, by route name: `loop`
+// never returns, `bomb` allocates without bound, `throw` throws an Error,
+// `recurse` recurses without end, `ok` is well-behaved.
+
+import { defineRoute, Reply } from "evrhost";
+
+function recurse(n) {
+  return recurse(n + 1) + 1;
+}
+
+export const route = defineRoute((req) => {
+  switch (req.route) {
+    case "ok":
+      return Reply.handled().retval("ok");
+    case "loop":
+      for (;;) {}
+    case "bomb": {
+      const hoard = [];
+      for (;;) hoard.push(new Uint8Array(1 << 20).fill(hoard.length));
+    }
+    case "throw":
+      throw new Error("js-hostile throws on purpose");
+    case "recurse":
+      return Reply.handled().retval(String(recurse(0)));
+    default:
+      throw new Error(`unknown hostile route ${req.route}`);
+  }
+});
