@@ -83,12 +83,14 @@ export class HostError extends Error {
   }
 }
 
-// Imports returning result<_, host-error> throw the error's variant.
+// Imports returning result<_, host-error> throw an Error whose `payload`
+// is the error's variant, `{ tag, val }`.
 function hostCall(f) {
   try {
     return f();
   } catch (e) {
-    if (e && typeof e === "object" && typeof e.tag === "string") throw new HostError(e.tag, String(e.val ?? ""));
+    const v = e && typeof e === "object" && "payload" in e ? e.payload : e;
+    if (v && typeof v === "object" && typeof v.tag === "string") throw new HostError(v.tag, String(v.val ?? ""));
     throw e;
   }
 }

@@ -208,7 +208,12 @@ async fn dispatch(command: Command, logs: Arc<LogHub>) -> anyhow::Result<ExitCod
         }
         Command::Build { project, output } => {
             let built = evrhost::guest::build(&project, output.as_deref())?;
-            println!("built {} ({}): {}", built.manifest.name, built.manifest.language.name(), built.component.display());
+            println!(
+                "built {} ({}): {}",
+                built.manifest.name,
+                built.manifest.language.name(),
+                built.component.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { plugin } => inspect(&plugin).await,
@@ -359,6 +364,17 @@ async fn inspect(path: &Path) -> anyhow::Result<ExitCode> {
     let (component, _) = d.runtime().compile(&name, &path.display().to_string(), &wasm)?;
     let info = d.runtime().describe(&component);
     println!("plugin:   {name} ({} bytes, blake3 {})", wasm.len(), version.short_hash());
+    let footprint = evrhost::runtime::footprint::Footprint::of(&wasm);
+    let built_with =
+        if footprint.built_with.is_empty() { String::new() } else { format!(" ({})", footprint.built_with.join(", ")) };
+    println!("language: {}{built_with}", footprint.language.as_deref().unwrap_or("unknown"));
+    println!(
+        "needs:    {} core instances, {} memories, {} KiB of memory to start (memory_mb >= {})",
+        footprint.core_instances,
+        footprint.memories,
+        footprint.initial_memory >> 10,
+        footprint.initial_memory.div_ceil(1 << 20).max(1)
+    );
     let exports: Vec<&str> = version.exports().iter().map(|e| e.name()).collect();
     println!(
         "exports:  {}",

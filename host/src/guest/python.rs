@@ -22,7 +22,7 @@ pub const ENTRY: &str = "plugin.py";
 /// The build's own module (componentize-py's app), beside the SDK.
 const APP: &str = "evrhost_entry";
 
-pub fn build(dir: &Path, work: &Path, manifest: &Manifest, out: &Path) -> Result<(), GuestError> {
+pub fn build(dir: &Path, work: &Path, manifest: &Manifest, out: &Path) -> Result<String, GuestError> {
     let entry = dir.join(ENTRY);
     if !entry.is_file() {
         return Err(GuestError::Invalid(format!("{}: not found; a Python plugin starts there", entry.display())));
@@ -51,7 +51,8 @@ pub fn build(dir: &Path, work: &Path, manifest: &Manifest, out: &Path) -> Result
         .arg(out)
         .arg(APP)
         .current_dir(dir);
-    toolchain::run(cmd, "componentize-py", dir)
+    toolchain::run(cmd, "componentize-py", dir)?;
+    Ok(toolchain::version(&tool, &["--version"], "componentize-py"))
 }
 
 fn entry_module(manifest: &Manifest) -> String {
@@ -65,4 +66,3 @@ fn entry_module(manifest: &Manifest) -> String {
     }
     py
 }
-

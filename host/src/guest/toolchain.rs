@@ -17,6 +17,8 @@ pub fn find(project: &Path, name: &str, hint: &str) -> Result<PathBuf, GuestErro
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
+        // Tools run in the project's directory: a relative PATH entry would miss.
+        .and_then(|p| std::path::absolute(p).ok())
         .ok_or_else(|| GuestError::MissingTool { tool: name.to_string(), hint: hint.to_string() })
 }
 
@@ -35,5 +37,21 @@ pub fn run(mut cmd: Command, tool: &str, project: &Path) -> Result<(), GuestErro
     }
     let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&output.stderr));
-    Err(GuestError::ToolFailed { tool: shown, project: project.display().to_string(), output: text.trim_end().to_string() })
+    Err(GuestError::ToolFailed {
+        tool: shown,
+        project: project.display().to_string(),
+        output: text.trim_end().to_string(),
+    })
+}
+
+/// The first line `tool ARGS` prints, e.g. its version; `tool` when it
+/// prints nothing.
+pub fn version(tool: &Path, args: &[&str], name: &str) -> String {
+    Command::new(tool)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string))
+        .unwrap_or_else(|| name.to_string())
 }

@@ -131,12 +131,18 @@ pub enum LoadError {
     NotWasm { plugin: String, path: String },
     #[error("plugin `{plugin}`: cannot compile {path}")]
     Compile { plugin: String, path: String, source: BoxError },
+    #[error("plugin `{plugin}`: {path} is built for the component-model async ABI, which evrhost does not run: build it synchronously (`evrhost build` does; by hand, componentize-qjs --sync)")]
+    AsyncAbi { plugin: String, path: String },
     #[error("plugin `{plugin}`: cannot link")]
     Link { plugin: String, source: BoxError },
+    #[error("plugin `{plugin}` imports `{import}`, which this evrhost does not offer: build it against this evrhost's wit/ (worlds `imports` and WASI 0.2)")]
+    MissingImport { plugin: String, import: String, source: BoxError },
     #[error("plugin `{plugin}`: {mismatch}")]
     Contract { plugin: String, mismatch: super::contract::ContractMismatch },
     #[error("plugin `{plugin}`: cannot instantiate")]
     Instantiate { plugin: String, source: Cause },
+    #[error("plugin `{plugin}` needs {needs_kib} KiB of memory to start, more than its cap of {cap_kib} KiB: raise its `memory_mb` to at least {}", .needs_kib.div_ceil(1024))]
+    MemoryToStart { plugin: String, needs_kib: usize, cap_kib: usize },
     #[error("plugin `{plugin}` does not export `{export}`, which {needed_by} needs")]
     MissingExport { plugin: String, export: &'static str, needed_by: String },
     #[error("plugin `{plugin}`: listing its commands failed")]

@@ -13,6 +13,7 @@ mod coredump;
 mod engine;
 pub mod error;
 mod exports;
+pub mod footprint;
 mod imports;
 mod lanes;
 pub mod limits;
@@ -111,10 +112,12 @@ impl Runtime {
     /// cache miss: call it off the async workers.
     pub fn compile(&self, name: &str, source: &str, wasm: &[u8]) -> Result<(Component, CacheOutcome), LoadError> {
         check_header(name, source, wasm)?;
-        self.cache.load(&self.engine, wasm).map_err(|e| LoadError::Compile {
-            plugin: name.to_string(),
-            path: source.to_string(),
-            source: e.into(),
+        self.cache.load(&self.engine, wasm).map_err(|e| {
+            // Interpreter toolchains build for the async ABI unless told not to.
+            if format!("{e:#}").contains("requires the component model async feature") {
+                return LoadError::AsyncAbi { plugin: name.to_string(), path: source.to_string() };
+            }
+            LoadError::Compile { plugin: name.to_string(), path: source.to_string(), source: e.into() }
         })
     }
 
@@ -158,10 +161,7 @@ impl Runtime {
             .map_err(|e| LoadError::Compile { plugin: name.clone(), path: spec.source.clone(), source: e.into() })??;
         contract::check(&self.engine, &component)
             .map_err(|mismatch| LoadError::Contract { plugin: name.clone(), mismatch })?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| LoadError::Link { plugin: name.clone(), source: e.into() })?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| link_error(&name, e))?;
         let indices = ExportIndices::new(&pre)
             .map_err(|e| LoadError::Invalid { plugin: name.clone(), message: e.to_string() })?;
         let spec = Arc::new(spec);
@@ -190,11 +190,29 @@ impl Runtime {
             // workers are never reused.
             Isolation::PerCall => 1,
         };
-        pool.warm(warm, spec.limits.isolation)
-            .await
-            .map_err(|cause| LoadError::Instantiate { plugin: name.clone(), source: cause })?;
+        pool.warm(warm, spec.limits.isolation).await.map_err(|cause| match cause {
+            Cause::MemoryCap { cap, requested } => {
+                LoadError::MemoryToStart { plugin: name.clone(), needs_kib: requested >> 10, cap_kib: cap >> 10 }
+            }
+            cause => LoadError::Instantiate { plugin: name.clone(), source: cause },
+        })?;
         let mut version = PluginVersion::new(spec, hash, cache, &indices, pool, stats);
         version.read_commands().await.map_err(|cause| LoadError::Commands { plugin: name, source: cause })?;
         Ok(Arc::new(version))
+    }
+}
+
+/// A link failure, with the import the host lacks named when wasmtime's
+/// message names it.
+fn link_error(plugin: &str, e: wasmtime::Error) -> LoadError {
+    let text = format!("{e:#}");
+    let import = ["component imports instance `", "component imports func `", "component imports resource `"]
+        .iter()
+        .find_map(|p| text.split_once(p))
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(import, _)| import.to_string());
+    match import {
+        Some(import) => LoadError::MissingImport { plugin: plugin.to_string(), import, source: e.into() },
+        None => LoadError::Link { plugin: plugin.to_string(), source: e.into() },
     }
 }

@@ -1,8 +1,9 @@
 // A JavaScript plugin that misbehaves on request, by route name: `loop`
 // never returns, `bomb` allocates without bound, `throw` throws an Error,
-// `recurse` recurses without end, `ok` is well-behaved.
+// `recurse` recurses without end, `ok` is well-behaved, `kv` answers with
+// the kind of the HostError a kv call raised (run it with kv denied).
 
-import { defineRoute, Reply } from "evrhost";
+import { defineRoute, HostError, kv, Reply } from "evrhost";
 
 function recurse(n) {
   return recurse(n + 1) + 1;
@@ -20,6 +21,13 @@ export const route = defineRoute((req) => {
     }
     case "throw":
       throw new Error("js-hostile throws on purpose");
+    case "kv":
+      try {
+        kv.incr("hostile");
+        return Reply.handled().retval("allowed");
+      } catch (e) {
+        return Reply.handled().retval(e instanceof HostError ? e.kind : `not a HostError: ${e}`);
+      }
     case "recurse":
       return Reply.handled().retval(String(recurse(0)));
     default:
