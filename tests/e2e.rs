@@ -8,6 +8,7 @@ mod e2e {
     pub mod erlang;
     pub mod events;
     pub mod evrexec;
+    pub mod guest_builds;
     pub mod guests;
     pub mod kv;
     pub mod kv_backends;

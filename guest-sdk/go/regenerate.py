@@ -87,6 +87,8 @@ def generate(dest: Path, wit_bindgen: str) -> None:
                 if f.suffix == ".go":
                     text = rewrite_imports(text)
                 (target / f.name).write_text(text)
+        # The contract they were made from, so a test can tell they are stale.
+        shutil.copy(ROOT / "wit/plugin.wit", bindings / "plugin.wit")
         for iface, src in split_exports((gen / "wit_exports.go").read_text()).items():
             (dest / iface).mkdir(parents=True, exist_ok=True)
             (dest / iface / "exports.go").write_text(src)

@@ -172,3 +172,164 @@ async fn a_go_plugin_serves_routes_commands_events_tasks_and_kv() {
 async fn a_python_plugin_serves_routes_commands_events_tasks_and_kv() {
     serves_everything("python").await;
 }
+
+/// An interpreter guest's loop, memory bomb, throw and runaway recursion
+/// are each stopped within its limits and named, kv denied is a HostError
+/// the plugin can read, and the plugin next to it serves on throughout.
+async fn hostile_is_contained(lang: &str, cases: &[(&str, &str)]) {
+    let hostile = guest(lang, "hostile");
+    let echo = guest(lang, "echo");
+    let mut config = format!(
+        r#"
+        [rpc]
+        listen = "127.0.0.1:{{PORT}}"
+
+        [[plugin]]
+        name = "hostile"
+        path = "{hostile}"
+        deadline_ms = 200
+        memory_mb = 48
+        capabilities = ["log", "config"]
+
+        [[plugin]]
+        name = "echo"
+        path = "{echo}"
+
+        [[route]]
+        name = "echo"
+        plugin = "echo"
+        "#,
+        hostile = hostile.display(),
+        echo = echo.display()
+    );
+    for route in cases.iter().map(|(r, _)| r).chain(&["ok", "kv"]) {
+        config.push_str(&format!("\n[[route]]\nname = \"{route}\"\nplugin = \"hostile\"\n"));
+    }
+    let daemon = Daemon::start(&config).await;
+    let mut client = daemon.client().await;
+    for (route, expected) in cases {
+        let r = call(&mut client, "route.run", json!([route])).await;
+        let (_, message) = error(&r);
+        assert!(message.contains(&format!("plugin `hostile`, route `{route}`: ")), "{lang} {route}: {message}");
+        assert!(expected.split('|').any(|e| message.contains(e)), "{lang} {route}: {message}");
+        let r = call(&mut client, "route.run", json!(["ok"])).await;
+        assert_eq!(result(&r)["retval"], json!("ok"), "{lang}: a fresh instance after {route}");
+        let r = call(&mut client, "route.run", json!(["echo", route])).await;
+        assert_eq!(result(&r)["data"], json!(route), "{lang}: the neighbour after {route}");
+    }
+    let r = call(&mut client, "route.run", json!(["kv"])).await;
+    assert_eq!(result(&r)["retval"], json!("denied"), "{lang}: {r}");
+    let stats = call(&mut client, "plugin.stats", json!(["hostile"])).await;
+    let errors = &result(&stats)["hostile"]["errors"];
+    assert_eq!(errors["memory"], json!(1), "{lang}: {stats}");
+    assert_eq!(errors["guest-error"], json!(1), "{lang}: {stats}");
+    assert_eq!(result(&stats)["hostile"]["calls"], json!(2 * cases.len() + 1), "{lang}: {stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_js_plugin_is_stopped_within_its_limits() {
+    hostile_is_contained(
+        "js",
+        &[
+            ("loop", "out of fuel|deadline of 200 ms exceeded"),
+            ("bomb", "memory cap of 49152 KiB exceeded"),
+            ("throw", "handler error: js-hostile throws on purpose"),
+            ("recurse", "stack overflow"),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_python_plugin_is_stopped_within_its_limits() {
+    hostile_is_contained(
+        "python",
+        &[
+            ("loop", "out of fuel|deadline of 200 ms exceeded"),
+            ("bomb", "memory cap of 49152 KiB exceeded"),
+            ("raise", "handler error: py-hostile raises on purpose"),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_js_plugin_reloaded_under_a_loop_of_calls_loses_no_call() {
+    let (echo, kvcount) = (guest("js", "echo"), guest("js", "kvcount"));
+    let dir = echo.parent().expect("guest-plugins").display().to_string();
+    let config = format!(
+        "[rpc]\nlisten = \"127.0.0.1:{{PORT}}\"\nplugin_dirs = [\"{dir}\"]\n\n[[plugin]]\nname = \"echo\"\npath = \"{}\"\nmax_instances = 2\n\n[[route]]\nname = \"echo\"\nplugin = \"echo\"\n",
+        echo.display()
+    );
+    let daemon = Daemon::start(&config).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for caller in 0..2 {
+        let mut client = daemon.client().await;
+        let stop = stop.clone();
+        callers.push(tokio::spawn(async move {
+            let (mut calls, mut failures, mut seen) = (0u64, Vec::new(), std::collections::BTreeSet::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = call(&mut client, "route.run", json!(["echo", format!("{caller}-{calls}")])).await;
+                match r.get("result") {
+                    // echo answers "ok", kvcount the number of keys, 1.
+                    Some(res) => {
+                        seen.insert(res["retval"].as_str().unwrap_or_default().to_string());
+                    }
+                    None => failures.push(r.to_string()),
+                }
+                calls += 1;
+            }
+            (calls, failures, seen)
+        }));
+    }
+    let mut admin = daemon.client().await;
+    let swaps = [&kvcount, &echo, &kvcount, &echo];
+    for source in swaps {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = call(&mut admin, "plugin.reload", json!(["echo", source.display().to_string()])).await;
+        result(&r);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for caller in callers {
+        let (calls, failures, seen) = caller.await.expect("caller");
+        assert!(failures.is_empty(), "{} of {calls} calls failed, e.g. {}", failures.len(), failures[0]);
+        assert_eq!(seen, ["1".to_string(), "ok".to_string()].into(), "both versions answered");
+        total += calls;
+    }
+    assert!(total > 100, "only {total} calls");
+    let list = call(&mut admin, "plugin.list", json!([])).await;
+    assert_eq!(result(&list)[0]["reloads"], json!(swaps.len()), "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_js_and_python_plugins_load_side_by_side_and_one_too_small_is_refused_naming_the_limit() {
+    let (js, py) = (guest("js", "hostile"), guest("python", "hostile"));
+    let mut config = "[rpc]\nlisten = \"127.0.0.1:{PORT}\"\n".to_string();
+    let names: Vec<String> = (0..4).map(|i| format!("js{i}")).chain((0..3).map(|i| format!("py{i}"))).collect();
+    for name in &names {
+        let path = if name.starts_with("js") { &js } else { &py };
+        config.push_str(&format!(
+            "\n[[plugin]]\nname = \"{name}\"\npath = \"{}\"\nmin_instances = 2\n\n[[route]]\nname = \"{name}:ok\"\nplugin = \"{name}\"\n",
+            path.display()
+        ));
+    }
+    let daemon = Daemon::start(&config).await;
+    let mut client = daemon.client().await;
+    for name in &names {
+        let r = call(&mut client, "route.run", json!([format!("{name}:ok")])).await;
+        assert_eq!(result(&r)["retval"], json!("ok"), "{name}: {r}");
+    }
+    drop(daemon);
+
+    let dir = tempfile::tempdir().expect("dir");
+    let small = dir.path().join("small.toml");
+    std::fs::write(&small, format!("[[plugin]]\nname = \"py\"\npath = \"{}\"\nmemory_mb = 8\n", py.display()))
+        .expect("write");
+    let out = super::support::evrhost(&["check", &small.display().to_string()]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("plugin `py` needs 12992 KiB of memory to start, more than its cap of 8192 KiB: raise its `memory_mb` to at least 13"), "{stderr}");
+}

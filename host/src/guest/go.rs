@@ -107,6 +107,7 @@ pub const SDK: &[(&str, &str)] = &[
         "internal/bindings/evrhost_plugin_types/wit_bindings.go",
         include_str!("../../../guest-sdk/go/internal/bindings/evrhost_plugin_types/wit_bindings.go"),
     ),
+    ("internal/bindings/plugin.wit", include_str!("../../../guest-sdk/go/internal/bindings/plugin.wit")),
     ("internal/wit/LICENSE", include_str!("../../../guest-sdk/go/internal/wit/LICENSE")),
     ("internal/wit/runtime/empty.s", include_str!("../../../guest-sdk/go/internal/wit/runtime/empty.s")),
     ("internal/wit/runtime/runtime.go", include_str!("../../../guest-sdk/go/internal/wit/runtime/runtime.go")),
@@ -166,6 +167,7 @@ pub fn build(dir: &Path, work: &Path, manifest: &Manifest, out: &Path) -> Result
         .env("GOPROXY", "off");
     toolchain::run(cmd, "go build", dir)?;
     let mut core = std::fs::read(&core).map_err(io(&core))?;
+    check_exports(&core, manifest)?;
     let component = componentize(&mut core, manifest).map_err(|e| GuestError::ToolFailed {
         tool: "wit-component".into(),
         project: dir.display().to_string(),
@@ -173,6 +175,40 @@ pub fn build(dir: &Path, work: &Path, manifest: &Manifest, out: &Path) -> Result
     })?;
     std::fs::write(out, component).map_err(io(out))?;
     Ok(toolchain::version(&go, &["version"], "go").replacen("go version go", "go ", 1))
+}
+
+/// The interfaces the Go code exports (the SDK packages it imports) are
+/// the ones `plugin.toml` lists.
+fn check_exports(core: &[u8], manifest: &Manifest) -> Result<(), GuestError> {
+    let mut exported = Vec::new();
+    for payload in wasmparser::Parser::new(0).parse_all(core) {
+        if let Ok(wasmparser::Payload::ExportSection(exports)) = payload {
+            for export in exports.into_iter().flatten() {
+                let interface =
+                    export.name.strip_prefix("evrhost:plugin/").and_then(|n| n.split_once('@')).map(|(i, _)| i);
+                if let Some(interface) = interface.filter(|i| !exported.contains(i)) {
+                    exported.push(interface);
+                }
+            }
+        }
+    }
+    for export in super::Export::ALL {
+        let name = export.interface();
+        match (manifest.exports.contains(&export), exported.contains(&name)) {
+            (true, false) => {
+                return Err(GuestError::Invalid(format!(
+                    "plugin.toml lists `{name}`, but the Go code does not export it: import \"{SDK_MODULE}/{name}\" and call {name}.Serve in init, or drop it from `exports`"
+                )))
+            }
+            (false, true) => {
+                return Err(GuestError::Invalid(format!(
+                    "the Go code exports `{name}` (it imports {SDK_MODULE}/{name}), which plugin.toml does not list: add it to `exports`"
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The core module as a component of the build's world, its WASI
@@ -195,6 +231,15 @@ fn componentize(core: &mut Vec<u8>, manifest: &Manifest) -> anyhow::Result<Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_go_bindings_were_generated_from_this_contract() {
+        let made_from = SDK.iter().find(|(p, _)| *p == "internal/bindings/plugin.wit").map(|(_, t)| *t);
+        assert!(
+            made_from == Some(super::super::CONTRACT),
+            "wit/plugin.wit changed since the Go bindings were made: run guest-sdk/go/regenerate.py (its doc says how)"
+        );
+    }
 
     #[test]
     fn the_embedded_sdk_is_every_file_of_guest_sdk_go() {

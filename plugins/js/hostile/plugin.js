@@ -1,4 +1,5 @@
-// A JavaScript plugin that misbehaves on request, by route name: `loop`
+// A JavaScript plugin that misbehaves on request, by route name (its last
+// `:` segment, so `t1:loop` loops too): `loop`
 // never returns, `bomb` allocates without bound, `throw` throws an Error,
 // `recurse` recurses without end, `ok` is well-behaved, `kv` answers with
 // the kind of the HostError a kv call raised (run it with kv denied).
@@ -10,7 +11,8 @@ function recurse(n) {
 }
 
 export const route = defineRoute((req) => {
-  switch (req.route) {
+  const kind = req.route.split(":").pop();
+  switch (kind) {
     case "ok":
       return Reply.handled().retval("ok");
     case "loop":
@@ -31,6 +33,6 @@ export const route = defineRoute((req) => {
     case "recurse":
       return Reply.handled().retval(String(recurse(0)));
     default:
-      throw new Error(`unknown hostile route ${req.route}`);
+      throw new Error(`unknown hostile route ${kind}`);
   }
 });
