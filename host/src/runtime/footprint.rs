@@ -114,7 +114,7 @@ mod tests {
     fn a_build_section_is_read_back_and_the_component_counted() {
         let echo = std::fs::read(crate::harness::plugin("echo")).expect("echo.wasm");
         let plain = Footprint::of(&echo);
-        assert_eq!(plain.language.as_deref(), Some("Rust"), "{plain:?}");
+        assert!(plain.language.as_deref().is_some_and(|l| l.starts_with("Rust")), "{plain:?}");
         assert!(plain.core_instances >= 2 && plain.memories >= 1 && plain.initial_memory > 0, "{plain:?}");
         let marked = with_build_section(echo, &[("language", "js"), ("toolchain", "componentize-qjs 0.4.5")]);
         let f = Footprint::of(&marked);
