@@ -38,6 +38,9 @@ use bare::exports::evrhost::plugin::route;
 mod common;
 use common::*;
 
+#[path = "common/guests.rs"]
+mod guests;
+
 const PAYLOAD: usize = 64;
 /// Concurrent tasks (and the echo plugin's max_instances) for throughput.
 const TASKS: usize = 4;
@@ -789,6 +792,9 @@ fn main() {
     };
     if let Err(e) = in_process(&mut results, &scratch) {
         eprintln!("in-process cases failed: {e:#}");
+    }
+    if let Err(e) = guests::rows(&mut results, &scratch) {
+        eprintln!("guest-language cases failed: {e:#}");
     }
     if let Err(e) = startup(&mut results, &scratch) {
         eprintln!("startup case failed: {e:#}");

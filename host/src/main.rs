@@ -361,7 +361,7 @@ async fn inspect(path: &Path) -> anyhow::Result<ExitCode> {
     let d = start(&config).await?;
     let version = d.plugin(&name).context("the plugin did not load")?;
     let wasm = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
-    let (component, _) = d.runtime().compile(&name, &path.display().to_string(), &wasm)?;
+    let (component, _) = d.runtime().compile(&name, &path.display().to_string(), &wasm, &blake3::hash(&wasm))?;
     let info = d.runtime().describe(&component);
     println!("plugin:   {name} ({} bytes, blake3 {})", wasm.len(), version.short_hash());
     let footprint = evrhost::runtime::footprint::Footprint::of(&wasm);

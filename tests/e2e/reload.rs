@@ -147,3 +147,24 @@ async fn load_and_unload_change_what_is_served() {
         .collect();
     assert_eq!(names, vec![json!("counter")]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rewritten_in_place_is_read_again_and_an_unchanged_one_is_not() {
+    let daemon = Daemon::start(CONFIG).await;
+    let mut client = daemon.client().await;
+    let file = daemon.dir.path().join("swap.wasm");
+    std::fs::copy(plugin("echo"), &file).expect("copy");
+    let source = file.display().to_string();
+    result(&client.call("plugin.reload", json!(["echo", source])).await.expect("rpc"));
+    let hash = |list: &Value| list["result"][0]["hash"].clone();
+    let first = hash(&client.call("plugin.list", json!([])).await.expect("rpc"));
+    // Unchanged: the same version again, from the remembered hash.
+    result(&client.call("plugin.reload", json!(["echo"])).await.expect("rpc"));
+    assert_eq!(hash(&client.call("plugin.list", json!([])).await.expect("rpc")), first);
+    // Rewritten in place (same inode): read, hashed and compiled anew.
+    std::fs::write(&file, std::fs::read(plugin("counter")).expect("read")).expect("rewrite");
+    result(&client.call("plugin.reload", json!(["echo"])).await.expect("rpc"));
+    assert_ne!(hash(&client.call("plugin.list", json!([])).await.expect("rpc")), first);
+    let r = client.call("route.run", json!(["echo", "k"])).await.expect("rpc");
+    assert_eq!(result(&r)["retval"], json!("1"), "the counter answers now: {r}");
+}

@@ -39,7 +39,7 @@ use serde::Deserialize;
 pub use erlang::{Cidr, Encoding, ErlangRoute, ErlangSettings, ErlangTarget, DEFAULT_ERLANG_PORT};
 pub use events::{EventSocket, EventsSettings};
 pub use exec::{parse_sockaddr, ExecDef, UdpDef, DEFAULT_COALESCE_US};
-pub use plugin::{CodeSource, PluginDef, BUILTIN_PLUGINS, MAX_PLUGIN_BYTES};
+pub use plugin::{CodeSource, FileIdentity, PluginDef, BUILTIN_PLUGINS, MAX_PLUGIN_BYTES};
 pub use route::RouteDef;
 pub use rpc::{RpcSettings, DEFAULT_RPC_LISTEN};
 pub use tenant::{EventAcl, NameAcl, Tenant};

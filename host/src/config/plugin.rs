@@ -66,35 +66,74 @@ impl CodeSource {
     }
 
     /// The code, at most [`MAX_PLUGIN_BYTES`]; a path that is not a regular
-    /// file (a device, a FIFO) is refused before anything is read.
-    pub async fn read(&self) -> std::io::Result<std::sync::Arc<[u8]>> {
-        use tokio::io::AsyncReadExt;
+    /// file (a device, a FIFO) is refused before anything is read. Read in
+    /// one blocking read into a buffer of the file's size and kept without
+    /// another copy: an interpreter's component is tens of MB, read at each
+    /// reload.
+    pub async fn read(&self) -> std::io::Result<bytes::Bytes> {
         match self {
             CodeSource::File(path) => {
-                let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
-                let file = tokio::fs::File::open(path).await?;
-                let meta = file.metadata().await?;
-                if !meta.is_file() {
-                    return Err(invalid("not a regular file".into()));
-                }
-                if meta.len() > MAX_PLUGIN_BYTES {
-                    return Err(invalid(format!("{} bytes, over the limit of {MAX_PLUGIN_BYTES}", meta.len())));
-                }
-                let mut bytes = Vec::with_capacity(meta.len() as usize);
-                // The file may grow between the check and the read.
-                file.take(MAX_PLUGIN_BYTES + 1).read_to_end(&mut bytes).await?;
-                if bytes.len() as u64 > MAX_PLUGIN_BYTES {
-                    return Err(invalid(format!("over the limit of {MAX_PLUGIN_BYTES} bytes")));
-                }
-                Ok(bytes.into())
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || read_file(&path)).await.map_err(std::io::Error::other)?
             }
             CodeSource::Builtin(name) => BUILTIN_PLUGINS
                 .iter()
                 .find(|(n, _)| n == name)
-                .map(|(_, bytes)| std::sync::Arc::from(*bytes))
+                .map(|(_, bytes)| bytes::Bytes::from_static(bytes))
                 .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no builtin `{name}`"))),
         }
     }
+}
+
+/// What tells one state of a file from another without reading it: a
+/// rewrite changes the size, the times or the inode, and the change time
+/// cannot be set back by the writer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl CodeSource {
+    /// The file's identity now; None for a builtin or a file that cannot be
+    /// stat'ed (reading it then says why).
+    pub async fn identity(&self) -> Option<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let CodeSource::File(path) = self else { return None };
+        let meta = tokio::fs::metadata(path).await.ok().filter(|m| m.is_file())?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Some(FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+        })
+    }
+}
+
+fn read_file(path: &std::path::Path) -> std::io::Result<bytes::Bytes> {
+    use std::io::Read;
+    let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(invalid("not a regular file".into()));
+    }
+    if meta.len() > MAX_PLUGIN_BYTES {
+        return Err(invalid(format!("{} bytes, over the limit of {MAX_PLUGIN_BYTES}", meta.len())));
+    }
+    // One byte of room past the size, so a file that grew since is noticed
+    // without a second allocation.
+    let mut bytes = Vec::with_capacity(meta.len() as usize + 1);
+    file.take(MAX_PLUGIN_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_PLUGIN_BYTES {
+        return Err(invalid(format!("over the limit of {MAX_PLUGIN_BYTES} bytes")));
+    }
+    Ok(bytes.into())
 }
 
 /// A plugin as configured.

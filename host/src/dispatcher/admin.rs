@@ -12,8 +12,11 @@ use super::{DispatchError, Dispatcher, Slot};
 use crate::bus::Caller;
 use crate::config::{CodeSource, PluginDef, RouteDef};
 use crate::error::chain;
-use crate::runtime::{LoadError, PluginSpec, PluginVersion, Stats, TraceSwitch};
+use crate::runtime::{Code, LoadError, PluginSpec, PluginVersion, Stats, TraceSwitch};
 use crate::sync::lock;
+
+/// Files whose hash is remembered; past it the memory starts afresh.
+const MAX_KNOWN_FILES: usize = 1024;
 
 impl Dispatcher {
     pub(super) async fn load_version(
@@ -23,14 +26,41 @@ impl Dispatcher {
         trace: Arc<TraceSwitch>,
     ) -> Result<Arc<PluginVersion>, LoadError> {
         let name = &def.spec.name;
+        let limits = self.tenants.get(&def.spec.tenant).map(|t| t.kv).unwrap_or_default();
+        let kv = self.kv.space(&def.spec.tenant, limits);
+        // A file unchanged since it was last loaded is neither read nor
+        // hashed again: its compiled artifact is found by the hash it had.
+        let identity = def.code.identity().await;
+        let known = identity.and_then(|id| lock(&self.digests).get(&id).copied());
+        if let Some(digest) = known {
+            let load = self.runtime.load(
+                def.spec.clone(),
+                Code::Known(digest),
+                kv.clone(),
+                self.link.clone(),
+                stats.clone(),
+                trace.clone(),
+            );
+            match load.await {
+                Err(LoadError::NotCached { .. }) => {}
+                done => return done,
+            }
+        }
         let wasm = def.code.read().await.map_err(|source| LoadError::Read {
             plugin: name.clone(),
             path: def.code.describe(),
             source,
         })?;
-        let limits = self.tenants.get(&def.spec.tenant).map(|t| t.kv).unwrap_or_default();
-        let kv = self.kv.space(&def.spec.tenant, limits);
-        self.runtime.load(def.spec.clone(), wasm, kv, self.link.clone(), stats, trace).await
+        let version =
+            self.runtime.load(def.spec.clone(), Code::Bytes(wasm), kv, self.link.clone(), stats, trace).await?;
+        if let (Some(id), Ok(digest)) = (identity, blake3::Hash::from_hex(&version.hash)) {
+            let mut digests = lock(&self.digests);
+            if digests.len() >= MAX_KNOWN_FILES {
+                digests.clear();
+            }
+            digests.insert(id, digest);
+        }
+        Ok(version)
     }
 
     /// PLUGIN_LOAD, PLUGIN_RELOAD or PLUGIN_FAIL.

@@ -213,6 +213,8 @@ pub struct Dispatcher {
     engine: OnceLock<Arc<dyn MessageEngine>>,
     /// Bumped each time a table is published.
     generation: tokio::sync::watch::Sender<u64>,
+    /// The blake3 hash of each plugin file as it was when last loaded.
+    digests: std::sync::Mutex<HashMap<crate::config::FileIdentity, blake3::Hash>>,
 }
 
 impl Dispatcher {
@@ -242,6 +244,7 @@ impl Dispatcher {
             fetcher: OnceLock::new(),
             engine: OnceLock::new(),
             generation: tokio::sync::watch::Sender::new(0),
+            digests: Default::default(),
         });
         let mut spec = Spec::default();
         for def in &config.plugins {

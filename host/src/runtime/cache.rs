@@ -54,26 +54,51 @@ impl ComponentCache {
     }
 
     /// Compiles `wasm` (a component's bytes) or maps its cached artifact.
-    pub fn load(&self, engine: &Engine, wasm: &[u8]) -> wasmtime::Result<(Component, CacheOutcome)> {
-        let Some(dir) = &self.dir else {
+    /// `digest` is blake3 of `wasm`.
+    pub fn load(
+        &self,
+        engine: &Engine,
+        wasm: &[u8],
+        digest: &blake3::Hash,
+    ) -> wasmtime::Result<(Component, CacheOutcome)> {
+        let Some(path) = self.path(digest) else {
             return Ok((Component::new(engine, wasm)?, CacheOutcome::Disabled));
         };
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(self.engine_key.as_bytes());
-        hasher.update(wasm);
-        let path = dir.join(format!("{}.cwasm", hasher.finalize().to_hex()));
-        if path.exists() {
-            // SAFETY: see the module doc: the file was written by `store`.
-            match unsafe { Component::deserialize_file(engine, &path) } {
-                Ok(component) => return Ok((component, CacheOutcome::Hit)),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cached artifact refused; recompiling"),
-            }
+        if let Some(component) = self.cached(engine, digest) {
+            return Ok((component, CacheOutcome::Hit));
         }
         let component = Component::new(engine, wasm)?;
         if let Err(e) = store(&component, &path) {
             tracing::warn!(path = %path.display(), error = %e, "could not write compiled-component cache");
         }
         Ok((component, CacheOutcome::Compiled))
+    }
+}
+
+impl ComponentCache {
+    /// Where the artifact of the code with this digest lives.
+    fn path(&self, digest: &blake3::Hash) -> Option<PathBuf> {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(self.engine_key.as_bytes());
+        hasher.update(digest.as_bytes());
+        Some(self.dir.as_ref()?.join(format!("{}.cwasm", hasher.finalize().to_hex())))
+    }
+
+    /// The cached artifact of the code with this digest, if there is one
+    /// this engine accepts.
+    pub fn cached(&self, engine: &Engine, digest: &blake3::Hash) -> Option<Component> {
+        let path = self.path(digest)?;
+        if !path.exists() {
+            return None;
+        }
+        // SAFETY: see the module doc: the file was written by `store`.
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(component) => Some(component),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cached artifact refused; recompiling");
+                None
+            }
+        }
     }
 }
 

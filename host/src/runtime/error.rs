@@ -149,6 +149,9 @@ pub enum LoadError {
     Commands { plugin: String, source: Cause },
     #[error("plugin `{plugin}`: {message}")]
     Invalid { plugin: String, message: String },
+    /// A load by hash found no compiled artifact; the caller reads the code.
+    #[error("plugin `{plugin}`: no compiled artifact cached for it")]
+    NotCached { plugin: String },
 }
 
 /// Renders a wasmtime error with its whole chain of causes.

@@ -110,9 +110,18 @@ impl Runtime {
 
     /// Compiles a component, or maps it from the cache. CPU-heavy for a
     /// cache miss: call it off the async workers.
-    pub fn compile(&self, name: &str, source: &str, wasm: &[u8]) -> Result<(Component, CacheOutcome), LoadError> {
+    /// `digest` is `wasm`'s blake3 hash, the plugin version's identity and
+    /// the cache key's part (hashed once: an interpreter's component is
+    /// tens of MB).
+    pub fn compile(
+        &self,
+        name: &str,
+        source: &str,
+        wasm: &[u8],
+        digest: &blake3::Hash,
+    ) -> Result<(Component, CacheOutcome), LoadError> {
         check_header(name, source, wasm)?;
-        self.cache.load(&self.engine, wasm).map_err(|e| {
+        self.cache.load(&self.engine, wasm, digest).map_err(|e| {
             // Interpreter toolchains build for the async ABI unless told not to.
             if format!("{e:#}").contains("requires the component model async feature") {
                 return LoadError::AsyncAbi { plugin: name.to_string(), path: source.to_string() };
@@ -136,7 +145,7 @@ impl Runtime {
     pub async fn load(
         self: &Arc<Self>,
         spec: PluginSpec,
-        wasm: Arc<[u8]>,
+        code: Code,
         kv: Arc<KvSpace>,
         services: Arc<dyn Services>,
         stats: Arc<Stats>,
@@ -153,12 +162,24 @@ impl Runtime {
                 ),
             });
         }
-        let hash = blake3::hash(&wasm).to_hex().to_string();
         let rt = self.clone();
         let (n, src) = (name.clone(), spec.source.clone());
-        let (component, cache) = tokio::task::spawn_blocking(move || rt.compile(&n, &src, &wasm))
-            .await
-            .map_err(|e| LoadError::Compile { plugin: name.clone(), path: spec.source.clone(), source: e.into() })??;
+        let (component, cache, hash) = tokio::task::spawn_blocking(move || match code {
+            Code::Bytes(wasm) => {
+                let digest = blake3::hash(&wasm);
+                rt.compile(&n, &src, &wasm, &digest).map(|(c, outcome)| (c, outcome, digest.to_hex().to_string()))
+            }
+            Code::Known(digest) => match rt.cache.cached(&rt.engine, &digest) {
+                Some(component) => Ok((component, CacheOutcome::Hit, digest.to_hex().to_string())),
+                None => Err(LoadError::NotCached { plugin: n }),
+            },
+        })
+        .await
+        .map_err(|e| LoadError::Compile {
+            plugin: name.clone(),
+            path: spec.source.clone(),
+            source: e.into(),
+        })??;
         contract::check(&self.engine, &component)
             .map_err(|mismatch| LoadError::Contract { plugin: name.clone(), mismatch })?;
         let pre = self.linker.instantiate_pre(&component).map_err(|e| link_error(&name, e))?;
@@ -200,6 +221,16 @@ impl Runtime {
         version.read_commands().await.map_err(|cause| LoadError::Commands { plugin: name, source: cause })?;
         Ok(Arc::new(version))
     }
+}
+
+/// A plugin's code, for [`Runtime::load`].
+pub enum Code {
+    /// The component's bytes.
+    Bytes(bytes::Bytes),
+    /// Only the blake3 hash of bytes loaded before, unchanged since: the
+    /// compiled artifact is taken from the cache, or the load fails with
+    /// [`LoadError::NotCached`] and the caller reads the bytes.
+    Known(blake3::Hash),
 }
 
 /// A link failure, with the import the host lacks named when wasmtime's

@@ -1,5 +1,5 @@
 // Answers every request with its own data and parameters, as the Rust
-// `echo` does; `echo.upper TEXT` is a command, to show an `api` export.
+// `echo` does; `go-echo.upper TEXT` is a command, to show an `api` export.
 package main
 
 import (
@@ -17,7 +17,7 @@ func (Echo) Handle(req *evrhost.Request) (*evrhost.Reply, error) {
 }
 
 func (Echo) Commands() []evrhost.Command {
-	return []evrhost.Command{{Name: "echo.upper", Usage: "TEXT", Description: "TEXT in capitals"}}
+	return []evrhost.Command{{Name: "go-echo.upper", Usage: "TEXT", Description: "TEXT in capitals"}}
 }
 
 func (Echo) Execute(command, args string) (string, error) {

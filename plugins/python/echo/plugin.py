@@ -1,5 +1,5 @@
 """Answers every request with its own data and parameters, as the Rust
-`echo` does; `echo.upper TEXT` is a command, to show an `api` export."""
+`echo` does; `py-echo.upper TEXT` is a command, to show an `api` export."""
 
 import evrhost
 from evrhost import Reply, Request
@@ -11,6 +11,6 @@ class Route(evrhost.Route):
 
 
 class Api(evrhost.Api):
-    @evrhost.command("echo.upper", usage="TEXT", description="TEXT in capitals")
+    @evrhost.command("py-echo.upper", usage="TEXT", description="TEXT in capitals")
     def upper(self, args: str) -> str:
         return args.upper()
