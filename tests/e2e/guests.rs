@@ -126,7 +126,8 @@ async fn serves_everything(lang: &str) {
     assert_eq!(reply["data"], json!("héllo wörld"), "{lang}: {r}");
     assert_eq!(reply["retval"], json!("ok"), "{lang}: {r}");
     assert_eq!(reply["params"], json!({"a": "1", "b": "two"}), "{lang}: {r}");
-    let r = call(&mut client, "api.run", json!(["echo.upper", "abc"])).await;
+    let short = if lang == "python" { "py" } else { lang };
+    let r = call(&mut client, "api.run", json!([format!("{short}-echo.upper"), "abc"])).await;
     assert_eq!(result(&r), &json!("ABC"), "{lang}");
 
     // kv through a route and a command.
