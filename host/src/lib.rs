@@ -19,7 +19,7 @@
 //! - [`frontend`]: wire protocols (UDP, JSON-RPC over HTTP and UNIX
 //!   sockets, the Erlang C-node, event sinks, metrics).
 //! - [`guest`]: the plugin author's tools, `evrhost new` and `build`;
-//!   it uses none of the above.
+//!   of the parts above it uses only the runtime's `footprint`.
 //! - [`daemon`]: wires them together; [`harness`]: the same in process,
 //!   for tests.
 

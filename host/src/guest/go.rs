@@ -193,7 +193,7 @@ fn check_exports(core: &[u8], manifest: &Manifest) -> Result<(), GuestError> {
         }
     }
     for export in super::Export::ALL {
-        let name = export.interface();
+        let name = export.name();
         match (manifest.exports.contains(&export), exported.contains(&name)) {
             (true, false) => {
                 return Err(GuestError::Invalid(format!(

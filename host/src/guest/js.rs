@@ -74,12 +74,12 @@ fn version(tool: &Path) -> String {
 fn entry_module(manifest: &Manifest) -> String {
     let mut js = format!("import * as plugin from \"../{ENTRY}\";\n");
     for export in &manifest.exports {
-        let name = export.interface();
+        let name = export.name();
         js.push_str(&format!(
             "if (plugin.{name} === undefined) throw new Error(\"{ENTRY} exports no `{name}`, which plugin.toml lists: \
              add `export const {name} = define{}(...)` or drop it from `exports`\");\n\
              export const {name} = plugin.{name};\n",
-            export.class()
+            super::manifest::class(*export)
         ));
     }
     js

@@ -34,37 +34,16 @@ impl Language {
     }
 }
 
-/// An interface of the contract a plugin may export.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Export {
-    Route,
-    Api,
-    Subscriber,
-    Task,
-}
+pub use crate::runtime::Export;
 
-impl Export {
-    pub const ALL: [Export; 4] = [Export::Route, Export::Api, Export::Subscriber, Export::Task];
-
-    /// Its name capitalised: Python's class, the SDKs' `define…` suffix.
-    pub fn class(self) -> &'static str {
-        match self {
-            Export::Route => "Route",
-            Export::Api => "Api",
-            Export::Subscriber => "Subscriber",
-            Export::Task => "Task",
-        }
-    }
-
-    /// Its interface name in the contract, and its export name in JS.
-    pub fn interface(self) -> &'static str {
-        match self {
-            Export::Route => "route",
-            Export::Api => "api",
-            Export::Subscriber => "subscriber",
-            Export::Task => "task",
-        }
+/// An export's name capitalised: Python's class, the JS SDK's `define…`
+/// suffix.
+pub fn class(export: Export) -> &'static str {
+    match export {
+        Export::Route => "Route",
+        Export::Api => "Api",
+        Export::Subscriber => "Subscriber",
+        Export::Task => "Task",
     }
 }
 
@@ -75,7 +54,7 @@ struct Raw {
     language: Language,
     /// Rust plugins say what they export with `export!`.
     #[serde(default)]
-    exports: Vec<Export>,
+    exports: Vec<String>,
 }
 
 /// A parsed `plugin.toml`.
@@ -104,9 +83,13 @@ impl Manifest {
         let raw: Raw = toml::from_str(text).map_err(|e| e.to_string())?;
         check_name(&raw.name)?;
         let mut exports = Vec::new();
-        for export in raw.exports {
+        for name in raw.exports {
+            let export = Export::ALL
+                .into_iter()
+                .find(|e| e.name() == name)
+                .ok_or_else(|| format!("`exports`: unknown export `{name}`; known: route, api, subscriber, task"))?;
             if exports.contains(&export) {
-                return Err(format!("`exports` lists `{}` twice", export.interface()));
+                return Err(format!("`exports` lists `{name}` twice"));
             }
             exports.push(export);
         }
@@ -144,6 +127,8 @@ mod tests {
         assert!(twice.contains("`route` twice"), "{twice}");
         let none = Manifest::parse("name = \"e\"\nlanguage = \"python\"").unwrap_err();
         assert!(none.contains("`exports` is empty"), "{none}");
+        let unknown_export = Manifest::parse("name = \"e\"\nlanguage = \"js\"\nexports = [\"routes\"]").unwrap_err();
+        assert!(unknown_export.contains("unknown export `routes`"), "{unknown_export}");
         let lang = Manifest::parse("name = \"e\"\nlanguage = \"cobol\"\nexports = [\"route\"]").unwrap_err();
         assert!(lang.contains("cobol"), "{lang}");
         let name = Manifest::parse("name = \"../x\"\nlanguage = \"js\"\nexports = [\"route\"]").unwrap_err();
