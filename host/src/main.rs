@@ -365,9 +365,12 @@ async fn inspect(path: &Path) -> anyhow::Result<ExitCode> {
     let info = d.runtime().describe(&component);
     println!("plugin:   {name} ({} bytes, blake3 {})", wasm.len(), version.short_hash());
     let footprint = evrhost::runtime::footprint::Footprint::of(&wasm);
-    let built_with =
-        if footprint.built_with.is_empty() { String::new() } else { format!(" ({})", footprint.built_with.join(", ")) };
-    println!("language: {}{built_with}", footprint.language.as_deref().unwrap_or("unknown"));
+    let source = if footprint.built_by_evrhost { "evrhost build" } else { "its producers sections" };
+    let mut built_with = footprint.built_with.join(", ");
+    if !built_with.is_empty() {
+        built_with.insert_str(0, "; ");
+    }
+    println!("language: {} ({source}{built_with})", footprint.language.as_deref().unwrap_or("unknown"));
     println!(
         "needs:    {} core instances, {} memories, {} KiB of memory to start (memory_mb >= {})",
         footprint.core_instances,

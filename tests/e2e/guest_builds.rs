@@ -38,7 +38,7 @@ fn scaffolded(lang: &str) {
     assert!(out.contains("retval:  1") && out.contains("data:    world #1"), "{lang}: {out}");
     let (ok, out) = run(&["inspect", &wasm.display().to_string()], dir.path());
     assert!(ok, "{lang}: {out}");
-    assert!(out.contains(&format!("language: {lang} (")), "{lang}: {out}");
+    assert!(out.contains(&format!("language: {lang} (evrhost build; ")), "{lang}: {out}");
     assert!(out.contains(&format!("{name}.seen TEXT — how often TEXT was sent")), "{lang}: {out}");
 
     let (ok, out) = run(&["new", &name, "--lang", lang], dir.path());

@@ -10,6 +10,9 @@ use super::GuestError;
 /// The file that makes a directory a plugin project.
 pub const MANIFEST: &str = "plugin.toml";
 
+/// Largest `plugin.toml` read.
+const MAX_MANIFEST: u64 = 64 << 10;
+
 /// Longest plugin name; it becomes a file name and a log tag.
 const MAX_NAME: usize = 64;
 
@@ -69,6 +72,12 @@ pub struct Manifest {
 impl Manifest {
     pub fn load(dir: &Path) -> Result<Manifest, GuestError> {
         let path = dir.join(MANIFEST);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() > MAX_MANIFEST) {
+            return Err(GuestError::Manifest {
+                path,
+                message: format!("over {MAX_MANIFEST} bytes; it is a few lines"),
+            });
+        }
         let text = std::fs::read_to_string(&path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => GuestError::Manifest {
                 path: path.clone(),

@@ -37,11 +37,22 @@ pub fn run(mut cmd: Command, tool: &str, project: &Path) -> Result<(), GuestErro
     }
     let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&output.stderr));
-    Err(GuestError::ToolFailed {
-        tool: shown,
-        project: project.display().to_string(),
-        output: text.trim_end().to_string(),
-    })
+    Err(GuestError::ToolFailed { tool: shown, project: project.display().to_string(), output: tail(text.trim_end()) })
+}
+
+/// What a failed tool printed last, where its error is; a toolchain can
+/// print megabytes before it.
+const MAX_SHOWN: usize = 16 << 10;
+
+fn tail(text: &str) -> String {
+    if text.len() <= MAX_SHOWN {
+        return text.to_string();
+    }
+    let mut start = text.len() - MAX_SHOWN;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("[… {start} bytes before]\n{}", &text[start..])
 }
 
 /// The first line `tool ARGS` prints, e.g. its version; `tool` when it

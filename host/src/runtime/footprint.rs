@@ -14,6 +14,8 @@ const MAX_BUILD_SECTION: usize = 4096;
 pub struct Footprint {
     /// `js`, `go`, `python`, `rust`, or a producers section's language.
     pub language: Option<String>,
+    /// Whether `evrhost build` made it (its section says the language).
+    pub built_by_evrhost: bool,
     /// The toolchain, as the build section or the producers name it.
     pub built_with: Vec<String>,
     /// Core instances one instance of the component makes.
@@ -48,7 +50,10 @@ impl Footprint {
                     let text = String::from_utf8_lossy(&c.data()[..c.data().len().min(MAX_BUILD_SECTION)]).into_owned();
                     for (key, value) in text.lines().filter_map(|l| l.split_once('=')) {
                         match key {
-                            "language" => f.language = Some(value.to_string()),
+                            "language" => {
+                                f.language = Some(value.to_string());
+                                f.built_by_evrhost = true;
+                            }
                             "toolchain" => f.built_with.insert(0, value.to_string()),
                             _ => {}
                         }
@@ -73,11 +78,27 @@ impl Footprint {
                 _ => {}
             }
         }
-        if f.language.is_none() && !languages.is_empty() {
-            f.language = Some(languages.join(", "));
+        if f.language.is_none() {
+            f.language = interpreter(&f.built_with).map(str::to_string).or_else(|| {
+                // The host side of an interpreter is often Rust or C: a
+                // toolchain named above says more than these.
+                (!languages.is_empty()).then(|| languages.join(", "))
+            });
         }
         f
     }
+}
+
+/// The language of a component an interpreter toolchain made, from the
+/// toolchains its producers sections name.
+fn interpreter(built_with: &[String]) -> Option<&'static str> {
+    const KNOWN: [(&str, &str); 4] = [
+        ("componentize-qjs", "js"),
+        ("componentize-js", "js"),
+        ("componentize-py", "python"),
+        ("Go cmd/compile", "go"),
+    ];
+    KNOWN.iter().find(|(tool, _)| built_with.iter().any(|b| b.starts_with(tool))).map(|(_, lang)| *lang)
 }
 
 /// `wasm` with a build section appended: a custom section may close a
