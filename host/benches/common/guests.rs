@@ -179,7 +179,7 @@ pub fn rows(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
             pass: true,
         });
     }
-    // What a reload spends before the cache: reading and hashing the source.
+    // What a load of a new or changed file adds: reading and hashing it.
     let mut before_cache = Vec::new();
     for (lang, wasm) in LANGS.iter().zip(&components) {
         let mut t = Vec::new();
@@ -193,7 +193,7 @@ pub fn rows(results: &mut Results, scratch: &Path) -> anyhow::Result<()> {
         before_cache.push(format!("{lang} {}", fmt_ns(median(&t))));
     }
     results.notes.push(format!(
-        "reload, reading + hashing the component (part of the reload rows): {}",
+        "a load of a new or changed file adds reading + hashing it (a reload of an unchanged one skips both): {}",
         before_cache.join(", ")
     ));
     let sizes: Vec<String> = LANGS
