@@ -624,3 +624,31 @@ async fn a_route_that_ran_long_takes_the_slow_lane_off_the_callers_thread_until_
     }
     assert!(short > 32, "back after {short} short calls");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_task_asleep_in_host_sleep_lets_the_epoch_ticker_park() {
+    let text =
+        "[[plugin]]\nname = \"timer\"\npath = \"{timer}\"\ndeadline_ms = 20\n[plugin.config]\ninterval_ms = \"30\"\n\n\
+                [[exec]]\nname = \"evrexec:timer\"\nplugin = \"timer\"\n";
+    let host = TestHost::start(text).await.expect("the host starts");
+    let config =
+        evrhost::config::Config::parse(&evrhost::harness::with_plugin_paths(text), "(test)", std::path::Path::new("."))
+            .expect("config");
+    let tasks = evrhost::exec::Tasks::start(&host.dispatcher, &config.exec);
+    assert_eq!(tasks.len(), 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The task wakes every 30 ms for a few µs: nearly every sample finds
+    // no call holding the ticker (before, the sleeping task held it always).
+    let mut asleep = 0;
+    for _ in 0..40 {
+        asleep += usize::from(host.dispatcher.runtime().calls_running() == 0);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let timer = host.dispatcher.plugin("timer").expect("timer");
+    tasks.stop().await;
+    assert!(asleep >= 30, "only {asleep} of 40 samples found the ticker free to park");
+    // And it kept running past its 20 ms deadline, each slice between
+    // sleeps with a fresh one: nothing failed.
+    let errors: Vec<_> = timer.stats.errors().filter(|(_, n)| *n > 0).collect();
+    assert!(errors.is_empty(), "{errors:?}");
+}

@@ -114,6 +114,25 @@ impl EpochClock {
 
     /// Marks a call running until the guard drops; wakes a parked ticker.
     pub fn enter(&self) -> Active<'_> {
+        self.hold();
+        Active(self)
+    }
+
+    /// Lets the ticker park while a running call waits outside wasm (an
+    /// exec task in `host.sleep`, most of its life); the call holds it
+    /// again, the ticks brought up to date, when the guard drops. Only the
+    /// holder of an [`Active`] may pause.
+    pub fn pause(&self) -> Paused<'_> {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        Paused(self)
+    }
+
+    /// Calls holding the ticker awake now.
+    pub fn running(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    fn hold(&self) {
         self.active.fetch_add(1, Ordering::SeqCst);
         if self.parked.load(Ordering::SeqCst) {
             self.ticks.fetch_max(self.wall(), Ordering::AcqRel);
@@ -121,7 +140,6 @@ impl EpochClock {
                 thread.unpark();
             }
         }
-        Active(self)
     }
 }
 
@@ -131,6 +149,15 @@ pub struct Active<'c>(&'c EpochClock);
 impl Drop for Active<'_> {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A running call's hold, given up for a while (see [`EpochClock::pause`]).
+pub struct Paused<'c>(&'c EpochClock);
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.0.hold();
     }
 }
 

@@ -81,7 +81,13 @@ pub(crate) fn add_sleep(linker: &mut Linker<HostState>) -> wasmtime::Result<()> 
             if let Err(e) = sleep_allowed(store.data()) {
                 return Ok((Err(e),));
             }
-            tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
+            {
+                // No guest code runs meanwhile: the ticker may park. The
+                // guard holds it again even if the task is cancelled here.
+                let ticks = store.data().plugin.ticks.clone();
+                let _paused = ticks.pause();
+                tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
+            }
             let fuel = store.data().plugin.spec.limits.fuel;
             store.set_fuel(fuel)?;
             let data = store.data_mut();

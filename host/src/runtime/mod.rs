@@ -130,6 +130,12 @@ impl Runtime {
         })
     }
 
+    /// Calls running now, keeping the epoch ticker awake (an exec task
+    /// asleep in `host.sleep` is not one).
+    pub fn calls_running(&self) -> usize {
+        self.ticker.clock.running()
+    }
+
     pub fn describe(&self, component: &Component) -> ComponentInfo {
         let ty = component.component_type();
         ComponentInfo {
