@@ -5,9 +5,9 @@
 //! language and the exports it implements. The build writes a world made
 //! of exactly those exports beside the contract this binary was built
 //! with, so a plugin exports only what it implements and is always built
-//! against the host it will run on. To add a language: a module with a
-//! `build` and a `template`, a [`Language`] variant, and the two `match`es
-//! below.
+//! against the host it will run on. To add a language: a module with its
+//! `build`, a [`Language`] variant, its arm in [`build`] below and in
+//! [`new`] (with its files under `templates/`).
 
 mod go;
 mod js;

@@ -73,9 +73,7 @@ impl ComponentCache {
         }
         Ok((component, CacheOutcome::Compiled))
     }
-}
 
-impl ComponentCache {
     /// Where the artifact of the code with this digest lives.
     fn path(&self, digest: &blake3::Hash) -> Option<PathBuf> {
         let mut hasher = blake3::Hasher::new();
