@@ -5,33 +5,51 @@
 //! Kamailio's evrexec reads one datagram per `recvfrom` and runs the route
 //! in that same process, so a slow route stalls the socket and a flood is
 //! lost in the kernel. Here a receiver thread reads batches with
-//! recvmmsg(2) and hands datagrams to `workers` async tasks through a
-//! bounded queue:
+//! recvmmsg(2) and runs each batch where it lands or hands it on:
+//! - run to completion: while no datagram waits for a worker, the
+//!   receiver thread runs the route itself, datagram by datagram, with no
+//!   hop to another thread. At light load this is one wake-up per read,
+//!   not three (receiver, worker, receiver again), and most of the CPU a
+//!   datagram costs;
+//! - handed on: once `HAND_ON_AFTER` (4) reads in a row came back full
+//!   (the socket holds more than a burst: the receiver is behind), batches
+//!   go to `workers` async tasks through a bounded queue, so the receiver
+//!   goes on reading while they work. With one worker, datagrams are
+//!   handled in arrival order either way, as evrexec does (nothing runs
+//!   here while a handed-on one is unfinished); with more, concurrently
+//!   (no order between them), and the receiver runs the next read itself
+//!   as soon as it is no longer behind;
+//! - a route whose call took `SLOW_INLINE` (1 ms) on the receiver thread
+//!   (a slow guest, or one the runtime sent to its slow lane) is not run
+//!   there again for `DEMOTION` (1 s), doubled at every slow call after a
+//!   demotion up to `MAX_DEMOTION` and reset by a quick one: a slow route
+//!   stalls the socket for at most one call now and then, and otherwise
+//!   has the workers and the queue between it and the kernel;
 //! - a batch travels as one queue item (one wake-up, not 32), but the
 //!   bound counts datagrams: when `queue` datagrams wait, more are dropped
 //!   and counted (the `dropped` metric, and a warning at most once a
-//!   second): the receiver never blocks on slow handlers and memory never
+//!   second): the receiver never blocks on the workers and memory never
 //!   grows without bound;
-//! - with one worker, datagrams are handled in arrival order, as evrexec
-//!   does; with more, concurrently (no order between them);
 //! - buffers hold 65,536 bytes, more than the largest UDP payload, so no
 //!   datagram is cut;
-//! - under load (a read that found several datagrams but not a full batch)
-//!   the receiver waits `coalesce_us` (100 µs) before reading again: the
-//!   kernel buffers what arrives meanwhile, and the next hand-over carries
-//!   more datagrams per worker wake-up. A lone datagram is never delayed.
+//! - after handing a batch on, the receiver waits `coalesce_us` (100 µs)
+//!   before reading again when the read found several datagrams but not a
+//!   full batch: the kernel buffers what arrives meanwhile, and the next
+//!   hand-over carries more datagrams per worker wake-up. A lone datagram
+//!   is never delayed.
 
 use std::fmt::Write;
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
-use tokio::net::UdpSocket;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::task::JoinHandle;
 
 use super::metrics::{header, Metrics};
@@ -49,6 +67,8 @@ const BUFFER: usize = 65_536;
 #[derive(Default, Debug)]
 pub struct UdpStats {
     pub received: AtomicU64,
+    /// Handled by the receiver thread itself (the rest went to workers).
+    pub inline: AtomicU64,
     /// Dropped because the queue was full.
     pub dropped: AtomicU64,
     /// Calls that failed (the cause is logged and counted per plugin).
@@ -121,8 +141,9 @@ struct UdpMetrics(Vec<UdpEndpoint>);
 impl Metrics for UdpMetrics {
     fn render(&self, out: &mut String) {
         type Counter = (&'static str, &'static str, fn(&UdpStats) -> &AtomicU64);
-        let counters: [Counter; 4] = [
+        let counters: [Counter; 5] = [
             ("evrhost_udp_received_total", "Datagrams received.", |s| &s.received),
+            ("evrhost_udp_inline_total", "Datagrams the receiver thread handled itself.", |s| &s.inline),
             ("evrhost_udp_dropped_total", "Datagrams dropped because the queue was full.", |s| &s.dropped),
             ("evrhost_udp_failed_total", "Datagrams whose call failed.", |s| &s.failed),
             ("evrhost_udp_replies_total", "Reply datagrams sent.", |s| &s.replies),
@@ -188,14 +209,19 @@ impl Batch {
     }
 }
 
-/// Datagrams waiting for a worker, counted across batches.
+/// Datagrams handed to the workers, counted across batches.
 struct Backlog {
-    waiting: std::sync::atomic::AtomicUsize,
+    /// In the queue: bounded by `limit`.
+    waiting: AtomicUsize,
+    /// In the queue or in a worker's hands: while any is, the receiver
+    /// hands every batch on (the order of one worker's datagrams).
+    unfinished: AtomicUsize,
     limit: usize,
 }
 
 /// Serves `def.route` on `socket`: the receiver thread ends once the
-/// returned worker tasks are aborted (it sees the queue closed).
+/// returned worker tasks are aborted (it sees the queue closed). Called
+/// on the daemon's runtime, which the receiver thread runs its calls on.
 pub fn start(
     def: &UdpDef,
     socket: std::net::UdpSocket,
@@ -203,66 +229,171 @@ pub fn start(
 ) -> io::Result<(UdpEndpoint, Vec<JoinHandle<()>>)> {
     let (route, addr) = (def.route.as_str(), socket.local_addr().unwrap_or(def.addr));
     let inode = socket_inode(socket.as_raw_fd());
-    // Replies go out through a clone of the socket registered with tokio.
-    let sender = Arc::new(UdpSocket::from_std(socket.try_clone()?)?);
+    let sender = Arc::new(ReplySocket::new(socket.try_clone()?)?);
     let stats = Arc::new(UdpStats::default());
-    let backlog = Arc::new(Backlog { waiting: Default::default(), limit: def.queue });
+    let backlog = Arc::new(Backlog { waiting: AtomicUsize::new(0), unfinished: AtomicUsize::new(0), limit: def.queue });
     let unsaved = Arc::new(tokio::sync::Semaphore::new(MAX_UNSAVED_REPLIES));
     // The channel holds batches; `backlog` bounds the datagrams in them.
     let (tx, rx) = async_channel::bounded::<Batch>(def.queue.div_ceil(BATCH).max(4));
+    let handler = || Handler {
+        d: d.clone(),
+        replies: Replies { socket: sender.clone(), stats: stats.clone(), on: def.reply, unsaved: unsaved.clone() },
+        profiling: def.profiling.then(|| format!("UDP receiver udp:{addr}")),
+        request: Request { route: route.to_string(), data: Vec::new(), params: Vec::new(), origin: Origin::Cli },
+        last_peer: None,
+    };
     let mut tasks = Vec::new();
     for _ in 0..def.workers {
-        let (rx, d, backlog) = (rx.clone(), d.clone(), backlog.clone());
-        let replies = Replies { socket: sender.clone(), stats: stats.clone(), on: def.reply, unsaved: unsaved.clone() };
-        let profiling = def.profiling.then(|| format!("UDP receiver udp:{addr}"));
-        let mut request =
-            Request { route: route.to_string(), data: Vec::new(), params: Vec::new(), origin: Origin::Cli };
+        let (rx, backlog, mut handler) = (rx.clone(), backlog.clone(), handler());
         tasks.push(tokio::spawn(async move {
-            let mut last_peer: Option<SocketAddr> = None;
             while let Ok(batch) = rx.recv().await {
                 backlog.waiting.fetch_sub(batch.len(), Relaxed);
                 for (data, peer) in batch.datagrams() {
-                    // Most datagrams come from a few peers: the origin (a
-                    // formatted IP) is rebuilt only when the peer changes.
-                    if last_peer != Some(peer) {
-                        request.origin =
-                            Origin::Udp(Peer { ip: peer.ip().to_canonical().to_string(), port: peer.port() });
-                        last_peer = Some(peer);
-                    }
-                    request.data.clear();
-                    request.data.extend_from_slice(data);
-                    match profiling.as_ref().filter(|_| d.bus().wanted("E_PROFILING_PROC")) {
-                        None => {
-                            handle(&d, &request, peer, &replies).await;
-                        }
-                        Some(name) => {
-                            let mut profiler = Profiler::start(d.bus(), "E_PROFILING_PROC", name);
-                            profiler.enter("udp datagram", "udp", 0);
-                            let status = handle(&d, &request, peer, &replies).await;
-                            profiler.exit("udp datagram", "udp", 0, status);
-                            profiler.end(name, status);
-                        }
-                    }
+                    handler.datagram(data, peer).await;
                 }
+                backlog.unfinished.fetch_sub(batch.len(), Release);
             }
         }));
     }
-    let (name, receiver_stats, coalesce) = (route.to_string(), stats.clone(), def.coalesce);
+    let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+    let inline = Inline { runtime, handler: handler(), demoted_until: None, demotion: DEMOTION };
+    let (name, receiver_stats, coalesce, workers) = (route.to_string(), stats.clone(), def.coalesce, def.workers);
     std::thread::Builder::new().name("evrhost-udp".into()).spawn(move || {
-        if let Err(e) = receive(&socket, &tx, &backlog, &receiver_stats, &name, coalesce) {
+        if let Err(e) = receive(&socket, &tx, &backlog, &receiver_stats, &name, coalesce, workers, inline) {
             tracing::error!(route = %name, %addr, error = %e, "UDP receiver stopped");
         }
     })?;
     Ok((UdpEndpoint { name: route.to_string(), addr, stats, inode }, tasks))
 }
 
+/// Runs the route for one datagram after another: a worker's, or the
+/// receiver thread's own.
+struct Handler {
+    d: Arc<Dispatcher>,
+    replies: Replies,
+    /// The profiler's name for this socket, when `profiling` is on.
+    profiling: Option<String>,
+    /// Reused: only the data and, when the peer changes, the origin.
+    request: Request,
+    last_peer: Option<SocketAddr>,
+}
+
+impl Handler {
+    async fn datagram(&mut self, data: &[u8], peer: SocketAddr) {
+        // Most datagrams come from a few peers: the origin (a formatted
+        // IP) is rebuilt only when the peer changes.
+        if self.last_peer != Some(peer) {
+            self.request.origin = Origin::Udp(Peer { ip: peer.ip().to_canonical().to_string(), port: peer.port() });
+            self.last_peer = Some(peer);
+        }
+        self.request.data.clear();
+        self.request.data.extend_from_slice(data);
+        let (d, request, replies) = (&self.d, &self.request, &self.replies);
+        match self.profiling.as_ref().filter(|_| d.bus().wanted("E_PROFILING_PROC")) {
+            None => {
+                handle(d, request, peer, replies).await;
+            }
+            Some(name) => {
+                let mut profiler = Profiler::start(d.bus(), "E_PROFILING_PROC", name);
+                profiler.enter("udp datagram", "udp", 0);
+                let status = handle(d, request, peer, replies).await;
+                profiler.exit("udp datagram", "udp", 0, status);
+                profiler.end(name, status);
+            }
+        }
+    }
+}
+
+/// Full reads in a row after which the receiver is behind and hands on:
+/// a burst of a few batches is still run here (a hand-over costs the
+/// workers' wake-ups, the dearest thing on a small machine), a backlog
+/// of HAND_ON_AFTER × BATCH datagrams is not.
+const HAND_ON_AFTER: usize = 4;
+/// A call this long on the receiver thread sends the route to the workers.
+const SLOW_INLINE: Duration = Duration::from_millis(1);
+/// How long a slow route stays off the receiver thread at first, and at most.
+const DEMOTION: Duration = Duration::from_secs(1);
+const MAX_DEMOTION: Duration = Duration::from_secs(64);
+
+/// The receiver thread's own handler, and whether it may use it now.
+struct Inline {
+    runtime: tokio::runtime::Handle,
+    handler: Handler,
+    demoted_until: Option<Instant>,
+    /// The next demotion's length.
+    demotion: Duration,
+}
+
+impl Inline {
+    fn allowed(&self, now: Instant) -> bool {
+        self.demoted_until.is_none_or(|until| now >= until)
+    }
+
+    /// Runs the batch's datagrams here, in order; stops after the first
+    /// slow one and gives back the index of the first not run.
+    fn run(&mut self, buffers: &[Vec<u8>], received: &[(usize, Option<SocketAddr>)], route: &str) -> usize {
+        let (runtime, handler) = (&self.runtime, &mut self.handler);
+        for (i, (buffer, (len, peer))) in buffers.iter().zip(received).enumerate() {
+            let Some(peer) = *peer else { continue };
+            let started = Instant::now();
+            runtime.block_on(handler.datagram(&buffer[..(*len).min(BUFFER)], peer));
+            let took = started.elapsed();
+            if took < SLOW_INLINE {
+                continue;
+            }
+            // A demotion that ended with a slow call: the next is longer.
+            let next = if self.demoted_until.is_some() { (self.demotion * 2).min(MAX_DEMOTION) } else { DEMOTION };
+            self.demotion = next;
+            self.demoted_until = Some(Instant::now() + next);
+            tracing::debug!(route = %route, took = ?took, off_for = ?next, "a slow UDP call: the route runs on the workers");
+            return i + 1;
+        }
+        if self.demoted_until.is_some() {
+            // Quick again after a demotion.
+            (self.demoted_until, self.demotion) = (None, DEMOTION);
+        }
+        received.len()
+    }
+}
+
 /// Replies waiting for their kv writes to be durable, per socket; past
 /// this a worker waits for its own before taking the next datagram.
 const MAX_UNSAVED_REPLIES: usize = 4096;
 
+/// The socket's clone replies go out through. It is registered with
+/// tokio for writing only: a clone registered for reading too (as
+/// `tokio::net::UdpSocket` is) has every arriving datagram wake a tokio
+/// worker for a readiness nobody awaits — measured 0.6 wake-ups and
+/// 4–9 µs of CPU per datagram, most of what a datagram cost.
+struct ReplySocket(AsyncFd<std::net::UdpSocket>);
+
+impl ReplySocket {
+    fn new(socket: std::net::UdpSocket) -> io::Result<ReplySocket> {
+        // SAFETY: the AsyncFd owns the socket, so its fd stays open and
+        // the same until the registration is dropped with it.
+        let fd = unsafe { AsyncFd::register_with_interest(socket, Interest::WRITABLE) };
+        Ok(ReplySocket(fd.map_err(io::Error::from)?))
+    }
+
+    /// Sends at once when the socket has room (nearly always), else once
+    /// it has.
+    async fn send_to(&self, data: &[u8], peer: SocketAddr) -> io::Result<usize> {
+        match self.0.get_ref().send_to(data, peer) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            done => return done,
+        }
+        loop {
+            let mut ready = self.0.writable().await?;
+            if let Ok(done) = ready.try_io(|s| s.get_ref().send_to(data, peer)) {
+                return done;
+            }
+        }
+    }
+}
+
 /// Where a worker's replies go.
 struct Replies {
-    socket: Arc<UdpSocket>,
+    socket: Arc<ReplySocket>,
     stats: Arc<UdpStats>,
     /// Set: replies go back (`reply = true`).
     on: bool,
@@ -275,7 +406,7 @@ impl Replies {
     }
 }
 
-async fn send_reply(socket: &UdpSocket, stats: &UdpStats, route: &str, data: &[u8], peer: SocketAddr) {
+async fn send_reply(socket: &ReplySocket, stats: &UdpStats, route: &str, data: &[u8], peer: SocketAddr) {
     match socket.send_to(data, peer).await {
         Ok(_) => stats.replies.fetch_add(1, Relaxed),
         Err(e) => {
@@ -308,7 +439,7 @@ async fn handle(d: &Dispatcher, request: &Request, peer: SocketAddr, replies: &R
         }
         return 0;
     }
-    let saved = |outcome: RouteOutcome, socket: Arc<UdpSocket>, stats: Arc<UdpStats>, route: String| async move {
+    let saved = |outcome: RouteOutcome, socket: Arc<ReplySocket>, stats: Arc<UdpStats>, route: String| async move {
         match outcome.saved(&route).await {
             Ok(o) => {
                 if let Some(data) = &o.reply.data {
@@ -359,7 +490,8 @@ impl DropWarning {
 }
 
 /// The receiver thread: waits for the socket with poll(2) (waking every
-/// 250 ms to notice shutdown), then drains it in recvmmsg batches.
+/// 250 ms to notice shutdown), then drains it in recvmmsg batches, each
+/// run here or handed on (see the module doc).
 fn receive(
     socket: &std::net::UdpSocket,
     tx: &async_channel::Sender<Batch>,
@@ -367,12 +499,17 @@ fn receive(
     stats: &UdpStats,
     route: &str,
     coalesce: Duration,
+    workers: u32,
+    mut inline: Inline,
 ) -> io::Result<()> {
     let fd = socket.as_raw_fd();
     let mut buffers: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; BUFFER]).collect();
     let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut received: Vec<(usize, Option<SocketAddr>)> = Vec::with_capacity(BATCH);
     let mut drops = DropWarning { since: 0, last: None };
+    // Full reads in a row: the socket holds this many batches or more.
+    let mut behind = 0usize;
+    let ordered = workers == 1;
     while !tx.is_closed() {
         drops.warn(route);
         let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
@@ -401,43 +538,80 @@ fn receive(
                 }
             }
             stats.received.fetch_add(received.len() as u64, Relaxed);
-            let room = backlog.limit.saturating_sub(backlog.waiting.load(Relaxed));
-            let mut batch = Batch {
-                bytes: Vec::with_capacity(received.iter().take(room).map(|(len, _)| *len).sum()),
-                ends: Vec::with_capacity(received.len().min(room)),
+            let full = received.len() == BATCH;
+            behind = if full { behind + 1 } else { 0 };
+            // With one worker, nothing runs here while one it was given
+            // is unfinished (Acquire: its last datagram is handled before
+            // this thread runs the next). With more there is no order to
+            // keep, and waiting for them would keep the receiver handing
+            // on for as long as datagrams come faster than a worker wakes.
+            let first = if behind < HAND_ON_AFTER
+                && (!ordered || backlog.unfinished.load(Acquire) == 0)
+                && inline.allowed(Instant::now())
+            {
+                inline.run(&buffers, &received, route)
+            } else {
+                0
             };
-            for (buffer, (len, peer)) in buffers.iter().zip(&received).take(room) {
-                let Some(peer) = *peer else { continue };
-                batch.bytes.extend_from_slice(&buffer[..(*len).min(BUFFER)]);
-                batch.ends.push((batch.bytes.len(), peer));
-            }
-            let mut lost = received.len() - batch.len();
-            if !batch.is_empty() {
-                let n = batch.len();
-                backlog.waiting.fetch_add(n, Relaxed);
-                match tx.try_send(batch) {
-                    Ok(()) => {}
-                    Err(async_channel::TrySendError::Full(_)) => {
-                        backlog.waiting.fetch_sub(n, Relaxed);
-                        lost += n;
+            stats.inline.fetch_add(first as u64, Relaxed);
+            if first < received.len() {
+                match hand_on(&buffers, &received[first..], first, tx, backlog) {
+                    Some(lost) if lost > 0 => {
+                        stats.dropped.fetch_add(lost as u64, Relaxed);
+                        drops.since += lost as u64;
                     }
-                    Err(async_channel::TrySendError::Closed(_)) => return Ok(()),
+                    Some(_) => {}
+                    None => return Ok(()),
                 }
-            }
-            if lost > 0 {
-                stats.dropped.fetch_add(lost as u64, Relaxed);
-                drops.since += lost as u64;
-            }
-            drops.warn(route);
-            if received.len() < BATCH {
-                if received.len() > 1 && !coalesce.is_zero() {
+                drops.warn(route);
+                if !full && received.len() > 1 && !coalesce.is_zero() {
                     // Under load: let more arrive before the next batch, so
                     // each wake-up of a worker carries more of them.
                     std::thread::sleep(coalesce);
                 }
+            }
+            if !full {
                 break;
             }
         }
     }
     Ok(())
+}
+
+/// Queues `received` (the datagrams of `buffers` from `first` on) for the
+/// workers, as much as the backlog's bound allows; the number dropped, or
+/// None once the workers are gone.
+fn hand_on(
+    buffers: &[Vec<u8>],
+    received: &[(usize, Option<SocketAddr>)],
+    first: usize,
+    tx: &async_channel::Sender<Batch>,
+    backlog: &Backlog,
+) -> Option<usize> {
+    let room = backlog.limit.saturating_sub(backlog.waiting.load(Relaxed));
+    let mut batch = Batch {
+        bytes: Vec::with_capacity(received.iter().take(room).map(|(len, _)| *len).sum()),
+        ends: Vec::with_capacity(received.len().min(room)),
+    };
+    for (buffer, (len, peer)) in buffers[first..].iter().zip(received).take(room) {
+        let Some(peer) = *peer else { continue };
+        batch.bytes.extend_from_slice(&buffer[..(*len).min(BUFFER)]);
+        batch.ends.push((batch.bytes.len(), peer));
+    }
+    let mut lost = received.len() - batch.len();
+    if !batch.is_empty() {
+        let n = batch.len();
+        backlog.waiting.fetch_add(n, Relaxed);
+        backlog.unfinished.fetch_add(n, Relaxed);
+        match tx.try_send(batch) {
+            Ok(()) => {}
+            Err(async_channel::TrySendError::Full(_)) => {
+                backlog.waiting.fetch_sub(n, Relaxed);
+                backlog.unfinished.fetch_sub(n, Relaxed);
+                lost += n;
+            }
+            Err(async_channel::TrySendError::Closed(_)) => return None,
+        }
+    }
+    Some(lost)
 }
