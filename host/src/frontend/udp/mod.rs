@@ -59,6 +59,9 @@ use crate::config::UdpDef;
 use crate::dispatcher::{Dispatcher, RouteOutcome};
 use crate::runtime::{Origin, Peer, Request};
 
+mod inline;
+use inline::{Inline, HAND_ON_AFTER};
+
 /// Datagrams read per recvmmsg call.
 const BATCH: usize = 32;
 /// Larger than any UDP payload (65,507 bytes over IPv4, 65,527 over IPv6).
@@ -256,10 +259,10 @@ pub fn start(
         }));
     }
     let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
-    let inline = Inline { runtime, handler: handler(), demoted_until: None, demotion: DEMOTION };
-    let (name, receiver_stats, coalesce, workers) = (route.to_string(), stats.clone(), def.coalesce, def.workers);
+    let inline = Inline::new(runtime, handler(), def.workers == 1);
+    let (name, receiver_stats, coalesce) = (route.to_string(), stats.clone(), def.coalesce);
     std::thread::Builder::new().name("evrhost-udp".into()).spawn(move || {
-        if let Err(e) = receive(&socket, &tx, &backlog, &receiver_stats, &name, coalesce, workers, inline) {
+        if let Err(e) = receive(&socket, &tx, &backlog, &receiver_stats, &name, coalesce, inline) {
             tracing::error!(route = %name, %addr, error = %e, "UDP receiver stopped");
         }
     })?;
@@ -301,58 +304,6 @@ impl Handler {
                 profiler.end(name, status);
             }
         }
-    }
-}
-
-/// Full reads in a row after which the receiver is behind and hands on:
-/// a burst of a few batches is still run here (a hand-over costs the
-/// workers' wake-ups, the dearest thing on a small machine), a backlog
-/// of HAND_ON_AFTER × BATCH datagrams is not.
-const HAND_ON_AFTER: usize = 4;
-/// A call this long on the receiver thread sends the route to the workers.
-const SLOW_INLINE: Duration = Duration::from_millis(1);
-/// How long a slow route stays off the receiver thread at first, and at most.
-const DEMOTION: Duration = Duration::from_secs(1);
-const MAX_DEMOTION: Duration = Duration::from_secs(64);
-
-/// The receiver thread's own handler, and whether it may use it now.
-struct Inline {
-    runtime: tokio::runtime::Handle,
-    handler: Handler,
-    demoted_until: Option<Instant>,
-    /// The next demotion's length.
-    demotion: Duration,
-}
-
-impl Inline {
-    fn allowed(&self, now: Instant) -> bool {
-        self.demoted_until.is_none_or(|until| now >= until)
-    }
-
-    /// Runs the batch's datagrams here, in order; stops after the first
-    /// slow one and gives back the index of the first not run.
-    fn run(&mut self, buffers: &[Vec<u8>], received: &[(usize, Option<SocketAddr>)], route: &str) -> usize {
-        let (runtime, handler) = (&self.runtime, &mut self.handler);
-        for (i, (buffer, (len, peer))) in buffers.iter().zip(received).enumerate() {
-            let Some(peer) = *peer else { continue };
-            let started = Instant::now();
-            runtime.block_on(handler.datagram(&buffer[..(*len).min(BUFFER)], peer));
-            let took = started.elapsed();
-            if took < SLOW_INLINE {
-                continue;
-            }
-            // A demotion that ended with a slow call: the next is longer.
-            let next = if self.demoted_until.is_some() { (self.demotion * 2).min(MAX_DEMOTION) } else { DEMOTION };
-            self.demotion = next;
-            self.demoted_until = Some(Instant::now() + next);
-            tracing::debug!(route = %route, took = ?took, off_for = ?next, "a slow UDP call: the route runs on the workers");
-            return i + 1;
-        }
-        if self.demoted_until.is_some() {
-            // Quick again after a demotion.
-            (self.demoted_until, self.demotion) = (None, DEMOTION);
-        }
-        received.len()
     }
 }
 
@@ -499,7 +450,6 @@ fn receive(
     stats: &UdpStats,
     route: &str,
     coalesce: Duration,
-    workers: u32,
     mut inline: Inline,
 ) -> io::Result<()> {
     let fd = socket.as_raw_fd();
@@ -509,7 +459,6 @@ fn receive(
     let mut drops = DropWarning { since: 0, last: None };
     // Full reads in a row: the socket holds this many batches or more.
     let mut behind = 0usize;
-    let ordered = workers == 1;
     while !tx.is_closed() {
         drops.warn(route);
         let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
@@ -546,7 +495,7 @@ fn receive(
             // keep, and waiting for them would keep the receiver handing
             // on for as long as datagrams come faster than a worker wakes.
             let first = if behind < HAND_ON_AFTER
-                && (!ordered || backlog.unfinished.load(Acquire) == 0)
+                && (!inline.ordered || backlog.unfinished.load(Acquire) == 0)
                 && inline.allowed(Instant::now())
             {
                 inline.run(&buffers, &received, route)
