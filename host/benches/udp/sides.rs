@@ -2,7 +2,7 @@
 //! work in a plugin, and the null receiver in this process.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use evrhost::harness::Spawned;
 
-use crate::common::{metric, rpc_request, RawClient};
+use crate::common::{free_port, metric, rpc_request, RawClient};
 use crate::load::{cpu_by_name, process_threads, NullReceiver, RECV_BUFFER};
 use crate::trial::Side;
 
@@ -36,10 +36,6 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-pub fn free_tcp_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 pub fn free_udp_port() -> anyhow::Result<u16> {
@@ -108,7 +104,7 @@ pub struct Evrhost {
 
 impl Evrhost {
     pub fn start(dir: &Path, workers: usize) -> anyhow::Result<Evrhost> {
-        let rpc: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
+        let rpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let udp: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
         let config = dir.join("udp-bench.toml");
         std::fs::write(&config, daemon_config(&dir.join("cache"), rpc, udp, workers))?;

@@ -6,8 +6,8 @@
 //! in that same process, so a slow route stalls the socket and a flood is
 //! lost in the kernel. Here a receiver thread reads batches with
 //! recvmmsg(2) and runs each batch where it lands or hands it on:
-//! - run to completion: while no datagram waits for a worker, the
-//!   receiver thread runs the route itself, datagram by datagram, with no
+//! - run to completion: while it keeps up, the receiver thread runs the
+//!   route itself, datagram by datagram, with no
 //!   hop to another thread. At light load this is one wake-up per read,
 //!   not three (receiver, worker, receiver again), and most of the CPU a
 //!   datagram costs;
@@ -216,8 +216,8 @@ impl Batch {
 struct Backlog {
     /// In the queue: bounded by `limit`.
     waiting: AtomicUsize,
-    /// In the queue or in a worker's hands: while any is, the receiver
-    /// hands every batch on (the order of one worker's datagrams).
+    /// In the queue or in a worker's hands: with one worker, while any
+    /// is, the receiver hands every batch on (to keep arrival order).
     unfinished: AtomicUsize,
     limit: usize,
 }
