@@ -178,7 +178,14 @@ impl Journal {
         };
         let fresh = match keys.get_mut(key) {
             Some(slot) => {
-                *slot = value.map(<[u8]>::to_vec);
+                // A counter bumped again before the commit: its buffer is reused.
+                match (slot.as_mut(), value) {
+                    (Some(old), Some(new)) => {
+                        old.clear();
+                        old.extend_from_slice(new);
+                    }
+                    _ => *slot = value.map(<[u8]>::to_vec),
+                }
                 false
             }
             None => {

@@ -124,20 +124,45 @@ impl LocalSpace {
         }
     }
 
+    /// A counter is decimal text (as Redis keeps it), rewritten in place:
+    /// one lookup, no allocation once the key exists.
     pub fn incr(&self, key: &str, delta: i64) -> (Result<i64, KvError>, Ticket) {
         if let Err(e) = self.check_key(key) {
             return (Err(e), Ticket::NONE);
         }
-        let mut keys = self.keys();
-        let current = match keys.map.get(key) {
-            None => Ok(0),
-            Some(e) => std::str::from_utf8(&e.value)
-                .ok()
-                .and_then(|s| s.trim().parse::<i64>().ok())
-                .ok_or_else(|| KvError::NotANumber { key: key.to_string() }),
+        let mut guard = self.keys();
+        let keys = &mut *guard;
+        let Some(entry) = keys.map.get_mut(key) else {
+            return split(self.insert(keys, key, delta.to_string().into_bytes()).map(|t| (delta, t)));
         };
-        let next = current.and_then(|n| n.checked_add(delta).ok_or_else(|| KvError::Overflow { key: key.to_string() }));
-        split(next.and_then(|n| self.insert(&mut keys, key, n.to_string().into_bytes()).map(|t| (n, t))))
+        let current = std::str::from_utf8(&entry.value)
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .ok_or_else(|| KvError::NotANumber { key: key.to_string() });
+        let next = match current
+            .and_then(|n| n.checked_add(delta).ok_or_else(|| KvError::Overflow { key: key.to_string() }))
+        {
+            Ok(n) => n,
+            Err(e) => return (Err(e), Ticket::NONE),
+        };
+        let mut digits = itoa::Buffer::new();
+        let text = digits.format(next).as_bytes();
+        if text.len() > self.limits.max_value_bytes {
+            return (Err(KvError::ValueTooLarge { len: text.len(), max: self.limits.max_value_bytes }), Ticket::NONE);
+        }
+        let bytes = keys.bytes - entry.value.len() + text.len();
+        if bytes > self.limits.max_bytes && bytes > keys.bytes {
+            return (
+                Err(KvError::OverBudget { tenant: self.tenant.clone(), max: self.limits.max_bytes }),
+                Ticket::NONE,
+            );
+        }
+        let ticket = self.record(key, Some(text));
+        entry.value.clear();
+        entry.value.extend_from_slice(text);
+        entry.ticket = ticket;
+        keys.bytes = bytes;
+        (Ok(next), ticket)
     }
 
     /// Up to `limit` keys starting with `prefix`, in key order.
@@ -190,6 +215,23 @@ mod tests {
         assert_eq!(kv.incr("b", 1).0, Err(KvError::NotANumber { key: "b".into() }));
         kv.set("c", i64::MAX.to_string().into_bytes()).0.unwrap();
         assert_eq!(kv.incr("c", 1).0, Err(KvError::Overflow { key: "c".into() }));
+        assert_eq!(kv.get("c").0, Ok(Some(i64::MAX.to_string().into_bytes())), "a refused incr leaves the value");
+        kv.set("d", b" 41 ".to_vec()).0.unwrap();
+        assert_eq!(kv.incr("d", -50).0, Ok(-9));
+        assert_eq!(kv.get("d").0, Ok(Some(b"-9".to_vec())));
+    }
+
+    #[test]
+    fn a_counter_growing_in_place_keeps_the_byte_budget() {
+        // "a" + "9" is 2 bytes; "a" + "10" is 3: over a budget of 2.
+        let kv = space(KvLimits { max_keys: 10, max_key_bytes: 8, max_value_bytes: 8, max_bytes: 2 });
+        assert_eq!(kv.incr("a", 9).0, Ok(9));
+        assert!(matches!(kv.incr("a", 1).0, Err(KvError::OverBudget { .. })));
+        assert_eq!(kv.incr("a", -9).0, Ok(0), "shrinking is allowed");
+        assert_eq!(kv.incr("a", 5).0, Ok(5));
+        let kv = space(KvLimits { max_keys: 10, max_key_bytes: 8, max_value_bytes: 2, max_bytes: 100 });
+        assert_eq!(kv.incr("b", 99).0, Ok(99));
+        assert!(matches!(kv.incr("b", 1).0, Err(KvError::ValueTooLarge { len: 3, max: 2 })));
     }
 
     #[test]

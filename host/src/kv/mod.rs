@@ -102,6 +102,14 @@ impl KvSpace {
         matches!(self, KvSpace::Local(_))
     }
 
+    /// The in-process space, whose operations are synchronous.
+    pub fn local(&self) -> Option<&LocalSpace> {
+        match self {
+            KvSpace::Local(s) => Some(s),
+            KvSpace::Remote(_) => None,
+        }
+    }
+
     pub async fn get(&self, key: &str) -> (Result<Option<Vec<u8>>, KvError>, Ticket) {
         match self {
             KvSpace::Local(s) => s.get(key),

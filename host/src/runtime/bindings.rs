@@ -7,7 +7,8 @@
 // Host functions are synchronous (cheaper per call) except those that
 // wait: `commands.call` runs another plugin, `fetch.fetch` waits for an
 // Erlang process, `messages.dispatch` waits for the engine's answer,
-// `kv.*` may wait for a Redis server (in process they are ready at once),
+// `kv.*` may wait for a Redis server (in process they are ready at once,
+// and `kv_import::add_local` shadows them with synchronous ones),
 // and `host.sleep` (shadowed in `imports::add_sleep`) suspends a task.
 wasmtime::component::bindgen!({
     world: "plugin",

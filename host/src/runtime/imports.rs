@@ -7,15 +7,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use wasmtime::component::Linker;
 use wasmtime::StoreContextMut;
 
-use super::bindings::evrhost::plugin::{commands, events, fetch, host, kv, messages, types};
+use super::bindings::evrhost::plugin::{commands, events, fetch, host, messages, types};
 use super::bindings::{Answer, Event, HostError, Level, Message};
 use super::contract::interface;
 use super::services::FetchQuery;
 use super::state::HostState;
 use super::trace::traced;
-use std::sync::Arc;
-
-use crate::kv::{KvError, KvSpace, Ticket};
 
 /// Command calls nested deeper than this fail, which ends cycles of plugins
 /// calling each other.
@@ -100,17 +97,8 @@ pub(crate) fn add_sleep(linker: &mut Linker<HostState>) -> wasmtime::Result<()> 
     Ok(())
 }
 
-fn denied(capability: &str) -> HostError {
+pub(super) fn denied(capability: &str) -> HostError {
     HostError::Denied(format!("this plugin is not granted the `{capability}` capability"))
-}
-
-fn kv_error(e: KvError) -> HostError {
-    match e {
-        KvError::Full { .. } | KvError::OverBudget { .. } | KvError::Unavailable { .. } => {
-            HostError::Failed(e.to_string())
-        }
-        _ => HostError::Invalid(e.to_string()),
-    }
 }
 
 impl types::Host for HostState {}
@@ -145,80 +133,6 @@ impl host::Host for HostState {
     async fn sleep(&mut self, _ms: u32) -> Result<(), HostError> {
         sleep_allowed(self)?;
         Err(HostError::Failed("sleep is served by the store-aware definition".into()))
-    }
-}
-
-impl HostState {
-    /// The plugin's kv space, if granted, and what is left of the call's
-    /// deadline (a remote store's command must not outlast it).
-    fn kv_space(&self) -> Result<(Arc<KvSpace>, Duration), HostError> {
-        if !self.plugin.spec.capabilities.kv {
-            return Err(denied("kv"));
-        }
-        let plugin = &self.plugin;
-        let left_ticks = self.call.deadline_tick.saturating_sub(plugin.ticks.now());
-        let left = plugin.spec.limits.deadline.mul_f64(left_ticks as f64 / plugin.deadline_ticks.max(1) as f64);
-        Ok((plugin.kv.clone(), left))
-    }
-
-    /// A kv operation's result; its ticket joins the call's, which the
-    /// call's reply waits on.
-    fn settle<T>(&mut self, (result, ticket): (Result<T, KvError>, Ticket)) -> Result<T, HostError> {
-        self.call.kv_ticket = self.call.kv_ticket.max(ticket);
-        result.map_err(kv_error)
-    }
-}
-
-/// Runs `op`, bounded by `left` when the store is remote.
-async fn within<T>(
-    space: &KvSpace,
-    left: Duration,
-    op: impl std::future::Future<Output = (Result<T, KvError>, Ticket)>,
-) -> (Result<T, KvError>, Ticket) {
-    if space.is_local() {
-        return op.await;
-    }
-    match tokio::time::timeout(left, op).await {
-        Ok(done) => done,
-        Err(_) => (Err(KvError::Unavailable { reason: "no answer before the call's deadline".into() }), Ticket::NONE),
-    }
-}
-
-impl kv::Host for HostState {
-    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, HostError> {
-        traced!(self, "kv.get", [key], async {
-            let (space, left) = self.kv_space()?;
-            let done = within(&space, left, space.get(&key)).await;
-            self.settle(done)
-        })
-    }
-
-    async fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), HostError> {
-        let traced = self.trace_begin(&[&key, &value]);
-        let result = async {
-            let (space, left) = self.kv_space()?;
-            let done = within(&space, left, space.set(&key, value)).await;
-            self.settle(done)
-        }
-        .await;
-        self.trace_end("kv.set", traced, &result);
-        result
-    }
-
-    async fn delete(&mut self, key: String) -> Result<bool, HostError> {
-        traced!(self, "kv.delete", [key], async {
-            let (space, left) = self.kv_space()?;
-            let done = within(&space, left, space.delete(&key)).await;
-            self.settle(done)
-        })
-    }
-
-    async fn incr(&mut self, key: String, delta: i64) -> Result<i64, HostError> {
-        traced!(self, "kv.incr", [key, delta], async {
-            let (space, left) = self.kv_space()?;
-            let done = within(&space, left, space.incr(&key, delta)).await;
-            self.settle(done)
-        })
     }
 }
 

@@ -15,6 +15,7 @@ pub mod error;
 mod exports;
 pub mod footprint;
 mod imports;
+mod kv_import;
 mod lanes;
 pub mod limits;
 mod output;
@@ -64,7 +65,11 @@ pub enum RuntimeError {
 
 pub struct Runtime {
     engine: Engine,
+    /// For plugins on a Redis kv store, whose kv calls wait.
     linker: Linker<HostState>,
+    /// For plugins on an in-process store: the same, but with synchronous
+    /// kv functions (see `kv_import`).
+    local_linker: Linker<HostState>,
     cache: ComponentCache,
     settings: EngineSettings,
     ticker: engine::Ticker,
@@ -101,11 +106,13 @@ impl Runtime {
         bindings::Plugin::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         imports::add_sleep(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let mut local_linker = linker.clone();
+        kv_import::add_local(&mut local_linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let cache = ComponentCache::new(&engine, cache_dir);
         let ticker = engine::Ticker::start(&engine, settings.tick).map_err(RuntimeError::Ticker)?;
         let coredumps = settings.coredump.clone().map(|c| Arc::new(coredump::Coredumps::new(c)));
         let slow_lane = lanes::SlowLane::start()?;
-        Ok(Arc::new(Runtime { engine, linker, cache, settings, ticker, coredumps, slow_lane }))
+        Ok(Arc::new(Runtime { engine, linker, local_linker, cache, settings, ticker, coredumps, slow_lane }))
     }
 
     /// Compiles a component, or maps it from the cache. CPU-heavy for a
@@ -188,7 +195,8 @@ impl Runtime {
         })??;
         contract::check(&self.engine, &component)
             .map_err(|mismatch| LoadError::Contract { plugin: name.clone(), mismatch })?;
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| link_error(&name, e))?;
+        let linker = if kv.is_local() { &self.local_linker } else { &self.linker };
+        let pre = linker.instantiate_pre(&component).map_err(|e| link_error(&name, e))?;
         let indices = ExportIndices::new(&pre)
             .map_err(|e| LoadError::Invalid { plugin: name.clone(), message: e.to_string() })?;
         let spec = Arc::new(spec);

@@ -98,6 +98,8 @@ macro_rules! traced {
     }};
     ($state:ident, $import:literal, [$($arg:expr),*], $body:block) => {{
         let traced = $state.trace_begin(&[$(&$arg as &dyn $crate::runtime::trace::Shown),*]);
+        // A closure, so that the body's `?` ends the body, not the caller.
+        #[allow(clippy::redundant_closure_call)]
         let result = (|| $body)();
         $state.trace_end($import, traced, &result);
         result

@@ -42,7 +42,10 @@ impl Route for EvCount {
             bump("bad")?;
         } else {
             bump("rx")?;
-            bump(&format!("ev::{}", fields.ev))?;
+            let mut key = String::with_capacity(4 + fields.ev.len());
+            key.push_str("ev::");
+            key.push_str(fields.ev);
+            bump(&key)?;
         }
         Ok(Reply::handled())
     }

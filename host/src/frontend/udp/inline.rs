@@ -1,9 +1,20 @@
 //! The receiver thread's own runs of the route: when it may run a batch
 //! itself, and how a route slow there is sent to the workers for a while
 //! (see the parent module's doc).
+//!
+//! A call that took long by the wall clock is not always the route's
+//! doing: on a busy machine the scheduler may take the thread away
+//! mid-call for milliseconds. Demoting for that would hand a
+//! microsecond route to the workers (two wake-ups per batch) for a second
+//! at a time, so a long call is blamed on the route only when the thread
+//! either spent much of it on the CPU or waited in it (a voluntary
+//! switch: Redis, a lock, the runtime's slow lane), read from the
+//! thread's own rusage once per batch.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+use nix::sys::resource::{getrusage, UsageWho};
 
 use super::{Handler, BUFFER};
 
@@ -43,12 +54,19 @@ impl Inline {
     /// slow one and gives back the index of the first not run.
     pub(super) fn run(&mut self, buffers: &[Vec<u8>], received: &[(usize, Option<SocketAddr>)], route: &str) -> usize {
         let (runtime, handler) = (&self.runtime, &mut self.handler);
+        let batch = (Instant::now(), ThreadUsage::now());
         for (i, (buffer, (len, peer))) in buffers.iter().zip(received).enumerate() {
             let Some(peer) = *peer else { continue };
             let started = Instant::now();
             runtime.block_on(handler.datagram(&buffer[..(*len).min(BUFFER)], peer));
             let took = started.elapsed();
             if took < SLOW_INLINE {
+                continue;
+            }
+            let (before, usage) = (started - batch.0, batch.1.zip(ThreadUsage::now()));
+            if let Some((at_start, at_end)) = usage.filter(|(a, b)| !slow_here(before, a, b)) {
+                tracing::trace!(route = %route, took = ?took, cpu = ?at_end.cpu.saturating_sub(at_start.cpu),
+                    "a long UDP call while the thread was preempted: the route stays here");
                 continue;
             }
             // A demotion that ended with a slow call: the next is longer.
@@ -63,5 +81,83 @@ impl Inline {
             (self.demoted_until, self.demotion) = (None, DEMOTION);
         }
         received.len()
+    }
+}
+
+/// What the kernel counted for this thread so far.
+#[derive(Clone, Copy, Debug)]
+struct ThreadUsage {
+    /// User and system time.
+    cpu: Duration,
+    /// Voluntary context switches: the times the thread waited.
+    waits: i64,
+}
+
+impl ThreadUsage {
+    /// None where the kernel will not say: every long call is then blamed.
+    fn now() -> Option<ThreadUsage> {
+        let usage = getrusage(UsageWho::RUSAGE_THREAD).ok()?;
+        let micros = |t: nix::sys::time::TimeVal| {
+            Duration::from_secs(t.tv_sec().max(0) as u64) + Duration::from_micros(t.tv_usec().max(0) as u64)
+        };
+        Some(ThreadUsage {
+            cpu: micros(usage.user_time()) + micros(usage.system_time()),
+            waits: usage.voluntary_context_switches(),
+        })
+    }
+}
+
+/// Whether a call that took `SLOW_INLINE` or more by the wall clock was
+/// slow on this thread, given the batch's usage at its start and now and
+/// the wall time of the batch before the call: the call waited (a
+/// voluntary switch in the batch), or its CPU time — at least the
+/// batch's CPU less the wall time before the call — is half of
+/// `SLOW_INLINE` or more. Otherwise the thread was preempted.
+fn slow_here(before: Duration, at_start: &ThreadUsage, at_end: &ThreadUsage) -> bool {
+    let cpu = at_end.cpu.saturating_sub(at_start.cpu).saturating_sub(before);
+    at_end.waits > at_start.waits || cpu >= SLOW_INLINE / 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn usage(cpu_us: u64, waits: i64) -> ThreadUsage {
+        ThreadUsage { cpu: Duration::from_micros(cpu_us), waits }
+    }
+
+    #[test]
+    fn a_long_call_on_the_cpu_or_waiting_is_the_routes_a_preempted_one_is_not() {
+        // Burned 1.5 ms of CPU in the call: slow.
+        assert!(slow_here(Duration::ZERO, &usage(100, 3), &usage(1_600, 3)));
+        // Waited (Redis, a lock, the slow lane), with little CPU: slow.
+        assert!(slow_here(Duration::ZERO, &usage(100, 3), &usage(150, 4)));
+        // 20 µs of CPU in a 2 ms call, no wait: preempted.
+        assert!(!slow_here(Duration::ZERO, &usage(100, 3), &usage(120, 3)));
+        // The batch's earlier calls ran 3 ms (their CPU is not this call's).
+        assert!(!slow_here(3 * MS, &usage(0, 0), &usage(3_200, 0)));
+        assert!(slow_here(3 * MS, &usage(0, 0), &usage(3_600, 0)));
+    }
+
+    #[test]
+    fn the_thread_usage_counts_cpu_and_waits() {
+        let start = ThreadUsage::now().expect("getrusage(RUSAGE_THREAD) on Linux");
+        // Spins until 2 ms of CPU are counted (however often the thread
+        // is preempted meanwhile), or fails after 10 s.
+        let spin = Instant::now();
+        let spun = loop {
+            let now = ThreadUsage::now().expect("rusage");
+            if now.cpu >= start.cpu + 2 * MS {
+                break now;
+            }
+            assert!(spin.elapsed() < Duration::from_secs(10), "no CPU time counted for spinning");
+            std::hint::black_box(&now);
+        };
+        std::thread::sleep(MS);
+        let slept = ThreadUsage::now().expect("rusage");
+        assert!(slept.waits > spun.waits, "a sleep is a voluntary switch");
+        assert!(slow_here(Duration::ZERO, &spun, &slept));
     }
 }

@@ -20,7 +20,8 @@
 //!   (no order between them), and the receiver runs the next read itself
 //!   as soon as it is no longer behind;
 //! - a route whose call took `SLOW_INLINE` (1 ms) on the receiver thread
-//!   (a slow guest, or one the runtime sent to its slow lane) is not run
+//!   (a slow guest, or one the runtime sent to its slow lane; not a call
+//!   the scheduler merely preempted, which rusage tells apart) is not run
 //!   there again for `DEMOTION` (1 s), doubled at every slow call after a
 //!   demotion up to `MAX_DEMOTION` and reset by a quick one: a slow route
 //!   stalls the socket for at most one call now and then, and otherwise
