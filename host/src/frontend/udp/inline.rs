@@ -9,7 +9,10 @@
 //! at a time, so a long call is blamed on the route only when the thread
 //! either spent much of it on the CPU or waited in it (a voluntary
 //! switch: Redis, a lock, the runtime's slow lane), read from the
-//! thread's own rusage once per batch.
+//! thread's own rusage. Reading it costs a syscall, so it is read only
+//! while the route is watched: a long call not watched starts a watch of
+//! `WATCH` and is let go, and the watched calls after it are judged. A
+//! route slow on every call is sent on after its second, not its first.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -28,6 +31,8 @@ const SLOW_INLINE: Duration = Duration::from_millis(1);
 /// How long a slow route stays off the receiver thread at first, and at most.
 const DEMOTION: Duration = Duration::from_secs(1);
 const MAX_DEMOTION: Duration = Duration::from_secs(64);
+/// How long after a long call the thread's usage is read around each batch.
+const WATCH: Duration = Duration::from_secs(5);
 
 /// The receiver thread's own handler, and whether it may use it now.
 pub(super) struct Inline {
@@ -39,11 +44,13 @@ pub(super) struct Inline {
     demoted_until: Option<Instant>,
     /// The next demotion's length.
     demotion: Duration,
+    /// Until when calls are judged by the thread's usage (see the module doc).
+    watched_until: Option<Instant>,
 }
 
 impl Inline {
     pub(super) fn new(runtime: tokio::runtime::Handle, handler: Handler, ordered: bool) -> Inline {
-        Inline { runtime, handler, ordered, demoted_until: None, demotion: DEMOTION }
+        Inline { runtime, handler, ordered, demoted_until: None, demotion: DEMOTION, watched_until: None }
     }
 
     pub(super) fn allowed(&self, now: Instant) -> bool {
@@ -54,7 +61,9 @@ impl Inline {
     /// slow one and gives back the index of the first not run.
     pub(super) fn run(&mut self, buffers: &[Vec<u8>], received: &[(usize, Option<SocketAddr>)], route: &str) -> usize {
         let (runtime, handler) = (&self.runtime, &mut self.handler);
-        let batch = (Instant::now(), ThreadUsage::now());
+        let watched = self.watched_until.is_some_and(|until| Instant::now() < until);
+        // Where the judged stretch of the batch began, and the usage then.
+        let mut mark = watched.then(|| (Instant::now(), ThreadUsage::now()));
         for (i, (buffer, (len, peer))) in buffers.iter().zip(received).enumerate() {
             let Some(peer) = *peer else { continue };
             let started = Instant::now();
@@ -63,7 +72,13 @@ impl Inline {
             if took < SLOW_INLINE {
                 continue;
             }
-            let (before, usage) = (started - batch.0, batch.1.zip(ThreadUsage::now()));
+            let Some((since, at_start)) = mark else {
+                tracing::trace!(route = %route, took = ?took, "a long UDP call: the route's next calls are watched");
+                self.watched_until = Some(Instant::now() + WATCH);
+                mark = Some((Instant::now(), ThreadUsage::now()));
+                continue;
+            };
+            let (before, usage) = (started.saturating_duration_since(since), at_start.zip(ThreadUsage::now()));
             if let Some((at_start, at_end)) = usage.filter(|(a, b)| !slow_here(before, a, b)) {
                 tracing::trace!(route = %route, took = ?took, cpu = ?at_end.cpu.saturating_sub(at_start.cpu),
                     "a long UDP call while the thread was preempted: the route stays here");
@@ -73,7 +88,10 @@ impl Inline {
             let next = if self.demoted_until.is_some() { (self.demotion * 2).min(MAX_DEMOTION) } else { DEMOTION };
             self.demotion = next;
             self.demoted_until = Some(Instant::now() + next);
-            tracing::debug!(route = %route, took = ?took, off_for = ?next, "a slow UDP call: the route runs on the workers");
+            let (cpu, waits) =
+                usage.map_or((None, None), |(a, b)| (Some(b.cpu.saturating_sub(a.cpu)), Some(b.waits - a.waits)));
+            tracing::debug!(route = %route, took = ?took, batch_cpu = ?cpu, waits = ?waits, off_for = ?next,
+                "a slow UDP call: the route runs on the workers");
             return i + 1;
         }
         if self.demoted_until.is_some() {
