@@ -31,8 +31,10 @@
 //!    datagram handled) at fixed rates of 50k, 100k and 150k/s, two rounds.
 //! 3. Saturation: an unpaced generator for up to 3 s; the rate handled
 //!    from the first datagram until the count stopped growing.
-//! 4. Idle CPU: both daemons over the same 10 s with nothing sent.
-//! 5. RPC round trip (`rpc.rs`): sequential `evrexec.run` calls of echo
+//! 4. Overload (`overload.rs`): evrhost alone at twice its saturation
+//!    rate for 30 s, RPC latency meanwhile, and every datagram accounted.
+//! 5. Idle CPU: both daemons over the same 10 s with nothing sent.
+//! 6. RPC round trip (`rpc.rs`): sequential `evrexec.run` calls of echo
 //!    against a minimal hyper server in this process.
 //!
 //! `EVRHOST_BENCH_CASES` (`udp`, `rpc`; both by default) picks the parts;
@@ -47,6 +49,7 @@ use anyhow::anyhow;
 mod common;
 mod kamailio;
 mod load;
+mod overload;
 mod rpc;
 mod sides;
 mod trial;
@@ -139,7 +142,7 @@ fn main() {
 }
 
 #[derive(Default)]
-struct Report {
+pub struct Report {
     rows: Vec<Row>,
     notes: Vec<String>,
     trials: Vec<String>,
@@ -234,10 +237,12 @@ fn run(workers: usize, out: &mut Report) -> anyhow::Result<()> {
             loss_free(&mut sides, &payloads, mode, out)?;
         }
         fixed_rates(&mut sides, &payloads, out)?;
+        let mut capacity: f64 = 0.0;
         for mode in [Mode::Sendmmsg, Mode::Gso] {
-            saturation(&mut sides, &payloads, mode, out)?;
+            capacity = capacity.max(saturation(&mut sides, &payloads, mode, out)?.unwrap_or(0.0));
         }
         drop(sides);
+        overload::overload(&mut evr, &payloads, capacity, out)?;
         idle(&evr, kam.as_ref(), out);
         daemon_counters(&evr, out);
     }
@@ -375,7 +380,13 @@ fn fixed_rates(sides: &mut [&mut dyn Side], payloads: &[Vec<u8>], out: &mut Repo
 }
 
 /// What each side handles from an unpaced generator, ROUNDS times.
-fn saturation(sides: &mut [&mut dyn Side], payloads: &[Vec<u8>], mode: Mode, out: &mut Report) -> anyhow::Result<()> {
+/// Evrhost's saturation rate (the best round), when it was measured.
+fn saturation(
+    sides: &mut [&mut dyn Side],
+    payloads: &[Vec<u8>],
+    mode: Mode,
+    out: &mut Report,
+) -> anyhow::Result<Option<f64>> {
     let mut rates: BTreeMap<&'static str, Vec<(f64, f64)>> = BTreeMap::new();
     for round in 0..ROUNDS {
         for k in 0..sides.len() {
@@ -409,7 +420,7 @@ fn saturation(sides: &mut [&mut dyn Side], payloads: &[Vec<u8>], mode: Mode, out
     if let (Some(e), Some(n)) = (best("evrhost"), best("null")) {
         out.row(format!("UDP saturation, {m}, vs null"), fmt_rate(e.0), fmt_rate(n.0), e.0 / n.0, "(reported)", None);
     }
-    Ok(())
+    Ok(best("evrhost").map(|e| e.0))
 }
 
 /// Both daemons' CPU over the same IDLE seconds with nothing sent.
