@@ -478,8 +478,9 @@ fn receive(
 /// receiver and the workers never wait, and on a daemon run under a
 /// real-time policy (`chrt -f`, as the Kamailio anchor is), where threads
 /// of one priority are not time-sliced, the RPC thread would otherwise
-/// get a core only when one of them sleeps (measured: RPC p99 43 ms, max
-/// 229 ms at twice the saturation rate). One sched_yield(2) per batch.
+/// get a core only when one of them sleeps, or when the kernel's
+/// real-time throttling steps in (50 ms a second). One sched_yield(2)
+/// per batch.
 fn give_way() {
     std::thread::yield_now();
 }
