@@ -68,6 +68,9 @@ pub fn build(settings: &EngineSettings) -> wasmtime::Result<Engine> {
     Engine::new(&config(settings))
 }
 
+/// Quiet ticks after which the ticker parks.
+const LINGER: u32 = 20;
+
 /// Advances the engine's epoch once per tick while calls run, and
 /// sleeps (parked, no wake-up at all) once none has run for `LINGER`
 /// ticks. Parking at once would cost, under steady traffic of short
@@ -81,9 +84,6 @@ pub fn build(settings: &EngineSettings) -> wasmtime::Result<Engine> {
 ///
 /// It publishes the tick count in its [`EpochClock`], so a call's deadline
 /// can be checked against wall time while the call yields (see `pool`).
-/// Quiet ticks after which the ticker parks.
-const LINGER: u32 = 20;
-
 pub struct Ticker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -94,8 +94,8 @@ pub struct Ticker {
 /// [`Active`]).
 ///
 /// Invariant: while a call runs, `now` lags wall time by at most a tick
-/// (the ticker runs); while none runs the ticker is parked and `now`
-/// reads the wall clock. `enter` and the ticker's decision to park are
+/// (the ticker runs); once none has run for `LINGER` ticks the ticker is
+/// parked and `now` reads the wall clock. `enter` and the ticker's decision to park are
 /// ordered (SeqCst on `active` and `parked`), so a call never runs with
 /// the ticker parked.
 pub struct EpochClock {
