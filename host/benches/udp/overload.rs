@@ -107,16 +107,16 @@ pub fn overload(evr: &mut Evrhost, payloads: &[Vec<u8>], saturation: f64, out: &
     })?;
     let elapsed = sent.elapsed.as_secs_f64().max(1e-9);
     // Let the queue drain: the count stops growing.
-    let mut after = counters(evr)?;
+    let mut handled = evr.handled()?;
     for _ in 0..60 {
         std::thread::sleep(Duration::from_millis(100));
-        let now = counters(evr)?;
-        let done = now.handled == after.handled;
-        after = now;
-        if done {
+        let now = evr.handled()?;
+        if now == handled {
             break;
         }
+        handled = now;
     }
+    let after = counters(evr)?;
     let rcvbuf_errors = snmp_delta(&snmp, &udp_snmp(), "RcvbufErrors");
     let d = |f: fn(&Counters) -> u64| f(&after).saturating_sub(f(&before));
     let (handled, queue, kernel) = (d(|c| c.handled), d(|c| c.queue_drops), d(|c| c.kernel_drops));

@@ -71,15 +71,24 @@ impl LocalSpace {
         }
     }
 
-    fn insert(&self, keys: &mut Keys, key: &str, value: Vec<u8>) -> Result<Ticket, KvError> {
-        if value.len() > self.limits.max_value_bytes {
-            return Err(KvError::ValueTooLarge { len: value.len(), max: self.limits.max_value_bytes });
+    /// The space's bytes once an entry of `old` bytes (0: none yet)
+    /// becomes one of `new`, a value of `value` bytes: within the value
+    /// cap and, when it grows, the budget (loaded keys may be past a
+    /// lowered one: shrinking is allowed).
+    fn resized(&self, total: usize, old: usize, new: usize, value: usize) -> Result<usize, KvError> {
+        if value > self.limits.max_value_bytes {
+            return Err(KvError::ValueTooLarge { len: value, max: self.limits.max_value_bytes });
         }
-        let old = keys.map.get(key).map(|e| key.len() + e.value.len());
-        let bytes = keys.bytes - old.unwrap_or(0) + key.len() + value.len();
-        if bytes > self.limits.max_bytes && bytes > keys.bytes {
+        let bytes = total - old + new;
+        if bytes > self.limits.max_bytes && bytes > total {
             return Err(KvError::OverBudget { tenant: self.tenant.clone(), max: self.limits.max_bytes });
         }
+        Ok(bytes)
+    }
+
+    fn insert(&self, keys: &mut Keys, key: &str, value: Vec<u8>) -> Result<Ticket, KvError> {
+        let old = keys.map.get(key).map(|e| key.len() + e.value.len());
+        let bytes = self.resized(keys.bytes, old.unwrap_or(0), key.len() + value.len(), value.len())?;
         if old.is_none() && keys.map.len() >= self.limits.max_keys {
             return Err(KvError::Full { tenant: self.tenant.clone(), max: self.limits.max_keys });
         }
@@ -147,16 +156,10 @@ impl LocalSpace {
         };
         let mut digits = itoa::Buffer::new();
         let text = digits.format(next).as_bytes();
-        if text.len() > self.limits.max_value_bytes {
-            return (Err(KvError::ValueTooLarge { len: text.len(), max: self.limits.max_value_bytes }), Ticket::NONE);
-        }
-        let bytes = keys.bytes - entry.value.len() + text.len();
-        if bytes > self.limits.max_bytes && bytes > keys.bytes {
-            return (
-                Err(KvError::OverBudget { tenant: self.tenant.clone(), max: self.limits.max_bytes }),
-                Ticket::NONE,
-            );
-        }
+        let bytes = match self.resized(keys.bytes, entry.value.len(), text.len(), text.len()) {
+            Ok(bytes) => bytes,
+            Err(e) => return (Err(e), Ticket::NONE),
+        };
         let ticket = self.record(key, Some(text));
         entry.value.clear();
         entry.value.extend_from_slice(text);
