@@ -87,7 +87,23 @@ pub use wit::types::{
 /// Offers API commands. Export with `export!(T: api)`.
 pub use __bindings::api::exports::evrhost::plugin::api::Guest as Api;
 /// Handles calls of event routes. Export with `export!(T: route)`.
-pub use __bindings::route::exports::evrhost::plugin::route::Guest as Route;
+///
+/// The component exports `batch` too: requests that arrived together (the
+/// datagrams of one read) come in one call of [`Route::handle_batch`],
+/// which by default hands each to [`Route::handle`] in order. Override it
+/// to do work once per batch, e.g. to add up counters before one
+/// `kv::incr` per key. A batch is one call: a trap or a limit fails all of
+/// its requests.
+pub trait Route {
+    /// `Err` is a handler failure: reported to the caller, the instance
+    /// stays usable.
+    fn handle(request: Request) -> Result<Reply, String>;
+
+    /// One result per request, in their order.
+    fn handle_batch(requests: Vec<Request>) -> Vec<Result<Reply, String>> {
+        requests.into_iter().map(Self::handle).collect()
+    }
+}
 /// Receives subscribed events. Export with `export!(T: subscriber)`.
 pub use __bindings::subscriber::exports::evrhost::plugin::subscriber::Guest as Subscriber;
 /// Runs as an exec task. Export with `export!(T: task)`.
@@ -129,6 +145,16 @@ macro_rules! export {
 #[macro_export]
 macro_rules! __export_one {
     (route, $ty:ident) => {
+        impl $crate::__bindings::route::exports::evrhost::plugin::route::Guest for $ty {
+            fn handle(request: $crate::Request) -> Result<$crate::Reply, String> {
+                <$ty as $crate::Route>::handle(request)
+            }
+        }
+        impl $crate::__bindings::route::exports::evrhost::plugin::batch::Guest for $ty {
+            fn handle_batch(requests: Vec<$crate::Request>) -> Vec<Result<$crate::Reply, String>> {
+                <$ty as $crate::Route>::handle_batch(requests)
+            }
+        }
         $crate::__export_route_handler_impl!($ty with_types_in $crate::__bindings::route);
     };
     (api, $ty:ident) => {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::table::Target;
 use super::{DispatchError, Dispatcher, RouteOutcome, Slot};
 use crate::bus::Profiler;
-use crate::runtime::{CallReport, Reply, Request};
+use crate::runtime::{CallReport, PluginVersion, Reply, Request};
 
 /// A route handler that is not a plugin: a process behind a front-end. The
 /// front-end that owns it registers it (`Dispatcher::add_remote_route`);
@@ -87,6 +87,52 @@ impl Dispatcher {
             (None, Some(e)) => Err(e),
             (None, None) => Err(DispatchError::RouteNotFound(route.to_string())),
         }
+    }
+
+    /// Runs the route `route` once for each of `requests` (all of that
+    /// route), in order, and gives one result per request. In one call of
+    /// the plugin's batch export when the route has a single handler, a
+    /// plugin exporting `batch` whose calls were short lately and that is
+    /// not being profiled; otherwise request by request, as
+    /// `run_route_unsaved` would.
+    pub async fn run_batch_unsaved(&self, route: &str, requests: &[Request]) -> Vec<Result<RouteOutcome, DispatchError>> {
+        let handler = match requests {
+            [_, _, ..] => self.batch_handler(route),
+            _ => None,
+        };
+        let Some((slot, version)) = handler else {
+            let mut results = Vec::with_capacity(requests.len());
+            for request in requests {
+                results.push(self.run_route_unsaved(request).await);
+            }
+            return results;
+        };
+        let (result, report) = version.handle_batch(route, requests).await;
+        let outcome = |reply| RouteOutcome { reply, plugin: slot.name.clone(), report, version: Some(version.clone()) };
+        match result {
+            Ok(replies) => replies
+                .into_iter()
+                .map(|r| r.map(outcome).map_err(|e| DispatchError::Call(Box::new(e))))
+                .collect(),
+            Err(e) => requests.iter().map(|_| Err(DispatchError::Call(Box::new(e.clone())))).collect(),
+        }
+    }
+
+    /// Whether `run_batch_unsaved` would make one call of a batch for
+    /// `route` now.
+    pub fn takes_batches(&self, route: &str) -> bool {
+        self.batch_handler(route).is_some()
+    }
+
+    /// The route's only handler and its current version, when it is a
+    /// plugin that takes batches now.
+    fn batch_handler(&self, route: &str) -> Option<(Arc<Slot>, Arc<PluginVersion>)> {
+        let table = self.table.load();
+        let [only] = table.routes.get(route)?.as_slice() else { return None };
+        let Target::Plugin(slot) = &only.target else { return None };
+        let version = slot.current();
+        let profiled = version.spec.profiling && self.bus.wanted("E_PROFILING_SCRIPT");
+        (version.batches(route) && !profiled).then(|| (slot.clone(), version))
     }
 
     async fn run_target(&self, target: &Target, request: &Request) -> Result<RouteOutcome, DispatchError> {

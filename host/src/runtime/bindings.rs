@@ -1,4 +1,5 @@
-//! Host-side bindings generated from `wit/` (world `plugin`).
+//! Host-side bindings generated from `wit/` (world `host-view`: every
+//! export of `plugin`, and `batch`).
 //!
 //! The world lists every export a plugin may have; a plugin implements only
 //! some, so the host never instantiates the world as a whole: it looks up
@@ -11,7 +12,7 @@
 // and `kv_import::add_local` shadows them with synchronous ones),
 // and `host.sleep` (shadowed in `imports::add_sleep`) suspends a task.
 wasmtime::component::bindgen!({
-    world: "plugin",
+    world: "host-view",
     path: "../wit",
     imports: {
         "evrhost:plugin/commands.call": async,
@@ -29,4 +30,4 @@ wasmtime::component::bindgen!({
 pub use self::evrhost::plugin::types::{
     Answer, CommandInfo, Event, HostError, Level, Message, MessageInfo, Origin, Peer, Reply, Request,
 };
-pub use self::exports::evrhost::plugin::{api, route, subscriber, task};
+pub use self::exports::evrhost::plugin::{api, batch, route, subscriber, task};

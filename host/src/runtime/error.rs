@@ -3,6 +3,10 @@
 use std::fmt;
 use std::time::Duration;
 
+use wasmtime::Trap;
+
+use super::state::HostState;
+
 /// The cause of a failed call. Every cause but `Guest`, `ReplyTooLarge`,
 /// `Busy`, `Storage` and `Host` poisons the instance: it is discarded and the next
 /// call gets a fresh one.
@@ -157,4 +161,42 @@ pub enum LoadError {
 /// Renders a wasmtime error with its whole chain of causes.
 pub(crate) fn chain(e: &wasmtime::Error) -> String {
     format!("{e:#}")
+}
+
+/// Names the cause of a wasmtime error, using what the store saw.
+pub(super) fn classify(e: &wasmtime::Error, state: &HostState, stderr: &str) -> Cause {
+    let limits = &state.plugin.spec.limits;
+    if let Some(requested) = state.limiter.refused {
+        return Cause::MemoryCap { cap: limits.memory_bytes, requested };
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => Cause::OutOfFuel { fuel: limits.fuel },
+        Some(Trap::Interrupt) => Cause::Deadline { limit: limits.deadline },
+        Some(Trap::StackOverflow) => Cause::StackOverflow,
+        Some(Trap::UnreachableCodeReached) if stderr.contains("panicked at") => {
+            Cause::Panic { message: panic_message(stderr) }
+        }
+        Some(trap) => Cause::Trap { message: trap.to_string() },
+        None => Cause::Host { message: chain(e) },
+    }
+}
+
+/// "msg (at file:line:col)" from a Rust panic report on stderr.
+fn panic_message(stderr: &str) -> String {
+    let Some(start) = stderr.find("panicked at ") else { return stderr.trim().to_string() };
+    let rest = &stderr[start + "panicked at ".len()..];
+    let mut lines = rest.lines();
+    let location = lines.next().unwrap_or("").trim_end_matches(':');
+    let message: Vec<&str> = lines.take_while(|l| !l.starts_with("note: ")).collect();
+    format!("{} (at {location})", message.join(" ").trim())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn panic_message_keeps_text_and_location() {
+        let stderr =
+            "\nthread '<unnamed>' panicked at src/lib.rs:40:24:\nboom now\nnote: run with `RUST_BACKTRACE=1`\n";
+        assert_eq!(super::panic_message(stderr), "boom now (at src/lib.rs:40:24)");
+    }
 }

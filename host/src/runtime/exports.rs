@@ -1,10 +1,11 @@
-//! The four export interfaces a plugin may have, where each lives in a
-//! component (resolved once per version) and in one of its instances.
+//! The four export interfaces a plugin may have (and `batch`, which goes
+//! with `route`), where each lives in a component (resolved once per
+//! version) and in one of its instances.
 
 use wasmtime::component::{Instance, InstancePre};
 use wasmtime::AsContextMut;
 
-use super::bindings::{api, route, subscriber, task};
+use super::bindings::{api, batch, route, subscriber, task};
 use super::contract::interface;
 use super::state::HostState;
 
@@ -39,6 +40,9 @@ impl Export {
     }
 }
 
+/// The optional export that goes with `route`.
+pub const BATCH: &str = interface!("batch");
+
 /// An export present under its name but with another shape: a plugin
 /// built against an incompatible contract.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,8 @@ pub struct ExportMismatch {
 #[derive(Clone)]
 pub(crate) struct ExportIndices {
     route: Option<route::GuestIndices>,
+    /// Only beside `route`: a batch export alone serves no route.
+    batch: Option<batch::GuestIndices>,
     api: Option<api::GuestIndices>,
     subscriber: Option<subscriber::GuestIndices>,
     task: Option<task::GuestIndices>,
@@ -72,12 +78,26 @@ impl ExportIndices {
                 (true, Err(err)) => Err(ExportMismatch { export: e.interface(), message: format!("{err:#}") }),
             }
         }
+        let route = lookup(has(Export::Route), Export::Route, route::GuestIndices::new(pre))?;
+        let batch = match (&route, exported.iter().any(|n| n == BATCH)) {
+            (Some(_), true) => Some(batch::GuestIndices::new(pre).map_err(|err| ExportMismatch {
+                export: BATCH,
+                message: format!("{err:#}"),
+            })?),
+            _ => None,
+        };
         Ok(ExportIndices {
-            route: lookup(has(Export::Route), Export::Route, route::GuestIndices::new(pre))?,
+            route,
+            batch,
             api: lookup(has(Export::Api), Export::Api, api::GuestIndices::new(pre))?,
             subscriber: lookup(has(Export::Subscriber), Export::Subscriber, subscriber::GuestIndices::new(pre))?,
             task: lookup(has(Export::Task), Export::Task, task::GuestIndices::new(pre))?,
         })
+    }
+
+    /// Whether the route export comes with `batch`.
+    pub fn has_batch(&self) -> bool {
+        self.batch.is_some()
     }
 
     pub fn has(&self, e: Export) -> bool {
@@ -92,6 +112,7 @@ impl ExportIndices {
     pub(crate) fn load(&self, mut store: impl AsContextMut, instance: &Instance) -> wasmtime::Result<WorkerExports> {
         Ok(WorkerExports {
             route: self.route.as_ref().map(|i| i.load(store.as_context_mut(), instance)).transpose()?,
+            batch: self.batch.as_ref().map(|i| i.load(store.as_context_mut(), instance)).transpose()?,
             api: self.api.as_ref().map(|i| i.load(store.as_context_mut(), instance)).transpose()?,
             subscriber: self.subscriber.as_ref().map(|i| i.load(store.as_context_mut(), instance)).transpose()?,
             task: self.task.as_ref().map(|i| i.load(store.as_context_mut(), instance)).transpose()?,
@@ -102,6 +123,7 @@ impl ExportIndices {
 /// The loaded exports of one instance.
 pub(crate) struct WorkerExports {
     pub route: Option<route::Guest>,
+    pub batch: Option<batch::Guest>,
     pub api: Option<api::Guest>,
     pub subscriber: Option<subscriber::Guest>,
     pub task: Option<task::Guest>,

@@ -103,7 +103,7 @@ impl Runtime {
         let engine = engine::build(&settings).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
-        bindings::Plugin::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
+        bindings::HostView::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         imports::add_sleep(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut local_linker = linker.clone();

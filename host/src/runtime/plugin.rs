@@ -22,19 +22,26 @@ use super::stats::Stats;
 /// lease's `finish`. A macro, not a function taking a closure: the body
 /// borrows the store across an await, and each call stays monomorphic.
 macro_rules! call_export {
-    ($self:ident, $what:literal, $target:expr, $depth:expr, $task:expr, |$store:ident, $exports:ident| $invoke:block) => {{
+    ($self:ident, $what:literal, $target:expr, $depth:expr, $task:expr, |$store:ident, $exports:ident| $invoke:block) => {
+        call_export!($self, $what, $target, $depth, $task, 1, |$store, $exports| $invoke)
+    };
+    // A call carrying `$requests` requests (a batch: see `Lease::batch_of`).
+    ($self:ident, $what:literal, $target:expr, $depth:expr, $task:expr, $requests:expr, |$store:ident, $exports:ident| $invoke:block) => {{
         let target: &str = $target;
+        let requests: usize = $requests;
         match $self.pool.acquire(target, $depth, $task).await {
             Err(cause) => {
                 // Refused before it ran (busy, or no instance could be
                 // made): not a call, but an error of the plugin's.
-                $self.stats.error(&cause);
+                $self.stats.errors_of(&cause, requests as u64);
                 (Err($self.error($what, target, cause)), CallReport::default())
             }
             Ok(mut lease) => {
-                let outcome = match lease.parts() {
-                    Some(($store, $exports)) => async { $invoke }.await,
-                    None => Err(Failure::Wasm(wasmtime::format_err!("a lease without an instance"))),
+                let batched = if requests == 1 { Ok(()) } else { lease.batch_of(requests) };
+                let outcome = match (batched, lease.parts()) {
+                    (Err(cause), _) => Err(Failure::Wasm(wasmtime::format_err!("{cause}"))),
+                    (Ok(()), Some(($store, $exports))) => async { $invoke }.await,
+                    (Ok(()), None) => Err(Failure::Wasm(wasmtime::format_err!("a lease without an instance"))),
                 };
                 let (result, report) = lease.finish(outcome);
                 let failed = |(cause, backtrace)| CallError { backtrace, ..$self.error($what, target, cause) };
@@ -166,19 +173,55 @@ impl PluginVersion {
             let g = exports.route.as_ref().ok_or_else(|| missing(Export::Route))?;
             guest(g.call_handle(store, request).await)
         });
-        let result = result.and_then(|reply| {
-            let size = reply.retval.len()
-                + reply.params.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
-                + reply.data.as_ref().map_or(0, Vec::len);
-            let cap = self.spec.limits.max_reply_bytes;
-            if size > cap {
-                let cause = Cause::ReplyTooLarge { size, cap };
-                self.stats.error(&cause);
-                return Err(self.error("route", &request.route, cause));
+        (result.and_then(|reply| self.within_cap(&request.route, reply)), report)
+    }
+
+    /// Whether calls of `route` may go in batches now: the plugin exports
+    /// `batch` and the route's calls were short lately (a batch has one
+    /// call's deadline, and a slow route's belong on the slow lane).
+    pub fn batches(&self, route: &str) -> bool {
+        self.pool.has_batch() && !self.pool.runs_long(route)
+    }
+
+    /// Calls the batch export with `requests`, all of the route `route`
+    /// (check `batches` first): one result per request, in order. The
+    /// replies are not yet acknowledged, as `handle`'s.
+    pub async fn handle_batch(&self, route: &str, requests: &[Request]) -> Outcome<Vec<Result<Reply, CallError>>> {
+        let (result, report) = call_export!(self, "route", route, 0, false, requests.len(), |store, exports| {
+            let g = exports.batch.as_ref().ok_or_else(|| missing_batch())?;
+            let results = g.call_handle_batch(store, requests).await.map_err(Failure::Wasm)?;
+            if results.len() != requests.len() {
+                let (got, want) = (results.len(), requests.len());
+                return Err(Failure::Guest(format!("handle-batch returned {got} results for {want} requests")));
             }
-            Ok(reply)
+            Ok(results)
         });
-        (result, report)
+        let results = result.map(|results| {
+            let reply = |r: Result<Reply, String>| match r {
+                Ok(reply) => self.within_cap(route, reply),
+                Err(message) => {
+                    let cause = Cause::Guest { message };
+                    self.stats.error(&cause);
+                    Err(self.error("route", route, cause))
+                }
+            };
+            results.into_iter().map(reply).collect()
+        });
+        (results, report)
+    }
+
+    /// The reply, or an error when it is over the plugin's size cap.
+    fn within_cap(&self, route: &str, reply: Reply) -> Result<Reply, CallError> {
+        let size = reply.retval.len()
+            + reply.params.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + reply.data.as_ref().map_or(0, Vec::len);
+        let cap = self.spec.limits.max_reply_bytes;
+        if size > cap {
+            let cause = Cause::ReplyTooLarge { size, cap };
+            self.stats.error(&cause);
+            return Err(self.error("route", route, cause));
+        }
+        Ok(reply)
     }
 
     /// Runs one of the plugin's API commands.
@@ -238,6 +281,10 @@ impl PluginVersion {
         self.commands = result.map_err(|e| e.cause)?;
         Ok(())
     }
+}
+
+fn missing_batch() -> Failure {
+    Failure::Wasm(wasmtime::format_err!("the plugin does not export `{}`", super::exports::BATCH))
 }
 
 fn missing(e: Export) -> Failure {

@@ -30,13 +30,13 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use wasmtime::component::{Instance, InstancePre};
-use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::backtrace::GuestBacktrace;
 use super::bindings::Level;
 use super::clock::{self, Stamp};
-use super::error::{chain, Cause};
+use super::error::{chain, classify, Cause};
 use super::exports::{ExportIndices, WorkerExports};
 use super::imports::emit_log;
 use super::output::OutputCapture;
@@ -108,6 +108,11 @@ impl Pool {
         // Each update under the lock is a push, a pop or a counter step: a
         // panic cannot leave it half-done.
         lock(&self.state)
+    }
+
+    /// Whether the plugin exports `batch` beside `route`.
+    pub fn has_batch(&self) -> bool {
+        self.indices.has_batch()
     }
 
     /// Whether a call of `target` belongs on the slow lane (`lanes`).
@@ -244,7 +249,8 @@ impl Pool {
         };
         // From here the lease owns the slot: dropping it gives it back.
         let active = self.ctx.ticks.enter();
-        let mut lease = Lease { pool: self, worker: None, finished: false, started, waited, _active: active };
+        let mut lease =
+            Lease { pool: self, worker: None, finished: false, requests: 1, started, waited, _active: active };
         let mut worker = match taken {
             Some(worker) => worker,
             None => {
@@ -421,6 +427,8 @@ pub(crate) struct Lease<'p> {
     worker: Option<Worker>,
     /// Set by `finish`; until then the worker is mid-call.
     finished: bool,
+    /// How many requests the call carries: 1, or a batch's length.
+    requests: u64,
     started: Stamp,
     /// How long it waited for a free instance (zero in the common case).
     waited: Duration,
@@ -435,6 +443,19 @@ impl Lease<'_> {
         self.worker.as_mut().map(|w| (&mut w.store, &w.exports))
     }
 
+    /// Makes the call a batch of `n` requests: its fuel is the per-call
+    /// fuel times `n`, and it is counted (and judged short or long) as `n`
+    /// calls of its average length.
+    pub fn batch_of(&mut self, n: usize) -> Result<(), Cause> {
+        let n = u64::try_from(n.max(1)).unwrap_or(u64::MAX);
+        let fuel = self.pool.ctx.spec.limits.fuel.saturating_mul(n);
+        if let Some(worker) = self.worker.as_mut() {
+            worker.store.set_fuel(fuel).map_err(|e| Cause::Host { message: chain(&e) })?;
+        }
+        self.requests = n;
+        Ok(())
+    }
+
     /// Ends the call: classifies a failure, logs output, counts, and returns
     /// the instance to the pool or drops it.
     pub fn finish<T>(mut self, outcome: Result<T, Failure>) -> (Result<T, Fault>, CallReport) {
@@ -446,7 +467,7 @@ impl Lease<'_> {
         };
         let pool = self.pool;
         let limits = &pool.ctx.spec.limits;
-        let fuel = limits.fuel.saturating_sub(worker.store.get_fuel().unwrap_or(0));
+        let fuel = limits.fuel.saturating_mul(self.requests).saturating_sub(worker.store.get_fuel().unwrap_or(0));
         let stderr = worker.flush_output();
         let mut backtrace = None;
         let result = match outcome {
@@ -463,7 +484,7 @@ impl Lease<'_> {
         };
         let data = worker.store.data();
         let kv_ticket = data.call.kv_ticket;
-        pool.stats.record(elapsed, fuel, result.as_ref().err());
+        pool.stats.record(self.requests, elapsed, fuel, result.as_ref().err());
         match result.as_ref().err() {
             Some(cause) if cause.poisons_instance() => tracing::warn!(
                 plugin = %pool.ctx.spec.name,
@@ -517,7 +538,8 @@ impl Lease<'_> {
         // A call that yielded was counted long then. Time waiting for a
         // free instance held no thread.
         if data.call.ticks_seen < 2 {
-            pool.ctx.history.record(&data.call.target, elapsed.saturating_sub(self.waited), fuel, poisoned);
+            let (took, n) = (elapsed.saturating_sub(self.waited), self.requests);
+            pool.ctx.history.record(&data.call.target, took / n.try_into().unwrap_or(u32::MAX), fuel / n, poisoned);
         }
         worker.store.data_mut().limiter.crossed = false;
         if poisoned {
@@ -552,43 +574,5 @@ impl Drop for Lease<'_> {
             None => None,
         };
         self.pool.give_back(worker);
-    }
-}
-
-/// Names the cause of a wasmtime error, using what the store saw.
-fn classify(e: &wasmtime::Error, state: &HostState, stderr: &str) -> Cause {
-    let limits = &state.plugin.spec.limits;
-    if let Some(requested) = state.limiter.refused {
-        return Cause::MemoryCap { cap: limits.memory_bytes, requested };
-    }
-    match e.downcast_ref::<Trap>() {
-        Some(Trap::OutOfFuel) => Cause::OutOfFuel { fuel: limits.fuel },
-        Some(Trap::Interrupt) => Cause::Deadline { limit: limits.deadline },
-        Some(Trap::StackOverflow) => Cause::StackOverflow,
-        Some(Trap::UnreachableCodeReached) if stderr.contains("panicked at") => {
-            Cause::Panic { message: panic_message(stderr) }
-        }
-        Some(trap) => Cause::Trap { message: trap.to_string() },
-        None => Cause::Host { message: chain(e) },
-    }
-}
-
-/// "msg (at file:line:col)" from a Rust panic report on stderr.
-fn panic_message(stderr: &str) -> String {
-    let Some(start) = stderr.find("panicked at ") else { return stderr.trim().to_string() };
-    let rest = &stderr[start + "panicked at ".len()..];
-    let mut lines = rest.lines();
-    let location = lines.next().unwrap_or("").trim_end_matches(':');
-    let message: Vec<&str> = lines.take_while(|l| !l.starts_with("note: ")).collect();
-    format!("{} (at {location})", message.join(" ").trim())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn panic_message_keeps_text_and_location() {
-        let stderr =
-            "\nthread '<unnamed>' panicked at src/lib.rs:40:24:\nboom now\nnote: run with `RUST_BACKTRACE=1`\n";
-        assert_eq!(super::panic_message(stderr), "boom now (at src/lib.rs:40:24)");
     }
 }

@@ -48,20 +48,26 @@ pub struct Percentiles {
 }
 
 impl Stats {
-    pub(crate) fn record(&self, elapsed: Duration, fuel: u64, cause: Option<&Cause>) {
-        let us = elapsed.as_micros();
+    /// Counts one call of `requests` requests (more than one: a batch) as
+    /// that many calls of its average length, each failed with `cause`.
+    pub(crate) fn record(&self, requests: u64, elapsed: Duration, fuel: u64, cause: Option<&Cause>) {
+        let us = elapsed.as_micros() / u128::from(requests.max(1));
         let bucket = LATENCY_BUCKETS_US.iter().position(|b| us <= u128::from(*b)).unwrap_or(LATENCY_BUCKETS_US.len());
-        self.latency[bucket].fetch_add(1, Relaxed);
+        self.latency[bucket].fetch_add(requests, Relaxed);
         self.busy_ns.fetch_add(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX), Relaxed);
         self.fuel.fetch_add(fuel, Relaxed);
         if let Some(cause) = cause {
-            self.error(cause);
+            self.errors_of(cause, requests);
         }
     }
 
     pub(crate) fn error(&self, cause: &Cause) {
+        self.errors_of(cause, 1);
+    }
+
+    pub(crate) fn errors_of(&self, cause: &Cause, n: u64) {
         if let Some(i) = Cause::KINDS.iter().position(|k| *k == cause.kind()) {
-            self.errors[i].fetch_add(1, Relaxed);
+            self.errors[i].fetch_add(n, Relaxed);
         }
     }
 
@@ -138,16 +144,26 @@ mod tests {
     fn percentiles_come_from_the_buckets() {
         let stats = Stats::default();
         for _ in 0..90 {
-            stats.record(Duration::from_micros(8), 1, None);
+            stats.record(1, Duration::from_micros(8), 1, None);
         }
         for _ in 0..9 {
-            stats.record(Duration::from_micros(400), 1, None);
+            stats.record(1, Duration::from_micros(400), 1, None);
         }
-        stats.record(Duration::from_secs(20), 1, Some(&Cause::StackOverflow));
+        stats.record(1, Duration::from_secs(20), 1, Some(&Cause::StackOverflow));
         let s = stats.snapshot();
         assert_eq!((s.latency_us.p50, s.latency_us.p90, s.latency_us.p99), (Some(10), Some(10), Some(500)));
         assert_eq!(s.calls, 100);
         assert_eq!(s.errors.get("stack"), Some(&1));
         assert_eq!(stats.latency_buckets()[LATENCY_BUCKETS_US.len()], 1);
+    }
+
+    #[test]
+    fn a_batch_counts_as_its_requests_of_its_average_length() {
+        let stats = Stats::default();
+        // 32 requests in 320 µs: 32 calls of 10 µs, all failed by one trap.
+        stats.record(32, Duration::from_micros(320), 64, Some(&Cause::StackOverflow));
+        let s = stats.snapshot();
+        assert_eq!((s.calls, s.latency_us.p99, s.fuel), (32, Some(10), 64));
+        assert_eq!(s.errors.get("stack"), Some(&32));
     }
 }

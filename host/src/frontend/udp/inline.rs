@@ -57,42 +57,33 @@ impl Inline {
         self.demoted_until.is_none_or(|until| now >= until)
     }
 
-    /// Runs the batch's datagrams here, in order; stops after the first
-    /// slow one and gives back the index of the first not run.
+    /// Runs the read's datagrams here, in order: in one call when the
+    /// plugin takes batches, else one by one, stopping after the first
+    /// slow one. Gives back the index of the first not run.
     pub(super) fn run(&mut self, buffers: &[Vec<u8>], received: &[(usize, Option<SocketAddr>)], route: &str) -> usize {
-        let (runtime, handler) = (&self.runtime, &mut self.handler);
         let watched = self.watched_until.is_some_and(|until| Instant::now() < until);
-        // Where the judged stretch of the batch began, and the usage then.
+        // Where the judged stretch of the read began, and the usage then.
         let mut mark = watched.then(|| (Instant::now(), ThreadUsage::now()));
-        for (i, (buffer, (len, peer))) in buffers.iter().zip(received).enumerate() {
-            let Some(peer) = *peer else { continue };
+        // (index in the read, data, source)
+        let datagrams = buffers
+            .iter()
+            .zip(received)
+            .enumerate()
+            .filter_map(|(i, (buffer, (len, peer)))| Some((i, &buffer[..(*len).min(BUFFER)], (*peer)?)));
+        if received.len() > 1 && self.handler.batches() {
             let started = Instant::now();
-            runtime.block_on(handler.datagram(&buffer[..(*len).min(BUFFER)], peer));
-            let took = started.elapsed();
-            if took < SLOW_INLINE {
-                continue;
+            let n = self.runtime.block_on(self.handler.datagrams(datagrams.map(|(_, data, peer)| (data, peer))));
+            if self.slow(route, started, n, &mut mark) {
+                return received.len();
             }
-            let Some((since, at_start)) = mark else {
-                tracing::trace!(route = %route, took = ?took, "a long UDP call: the route's next calls are watched");
-                self.watched_until = Some(Instant::now() + WATCH);
-                mark = Some((Instant::now(), ThreadUsage::now()));
-                continue;
-            };
-            let (before, usage) = (started.saturating_duration_since(since), at_start.zip(ThreadUsage::now()));
-            if let Some((at_start, at_end)) = usage.filter(|(a, b)| !slow_here(before, a, b)) {
-                tracing::trace!(route = %route, took = ?took, cpu = ?at_end.cpu.saturating_sub(at_start.cpu),
-                    "a long UDP call while the thread was preempted: the route stays here");
-                continue;
+        } else {
+            for (i, data, peer) in datagrams {
+                let started = Instant::now();
+                self.runtime.block_on(self.handler.datagram(data, peer));
+                if self.slow(route, started, 1, &mut mark) {
+                    return i + 1;
+                }
             }
-            // A demotion that ended with a slow call: the next is longer.
-            let next = if self.demoted_until.is_some() { (self.demotion * 2).min(MAX_DEMOTION) } else { DEMOTION };
-            self.demotion = next;
-            self.demoted_until = Some(Instant::now() + next);
-            let (cpu, waits) =
-                usage.map_or((None, None), |(a, b)| (Some(b.cpu.saturating_sub(a.cpu)), Some(b.waits - a.waits)));
-            tracing::debug!(route = %route, took = ?took, batch_cpu = ?cpu, waits = ?waits, off_for = ?next,
-                "a slow UDP call: the route runs on the workers");
-            return i + 1;
         }
         if self.demoted_until.is_some() {
             // Quick again after a demotion.
@@ -100,7 +91,42 @@ impl Inline {
         }
         received.len()
     }
+
+    /// Judges the call of `requests` requests that began at `started`,
+    /// by its average per request; demotes the route when it was slow
+    /// here, and says so. `mark` is where the judged stretch began.
+    fn slow(&mut self, route: &str, started: Instant, requests: usize, mark: &mut Option<Mark>) -> bool {
+        let n = u32::try_from(requests.max(1)).unwrap_or(u32::MAX);
+        let took = started.elapsed();
+        if took / n < SLOW_INLINE {
+            return false;
+        }
+        let Some((since, at_start)) = *mark else {
+            tracing::trace!(route = %route, took = ?took, "a long UDP call: the route's next calls are watched");
+            self.watched_until = Some(Instant::now() + WATCH);
+            *mark = Some((Instant::now(), ThreadUsage::now()));
+            return false;
+        };
+        let (before, usage) = (started.saturating_duration_since(since), at_start.zip(ThreadUsage::now()));
+        if let Some((at_start, at_end)) = usage.filter(|(a, b)| !slow_here(before, n, a, b)) {
+            tracing::trace!(route = %route, took = ?took, cpu = ?at_end.cpu.saturating_sub(at_start.cpu),
+                "a long UDP call while the thread was preempted: the route stays here");
+            return false;
+        }
+        // A demotion that ended with a slow call: the next is longer.
+        let next = if self.demoted_until.is_some() { (self.demotion * 2).min(MAX_DEMOTION) } else { DEMOTION };
+        self.demotion = next;
+        self.demoted_until = Some(Instant::now() + next);
+        let (cpu, waits) =
+            usage.map_or((None, None), |(a, b)| (Some(b.cpu.saturating_sub(a.cpu)), Some(b.waits - a.waits)));
+        tracing::debug!(route = %route, took = ?took, requests, batch_cpu = ?cpu, waits = ?waits, off_for = ?next,
+            "a slow UDP call: the route runs on the workers");
+        true
+    }
 }
+
+/// Where a judged stretch of calls began, and the thread's usage then.
+type Mark = (Instant, Option<ThreadUsage>);
 
 /// What the kernel counted for this thread so far.
 #[derive(Clone, Copy, Debug)]
@@ -125,15 +151,16 @@ impl ThreadUsage {
     }
 }
 
-/// Whether a call that took `SLOW_INLINE` or more by the wall clock was
-/// slow on this thread, given the batch's usage at its start and now and
-/// the wall time of the batch before the call: the call waited (a
-/// voluntary switch in the batch), or its CPU time — at least the
-/// batch's CPU less the wall time before the call — is half of
-/// `SLOW_INLINE` or more. Otherwise the thread was preempted.
-fn slow_here(before: Duration, at_start: &ThreadUsage, at_end: &ThreadUsage) -> bool {
+/// Whether a call of `requests` requests that took `SLOW_INLINE` or more
+/// per request by the wall clock was slow on this thread, given the
+/// stretch's usage at its start and now and the wall time of the stretch
+/// before the call: the call waited (a voluntary switch in the stretch),
+/// or its CPU time per request — the call's at least the stretch's CPU
+/// less the wall time before the call — is half of `SLOW_INLINE` or more.
+/// Otherwise the thread was preempted.
+fn slow_here(before: Duration, requests: u32, at_start: &ThreadUsage, at_end: &ThreadUsage) -> bool {
     let cpu = at_end.cpu.saturating_sub(at_start.cpu).saturating_sub(before);
-    at_end.waits > at_start.waits || cpu >= SLOW_INLINE / 2
+    at_end.waits > at_start.waits || cpu / requests.max(1) >= SLOW_INLINE / 2
 }
 
 #[cfg(test)]
@@ -149,14 +176,17 @@ mod tests {
     #[test]
     fn a_long_call_on_the_cpu_or_waiting_is_the_routes_a_preempted_one_is_not() {
         // Burned 1.5 ms of CPU in the call: slow.
-        assert!(slow_here(Duration::ZERO, &usage(100, 3), &usage(1_600, 3)));
+        assert!(slow_here(Duration::ZERO, 1, &usage(100, 3), &usage(1_600, 3)));
         // Waited (Redis, a lock, the slow lane), with little CPU: slow.
-        assert!(slow_here(Duration::ZERO, &usage(100, 3), &usage(150, 4)));
+        assert!(slow_here(Duration::ZERO, 1, &usage(100, 3), &usage(150, 4)));
         // 20 µs of CPU in a 2 ms call, no wait: preempted.
-        assert!(!slow_here(Duration::ZERO, &usage(100, 3), &usage(120, 3)));
+        assert!(!slow_here(Duration::ZERO, 1, &usage(100, 3), &usage(120, 3)));
         // The batch's earlier calls ran 3 ms (their CPU is not this call's).
-        assert!(!slow_here(3 * MS, &usage(0, 0), &usage(3_200, 0)));
-        assert!(slow_here(3 * MS, &usage(0, 0), &usage(3_600, 0)));
+        assert!(!slow_here(3 * MS, 1, &usage(0, 0), &usage(3_200, 0)));
+        assert!(slow_here(3 * MS, 1, &usage(0, 0), &usage(3_600, 0)));
+        // A batch of 8 with 4 ms of CPU: 0.5 ms a request, slow; 3 ms, not.
+        assert!(slow_here(Duration::ZERO, 8, &usage(0, 0), &usage(4_000, 0)));
+        assert!(!slow_here(Duration::ZERO, 8, &usage(0, 0), &usage(3_000, 0)));
     }
 
     #[test]
@@ -176,6 +206,6 @@ mod tests {
         std::thread::sleep(MS);
         let slept = ThreadUsage::now().expect("rusage");
         assert!(slept.waits > spun.waits, "a sleep is a voluntary switch");
-        assert!(slow_here(Duration::ZERO, &spun, &slept));
+        assert!(slow_here(Duration::ZERO, 1, &spun, &slept));
     }
 }

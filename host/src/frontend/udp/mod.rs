@@ -53,18 +53,16 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::task::JoinHandle;
 
 use super::{Context, Frontend, FrontendError, Running};
-use crate::bus::Profiler;
 use crate::config::UdpDef;
-use crate::dispatcher::{Dispatcher, RouteOutcome};
-use crate::runtime::{Origin, Peer, Request};
+use crate::dispatcher::Dispatcher;
 
+mod handler;
 mod inline;
 mod stats;
+use handler::{Handler, Replies, ReplySocket, MAX_UNSAVED_REPLIES};
 use inline::{Inline, HAND_ON_AFTER};
 use stats::{socket_inode, UdpMetrics};
 pub use stats::{UdpEndpoint, UdpStats};
@@ -168,12 +166,9 @@ pub fn start(
     let unsaved = Arc::new(tokio::sync::Semaphore::new(MAX_UNSAVED_REPLIES));
     // The channel holds batches; `backlog` bounds the datagrams in them.
     let (tx, rx) = async_channel::bounded::<Batch>(def.queue.div_ceil(BATCH).max(4));
-    let handler = || Handler {
-        d: d.clone(),
-        replies: Replies { socket: sender.clone(), stats: stats.clone(), on: def.reply, unsaved: unsaved.clone() },
-        profiling: def.profiling.then(|| format!("UDP receiver udp:{addr}")),
-        request: Request { route: route.to_string(), data: Vec::new(), params: Vec::new(), origin: Origin::Cli },
-        last_peer: None,
+    let handler = || {
+        let replies = Replies { socket: sender.clone(), stats: stats.clone(), on: def.reply, unsaved: unsaved.clone() };
+        Handler::new(d.clone(), route, replies, def.profiling.then(|| format!("UDP receiver udp:{addr}")))
     };
     let mut tasks = Vec::new();
     for _ in 0..def.workers {
@@ -181,9 +176,7 @@ pub fn start(
         tasks.push(tokio::spawn(async move {
             while let Ok(batch) = rx.recv().await {
                 backlog.waiting.fetch_sub(batch.len(), Relaxed);
-                for (data, peer) in batch.datagrams() {
-                    handler.datagram(data, peer).await;
-                }
+                handler.datagrams(batch.datagrams()).await;
                 backlog.unfinished.fetch_sub(batch.len(), Release);
                 give_way();
             }
@@ -198,155 +191,6 @@ pub fn start(
         }
     })?;
     Ok((UdpEndpoint { name: route.to_string(), addr, stats, inode }, tasks))
-}
-
-/// Runs the route for one datagram after another: a worker's, or the
-/// receiver thread's own.
-struct Handler {
-    d: Arc<Dispatcher>,
-    replies: Replies,
-    /// The profiler's name for this socket, when `profiling` is on.
-    profiling: Option<String>,
-    /// Reused: only the data and, when the peer changes, the origin.
-    request: Request,
-    last_peer: Option<SocketAddr>,
-}
-
-impl Handler {
-    async fn datagram(&mut self, data: &[u8], peer: SocketAddr) {
-        // Most datagrams come from a few peers: the origin (a formatted
-        // IP) is rebuilt only when the peer changes.
-        if self.last_peer != Some(peer) {
-            self.request.origin = Origin::Udp(Peer { ip: peer.ip().to_canonical().to_string(), port: peer.port() });
-            self.last_peer = Some(peer);
-        }
-        self.request.data.clear();
-        self.request.data.extend_from_slice(data);
-        let (d, request, replies) = (&self.d, &self.request, &self.replies);
-        match self.profiling.as_ref().filter(|_| d.bus().wanted("E_PROFILING_PROC")) {
-            None => {
-                handle(d, request, peer, replies).await;
-            }
-            Some(name) => {
-                let mut profiler = Profiler::start(d.bus(), "E_PROFILING_PROC", name);
-                profiler.enter("udp datagram", "udp", 0);
-                let status = handle(d, request, peer, replies).await;
-                profiler.exit("udp datagram", "udp", 0, status);
-                profiler.end(name, status);
-            }
-        }
-    }
-}
-
-/// Replies waiting for their kv writes to be durable, per socket; past
-/// this a worker waits for its own before taking the next datagram.
-const MAX_UNSAVED_REPLIES: usize = 4096;
-
-/// The socket's clone replies go out through. It is registered with
-/// tokio for writing only: a clone registered for reading too (as
-/// `tokio::net::UdpSocket` is) has every arriving datagram wake a tokio
-/// worker for a readiness nobody awaits — measured 0.6 wake-ups and
-/// 4–9 µs of CPU per datagram, most of what a datagram cost.
-struct ReplySocket(AsyncFd<std::net::UdpSocket>);
-
-impl ReplySocket {
-    fn new(socket: std::net::UdpSocket) -> io::Result<ReplySocket> {
-        // SAFETY: the AsyncFd owns the socket, so its fd stays open and
-        // the same until the registration is dropped with it.
-        let fd = unsafe { AsyncFd::register_with_interest(socket, Interest::WRITABLE) };
-        Ok(ReplySocket(fd.map_err(io::Error::from)?))
-    }
-
-    /// Sends at once when the socket has room (nearly always), else once
-    /// it has.
-    async fn send_to(&self, data: &[u8], peer: SocketAddr) -> io::Result<usize> {
-        match self.0.get_ref().send_to(data, peer) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            done => return done,
-        }
-        loop {
-            let mut ready = self.0.writable().await?;
-            if let Ok(done) = ready.try_io(|s| s.get_ref().send_to(data, peer)) {
-                return done;
-            }
-        }
-    }
-}
-
-/// Where a worker's replies go.
-struct Replies {
-    socket: Arc<ReplySocket>,
-    stats: Arc<UdpStats>,
-    /// Set: replies go back (`reply = true`).
-    on: bool,
-    unsaved: Arc<tokio::sync::Semaphore>,
-}
-
-impl Replies {
-    async fn send(&self, route: &str, data: &[u8], peer: SocketAddr) {
-        send_reply(&self.socket, &self.stats, route, data, peer).await;
-    }
-}
-
-async fn send_reply(socket: &ReplySocket, stats: &UdpStats, route: &str, data: &[u8], peer: SocketAddr) {
-    match socket.send_to(data, peer).await {
-        Ok(_) => stats.replies.fetch_add(1, Relaxed),
-        Err(e) => {
-            tracing::debug!(route = %route, %peer, error = %e, "reply datagram not sent");
-            stats.reply_errors.fetch_add(1, Relaxed)
-        }
-    };
-}
-
-/// Runs the route for one datagram; the status is 0, or -1 when the call
-/// failed (for profiling records). A reply whose kv writes are not yet
-/// durable is sent once they are, while the worker takes the next
-/// datagram; without a reply nothing is acknowledged, so nothing waits.
-async fn handle(d: &Dispatcher, request: &Request, peer: SocketAddr, replies: &Replies) -> i64 {
-    let route = request.route.as_str();
-    let outcome = match d.run_route_unsaved(request).await {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            replies.stats.failed.fetch_add(1, Relaxed);
-            tracing::debug!(route = %route, %peer, error = %e, "datagram not handled");
-            return -1;
-        }
-    };
-    if !replies.on || outcome.reply.data.is_none() {
-        return 0;
-    }
-    if !outcome.unsaved() {
-        if let Some(data) = &outcome.reply.data {
-            replies.send(route, data, peer).await;
-        }
-        return 0;
-    }
-    let saved = |outcome: RouteOutcome, socket: Arc<ReplySocket>, stats: Arc<UdpStats>, route: String| async move {
-        match outcome.saved(&route).await {
-            Ok(o) => {
-                if let Some(data) = &o.reply.data {
-                    send_reply(&socket, &stats, &route, data, peer).await;
-                }
-                0
-            }
-            Err(e) => {
-                stats.failed.fetch_add(1, Relaxed);
-                tracing::debug!(route = %route, %peer, error = %e, "reply withheld");
-                -1
-            }
-        }
-    };
-    let job = saved(outcome, replies.socket.clone(), replies.stats.clone(), route.to_string());
-    match replies.unsaved.clone().try_acquire_owned() {
-        Ok(permit) => {
-            tokio::spawn(async move {
-                job.await;
-                drop(permit);
-            });
-            0
-        }
-        Err(_) => job.await,
-    }
 }
 
 fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
