@@ -12,6 +12,9 @@ use evrhost::dispatcher::{Command, CommandError, DispatchError, HostCommand, Rem
 use evrhost::harness::{header, plugin, TestHost};
 use evrhost::runtime::{CommandInfo, Origin, Reply, Request};
 
+#[path = "inprocess/batch.rs"]
+mod batch;
+
 const SECOND: Duration = Duration::from_secs(1);
 
 fn request(route: &str, data: &str) -> Request {

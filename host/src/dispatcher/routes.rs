@@ -95,7 +95,11 @@ impl Dispatcher {
     /// plugin exporting `batch` whose calls were short lately and that is
     /// not being profiled; otherwise request by request, as
     /// `run_route_unsaved` would.
-    pub async fn run_batch_unsaved(&self, route: &str, requests: &[Request]) -> Vec<Result<RouteOutcome, DispatchError>> {
+    pub async fn run_batch_unsaved(
+        &self,
+        route: &str,
+        requests: &[Request],
+    ) -> Vec<Result<RouteOutcome, DispatchError>> {
         let handler = match requests {
             [_, _, ..] => self.batch_handler(route),
             _ => None,
@@ -110,10 +114,9 @@ impl Dispatcher {
         let (result, report) = version.handle_batch(route, requests).await;
         let outcome = |reply| RouteOutcome { reply, plugin: slot.name.clone(), report, version: Some(version.clone()) };
         match result {
-            Ok(replies) => replies
-                .into_iter()
-                .map(|r| r.map(outcome).map_err(|e| DispatchError::Call(Box::new(e))))
-                .collect(),
+            Ok(replies) => {
+                replies.into_iter().map(|r| r.map(outcome).map_err(|e| DispatchError::Call(Box::new(e)))).collect()
+            }
             Err(e) => requests.iter().map(|_| Err(DispatchError::Call(Box::new(e.clone())))).collect(),
         }
     }

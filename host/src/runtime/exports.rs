@@ -80,10 +80,10 @@ impl ExportIndices {
         }
         let route = lookup(has(Export::Route), Export::Route, route::GuestIndices::new(pre))?;
         let batch = match (&route, exported.iter().any(|n| n == BATCH)) {
-            (Some(_), true) => Some(batch::GuestIndices::new(pre).map_err(|err| ExportMismatch {
-                export: BATCH,
-                message: format!("{err:#}"),
-            })?),
+            (Some(_), true) => Some(
+                batch::GuestIndices::new(pre)
+                    .map_err(|err| ExportMismatch { export: BATCH, message: format!("{err:#}") })?,
+            ),
             _ => None,
         };
         Ok(ExportIndices {

@@ -188,7 +188,7 @@ impl PluginVersion {
     /// replies are not yet acknowledged, as `handle`'s.
     pub async fn handle_batch(&self, route: &str, requests: &[Request]) -> Outcome<Vec<Result<Reply, CallError>>> {
         let (result, report) = call_export!(self, "route", route, 0, false, requests.len(), |store, exports| {
-            let g = exports.batch.as_ref().ok_or_else(|| missing_batch())?;
+            let g = exports.batch.as_ref().ok_or_else(missing_batch)?;
             let results = g.call_handle_batch(store, requests).await.map_err(Failure::Wasm)?;
             if results.len() != requests.len() {
                 let (got, want) = (results.len(), requests.len());

@@ -44,6 +44,10 @@ impl Route for Hostile {
                 Ok(Reply::handled().retval("flooded"))
             }
             "fail" => Err("hostile plugin refuses".into()),
+            // Panics on the datagram `panic`, answers the others: in a
+            // batch, one bad request among good ones.
+            "panicon" if req.data == b"panic" => panic!("hostile plugin panics on one request"),
+            "panicon" | "shortbatch" => Ok(Reply::handled().retval(req.data_str())),
             // Slow but well-behaved: busy for `data` milliseconds.
             "spin" => {
                 let ms: u64 = req.data_str().trim().parse().unwrap_or(10);
@@ -72,6 +76,16 @@ impl Route for Hostile {
             }
             other => Err(format!("unknown hostile route {other}")),
         }
+    }
+
+    /// `shortbatch` breaks the batch contract: one result short.
+    fn handle_batch(requests: Vec<Request>) -> Vec<Result<Reply, String>> {
+        let short = requests.first().is_some_and(|r| r.route == "shortbatch");
+        let mut results: Vec<_> = requests.into_iter().map(Self::handle).collect();
+        if short {
+            results.pop();
+        }
+        results
     }
 }
 

@@ -216,4 +216,3 @@ async fn deliver(result: Result<RouteOutcome, DispatchError>, route: &str, peer:
         Err(_) => job.await,
     }
 }
-
