@@ -6,7 +6,9 @@
 //! the target and PASS/MISS. The bench reports; it never asserts.
 //! - evrhost (`evrhost run`): the `evcount` plugin behind a `[[exec]]` UDP
 //!   socket, doing the anchor's work per datagram (parse `k=v;` pairs,
-//!   bump `rx` and `ev::<ev>` in the tenant's kv store);
+//!   bump `rx` and `ev::<ev>` in the tenant's kv store, kept in memory as
+//!   Kamailio's htable is; the plugin reads a read's datagrams in one call
+//!   of its batch export and bumps each counter once per batch);
 //! - Kamailio 5.6 (`kamailio.rs`): evrexec + app_lua `lua_run` of the
 //!   anchor's `handler.lua` (htable counters in shared memory), from
 //!   Debian's `kamailio` and `kamailio-lua-modules`; skipped, with a line
@@ -216,7 +218,7 @@ fn run(workers: usize, out: &mut Report) -> anyhow::Result<()> {
         },
     };
     out.notes.push(format!(
-        "evrhost: exec workers {workers}, queue {QUEUE}, recv_buffer {RECV_BUFFER} asked, SO_RCVBUF {rcvbuf} granted \
+        "evrhost: kv in memory, exec workers {workers}, queue {QUEUE}, recv_buffer {RECV_BUFFER} asked, SO_RCVBUF {rcvbuf} granted \
          (net.core.rmem_max {}){}",
         std::fs::read_to_string("/proc/sys/net/core/rmem_max").map_or("?".into(), |s| s.trim().to_string()),
         if fifo { ", under chrt -f 10" } else { "" },

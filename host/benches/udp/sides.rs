@@ -60,6 +60,11 @@ cache_dir = "{cache}"
 [rpc]
 listen = "{rpc}"
 
+# Counters in memory, as Kamailio's htable keeps them (the default,
+# `embedded`, also makes each write durable).
+[kv]
+backend = "memory"
+
 [[plugin]]
 name = "evcount"
 path = "{evcount}"

@@ -1,16 +1,16 @@
-//! UDP front-end: evrexec's `sockaddr` tasks. Each datagram is one call of
-//! the route with its data and its source (`origin = udp(peer)`); the
-//! reply's data, when the handler gives some, goes back to the source.
+//! UDP front-end: evrexec's `sockaddr` tasks. Each datagram is one request
+//! of the route with its data and its source (`origin = udp(peer)`); the
+//! reply's data, when the handler gives some, goes back to the source. A
+//! read's datagrams may reach the plugin in one call (its `batch` export).
 //!
 //! Kamailio's evrexec reads one datagram per `recvfrom` and runs the route
 //! in that same process, so a slow route stalls the socket and a flood is
 //! lost in the kernel. Here a receiver thread reads batches with
 //! recvmmsg(2) and runs each batch where it lands or hands it on:
 //! - run to completion: while it keeps up, the receiver thread runs the
-//!   route itself, datagram by datagram, with no
-//!   hop to another thread. At light load this is one wake-up per read,
-//!   not three (receiver, worker, receiver again), and most of the CPU a
-//!   datagram costs;
+//!   route itself, with no hop to another thread. At light load this is
+//!   one wake-up per read, not three (receiver, worker, receiver again),
+//!   and most of the CPU a datagram costs;
 //! - handed on: once `HAND_ON_AFTER` (4) reads in a row came back full
 //!   (the socket holds more than a burst: the receiver is behind), batches
 //!   go to `workers` async tasks through a bounded queue, so the receiver
@@ -42,7 +42,13 @@
 //!   machine (a fast receiver drains the socket and sleeps between two
 //!   datagrams of a burst), so this bounds wake-ups to 10,000 a second
 //!   and gives each hand-over more datagrams. A datagram waits at most
-//!   `coalesce_us`; the first after a quiet spell is never delayed.
+//!   `coalesce_us`; the first after a quiet spell is never delayed;
+//! - a receiver the socket woke keeps reading for `LINGER` (5 µs) after
+//!   each read that found datagrams, so the datagrams of a burst, a
+//!   microsecond or two apart, cost one wake-up and not one each (a paced
+//!   read does not linger: its sleep is what gathers them);
+//! - a read's datagrams run in one call when the plugin exports `batch`
+//!   (`Dispatcher::run_batch_unsaved`), here and on the workers.
 
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -69,6 +75,10 @@ pub use stats::{UdpEndpoint, UdpStats};
 
 /// Datagrams read per recvmmsg call.
 const BATCH: usize = 32;
+/// How long a receiver woken by the socket keeps reading after a read
+/// that found datagrams: the rest of a burst comes a microsecond or two
+/// apart, and a wake-up costs more than this.
+const LINGER: Duration = Duration::from_micros(5);
 /// Larger than any UDP payload (65,507 bytes over IPv4, 65,527 over IPv6).
 const BUFFER: usize = 65_536;
 
@@ -251,6 +261,8 @@ fn receive(
         let soon = last_read.is_some_and(|last| began.duration_since(last) < coalesce);
         last_read = Some(began);
         let (mut read, mut crowded) = (0usize, false);
+        // Until when an empty read is retried at once (see `LINGER`).
+        let mut linger_until = None::<Instant>;
         loop {
             // The slices borrow the buffers only inside this block.
             let batch = {
@@ -262,7 +274,13 @@ fn receive(
             };
             match batch {
                 Ok(()) => {}
-                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(nix::errno::Errno::EAGAIN) => {
+                    if linger_until.is_some_and(|until| Instant::now() < until) {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    break;
+                }
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
                     // ICMP errors caused by earlier replies and the like.
@@ -304,9 +322,10 @@ fn receive(
                     give_way();
                 }
             }
-            if !full {
+            if !full && paced {
                 break;
             }
+            linger_until = Some(Instant::now() + LINGER);
         }
         paced = read > 0 && !coalesce.is_zero() && (paced || soon || crowded);
         if paced {
