@@ -521,15 +521,18 @@ impl Lease<'_> {
                 "log lines over the per-call budget were dropped"
             );
         }
-        if let Some(warn) = limits.warn_after.filter(|w| elapsed > *w) {
+        // A batch is judged by its requests' average, as it is counted.
+        let each = elapsed / u32::try_from(self.requests).unwrap_or(u32::MAX);
+        if let Some(warn) = limits.warn_after.filter(|w| each > *w) {
             tracing::warn!(
                 plugin = %pool.ctx.spec.name,
                 target = %data.call.target,
-                elapsed_us = elapsed.as_micros() as u64,
+                elapsed_us = each.as_micros() as u64,
+                requests = self.requests,
                 threshold_us = warn.as_micros() as u64,
                 "call slower than its threshold"
             );
-            pool.raise_threshold(&data.call.target, elapsed, warn);
+            pool.raise_threshold(&data.call.target, each, warn);
         }
         if data.limiter.crossed {
             pool.raise_pkg_threshold(data.limiter.size);
@@ -538,8 +541,8 @@ impl Lease<'_> {
         // A call that yielded was counted long then. Time waiting for a
         // free instance held no thread.
         if data.call.ticks_seen < 2 {
-            let (took, n) = (elapsed.saturating_sub(self.waited), self.requests);
-            pool.ctx.history.record(&data.call.target, took / n.try_into().unwrap_or(u32::MAX), fuel / n, poisoned);
+            let took = elapsed.saturating_sub(self.waited) / u32::try_from(self.requests).unwrap_or(u32::MAX);
+            pool.ctx.history.record(&data.call.target, took, fuel / self.requests, poisoned);
         }
         worker.store.data_mut().limiter.crossed = false;
         if poisoned {
