@@ -159,3 +159,20 @@ async fn a_burst_of_datagrams_is_answered_each_to_its_source_in_order() {
         task.abort();
     }
 }
+
+#[tokio::test]
+async fn a_batch_has_the_per_call_fuel_for_each_of_its_requests() {
+    // About 2,000 units a datagram: 32 of them need more than one call's
+    // 20,000, and less than 32 calls' worth.
+    let config = "[[plugin]]\nname = \"evcount\"\npath = \"{evcount}\"\nfuel = 20000\n\
+                  [[route]]\nname = \"count\"\nplugin = \"evcount\"\n";
+    let host = TestHost::start(config).await.expect("the host starts");
+    let d = &host.dispatcher;
+    let data: Vec<String> = (0..32).map(|i| format!("ev=reg;user=u{i};seq={i};dom=example.org")).collect();
+    let data: Vec<&str> = data.iter().map(String::as_str).collect();
+    let batch = d.run_batch_unsaved("count", &requests("count", &data)).await;
+    assert_eq!(kinds(&batch), ["ok"; 32]);
+    let stats = d.plugins().into_iter().find(|p| p.name == "evcount").expect("evcount").stats;
+    assert!(stats.fuel > 20_000, "the batch used more than one call's fuel: {stats:?}");
+    assert_eq!(d.run_command("evcount.get", "rx", 0).await.expect("evcount.get"), "32");
+}

@@ -94,7 +94,8 @@ impl Dispatcher {
     /// the plugin's batch export when the route has a single handler, a
     /// plugin exporting `batch` whose calls were short lately and that is
     /// not being profiled; otherwise request by request, as
-    /// `run_route_unsaved` would.
+    /// `run_route_unsaved` would. The outcomes of one call share its
+    /// report (the batch's time and fuel, and the kv ticket to wait for).
     pub async fn run_batch_unsaved(
         &self,
         route: &str,
