@@ -68,7 +68,10 @@ pub struct Sent {
 /// (unpaced when infinite), for at most `cap`: batches of SEND_BATCH,
 /// each sent once its scheduled time has come (sleeping, not spinning,
 /// until then: the receivers need the cores). A generator that falls
-/// behind catches up with batches back to back.
+/// behind catches up with batches back to back. With `share`, it yields
+/// after each batch, as the daemon's threads do under load: a generator
+/// run under a real-time policy then shares the cores with the threads of
+/// its priority instead of holding one.
 pub fn generate(
     target: SocketAddr,
     payloads: &[Vec<u8>],
@@ -76,6 +79,7 @@ pub fn generate(
     n: u64,
     cap: Duration,
     mode: Mode,
+    share: bool,
 ) -> std::io::Result<Sent> {
     let socket = UdpSocket::bind("127.0.0.1:0")?;
     socket.connect(target)?;
@@ -116,6 +120,9 @@ pub fn generate(
             let no_cmsgs: [ControlMessage<'_>; 0] = [];
             sendmmsg(fd, &mut headers, &slices[..k], &addrs[..k], no_cmsgs, MsgFlags::empty()).map(|r| r.count())
         };
+        if share {
+            std::thread::yield_now();
+        }
         match result {
             Ok(count) => sent += count as u64,
             Err(Errno::EINTR) => {}

@@ -90,15 +90,18 @@ pub fn overload(evr: &mut Evrhost, payloads: &[Vec<u8>], saturation: f64, out: &
     let (sent, (times, rpc_errors)) = std::thread::scope(|s| -> anyhow::Result<_> {
         let generator = std::thread::Builder::new()
             .name("udp-generator".into())
-            .spawn_scoped(s, || generate(target, payloads, rate, n, cap, Mode::Gso))?;
+            .spawn_scoped(s, || generate(target, payloads, rate, n, cap, Mode::Gso, true))?;
         let client = std::thread::Builder::new()
             .name("overload-rpc".into())
             .spawn_scoped(s, || time_calls(rpc, &request, &sending))?;
         // The client waits on the daemon, not on the scheduler: under
         // chrt, as the daemon is (a client of normal priority would get
-        // a core only when the daemon's real-time threads leave one).
+        // a core only when the daemon's real-time threads leave one). So
+        // does the generator: at normal priority it got only what the
+        // daemon left, about its saturation rate, never twice it. It
+        // yields after each send, as the daemon's threads do.
         if crate::kamailio::fifo_allowed() {
-            crate::fifo_threads(std::process::id(), |name| name == "overload-rpc");
+            crate::fifo_threads(std::process::id(), |name| name == "overload-rpc" || name == "udp-generator");
         }
         let sent = generator.join().map_err(|_| anyhow::anyhow!("the generator panicked"));
         sending.store(false, Ordering::Relaxed);

@@ -177,7 +177,7 @@ pub fn trial(side: &mut dyn Side, payloads: &[Vec<u8>], mode: Mode, rate: f64, n
     let sent = std::thread::scope(|s| {
         std::thread::Builder::new()
             .name("udp-generator".into())
-            .spawn_scoped(s, || generate(target, payloads, rate, n, TRIAL_CAP, mode))
+            .spawn_scoped(s, || generate(target, payloads, rate, n, TRIAL_CAP, mode, false))
             .map_err(anyhow::Error::from)
             .and_then(|t| t.join().map_err(|_| anyhow!("the generator panicked")))
     })??;
