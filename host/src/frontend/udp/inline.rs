@@ -13,6 +13,8 @@
 //! while the route is watched: a long call not watched starts a watch of
 //! `WATCH` and is let go, and the watched calls after it are judged. A
 //! route slow on every call is sent on after its second, not its first.
+//! A batch (one call for a read's datagrams) is judged by its average per
+//! datagram, as one call each would have been.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
