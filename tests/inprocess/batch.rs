@@ -176,3 +176,14 @@ async fn a_batch_has_the_per_call_fuel_for_each_of_its_requests() {
     assert!(stats.fuel > 20_000, "the batch used more than one call's fuel: {stats:?}");
     assert_eq!(d.run_command("evcount.get", "rx", 0).await.expect("evcount.get"), "32");
 }
+
+#[tokio::test]
+async fn a_batch_out_of_fuel_names_the_fuel_it_was_given() {
+    let config = "[[plugin]]\nname = \"hostile\"\npath = \"{hostile}\"\nfuel = 1000000\ndeadline_ms = 5000\n\
+                  [[route]]\nname = \"loop\"\nplugin = \"hostile\"\n";
+    let host = TestHost::start(config).await.expect("the host starts");
+    let results = host.dispatcher.run_batch_unsaved("loop", &requests("loop", &["a", "b"])).await;
+    assert_eq!(kinds(&results), ["fuel"; 2]);
+    let Err(DispatchError::Call(e)) = &results[0] else { unreachable!("checked above") };
+    assert!(e.to_string().contains("out of fuel (2000000 units)"), "{e}");
+}

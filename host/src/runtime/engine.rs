@@ -95,9 +95,9 @@ pub struct Ticker {
 ///
 /// Invariant: while a call runs, `now` lags wall time by at most a tick
 /// (the ticker runs); once none has run for `LINGER` ticks the ticker is
-/// parked and `now` reads the wall clock. `enter` and the ticker's decision to park are
-/// ordered (SeqCst on `active` and `parked`), so a call never runs with
-/// the ticker parked.
+/// parked and `now` reads the wall clock. `enter` and the ticker's
+/// decision to park are ordered (SeqCst on `active` and `parked`), so a
+/// call never runs with the ticker parked.
 pub struct EpochClock {
     start: Instant,
     tick_ns: u128,

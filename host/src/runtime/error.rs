@@ -163,14 +163,15 @@ pub(crate) fn chain(e: &wasmtime::Error) -> String {
     format!("{e:#}")
 }
 
-/// Names the cause of a wasmtime error, using what the store saw.
-pub(super) fn classify(e: &wasmtime::Error, state: &HostState, stderr: &str) -> Cause {
+/// Names the cause of a wasmtime error, using what the store saw; `fuel`
+/// is what the call was given (a batch gets the per-call fuel per request).
+pub(super) fn classify(e: &wasmtime::Error, state: &HostState, stderr: &str, fuel: u64) -> Cause {
     let limits = &state.plugin.spec.limits;
     if let Some(requested) = state.limiter.refused {
         return Cause::MemoryCap { cap: limits.memory_bytes, requested };
     }
     match e.downcast_ref::<Trap>() {
-        Some(Trap::OutOfFuel) => Cause::OutOfFuel { fuel: limits.fuel },
+        Some(Trap::OutOfFuel) => Cause::OutOfFuel { fuel },
         Some(Trap::Interrupt) => Cause::Deadline { limit: limits.deadline },
         Some(Trap::StackOverflow) => Cause::StackOverflow,
         Some(Trap::UnreachableCodeReached) if stderr.contains("panicked at") => {

@@ -332,7 +332,7 @@ impl Pool {
             Ok(instance) => instance,
             Err(e) => {
                 let (stderr, _) = store.data().stderr.take();
-                return Err(classify(&e, store.data(), &stderr));
+                return Err(classify(&e, store.data(), &stderr, spec.limits.fuel));
             }
         };
         let exports = self.indices.load(&mut store, &instance).map_err(host)?;
@@ -467,7 +467,11 @@ impl Lease<'_> {
         };
         let pool = self.pool;
         let limits = &pool.ctx.spec.limits;
-        let fuel = limits.fuel.saturating_mul(self.requests).saturating_sub(worker.store.get_fuel().unwrap_or(0));
+        let given = limits.fuel.saturating_mul(self.requests);
+        let fuel = given.saturating_sub(worker.store.get_fuel().unwrap_or(0));
+        // A batch is counted and judged as its requests, each of the
+        // average length.
+        let requests = u32::try_from(self.requests).unwrap_or(u32::MAX);
         let stderr = worker.flush_output();
         let mut backtrace = None;
         let result = match outcome {
@@ -479,7 +483,7 @@ impl Lease<'_> {
                     let target = worker.store.data().call.target.clone();
                     dumps.write(&e, &mut worker.store, &pool.ctx.spec.name, &target);
                 }
-                Err(classify(&e, worker.store.data(), &stderr))
+                Err(classify(&e, worker.store.data(), &stderr, given))
             }
         };
         let data = worker.store.data();
@@ -521,8 +525,7 @@ impl Lease<'_> {
                 "log lines over the per-call budget were dropped"
             );
         }
-        // A batch is judged by its requests' average, as it is counted.
-        let each = elapsed / u32::try_from(self.requests).unwrap_or(u32::MAX);
+        let each = elapsed / requests;
         if let Some(warn) = limits.warn_after.filter(|w| each > *w) {
             tracing::warn!(
                 plugin = %pool.ctx.spec.name,
@@ -541,7 +544,7 @@ impl Lease<'_> {
         // A call that yielded was counted long then. Time waiting for a
         // free instance held no thread.
         if data.call.ticks_seen < 2 {
-            let took = elapsed.saturating_sub(self.waited) / u32::try_from(self.requests).unwrap_or(u32::MAX);
+            let took = elapsed.saturating_sub(self.waited) / requests;
             pool.ctx.history.record(&data.call.target, took, fuel / self.requests, poisoned);
         }
         worker.store.data_mut().limiter.crossed = false;
