@@ -14,6 +14,8 @@ use evrhost::runtime::{CommandInfo, Origin, Reply, Request};
 
 #[path = "inprocess/batch.rs"]
 mod batch;
+#[path = "inprocess/event_batches.rs"]
+mod event_batches;
 
 const SECOND: Duration = Duration::from_secs(1);
 

@@ -105,7 +105,21 @@ pub trait Route {
     }
 }
 /// Receives subscribed events. Export with `export!(T: subscriber)`.
-pub use __bindings::subscriber::exports::evrhost::plugin::subscriber::Guest as Subscriber;
+///
+/// The component exports `subscriber-batch` too: events that queued up
+/// while the last ones were being delivered come in one call of
+/// [`Subscriber::on_events`], which by default hands each to
+/// [`Subscriber::on_event`] in order. Override it to do work once per
+/// batch, e.g. to add up counts before one `kv::incr` per key. A batch is
+/// one call: a trap or a limit loses all of its events.
+pub trait Subscriber {
+    fn on_event(event: Event);
+
+    /// The events in the order they were fired.
+    fn on_events(events: Vec<Event>) {
+        events.into_iter().for_each(Self::on_event)
+    }
+}
 /// Runs as an exec task. Export with `export!(T: task)`.
 pub use __bindings::task::exports::evrhost::plugin::task::Guest as Task;
 
@@ -161,6 +175,16 @@ macro_rules! __export_one {
         $crate::__export_api_provider_impl!($ty with_types_in $crate::__bindings::api);
     };
     (subscriber, $ty:ident) => {
+        impl $crate::__bindings::subscriber::exports::evrhost::plugin::subscriber::Guest for $ty {
+            fn on_event(event: $crate::Event) {
+                <$ty as $crate::Subscriber>::on_event(event)
+            }
+        }
+        impl $crate::__bindings::subscriber::exports::evrhost::plugin::subscriber_batch::Guest for $ty {
+            fn on_events(events: Vec<$crate::Event>) {
+                <$ty as $crate::Subscriber>::on_events(events)
+            }
+        }
         $crate::__export_event_subscriber_impl!($ty with_types_in $crate::__bindings::subscriber);
     };
     (task, $ty:ident) => {

@@ -126,6 +126,10 @@ impl Sink for ChannelSink {
     async fn deliver(&mut self, event: &Event) -> bool {
         self.0.send(Arc::new(event.clone())).is_ok()
     }
+
+    async fn deliver_batch(&mut self, events: &[Arc<Event>]) -> usize {
+        events.iter().take_while(|e| self.0.send(Arc::clone(e)).is_ok()).count()
+    }
 }
 
 /// The value of a header of `event`.

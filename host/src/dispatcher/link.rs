@@ -48,6 +48,28 @@ impl Sink for PluginSink {
         }
         result.is_ok()
     }
+
+    /// In one call of `subscriber-batch` when the plugin has it.
+    async fn deliver_batch(&mut self, events: &[Arc<Event>]) -> usize {
+        let Some(version) = self.d.upgrade().and_then(|d| d.plugin(&self.plugin)) else { return 0 };
+        if !version.takes_events(events) {
+            let mut delivered = 0;
+            for event in events {
+                delivered += usize::from(self.deliver(event).await);
+            }
+            return delivered;
+        }
+        let call = version.on_events(events);
+        let (result, _) =
+            if events.iter().any(|e| e.name == "E_CORE_LOG") { log_layer::suppressed(call).await } else { call.await };
+        match result {
+            Ok(()) => events.len(),
+            Err(e) => {
+                tracing::debug!(plugin = %self.plugin, events = events.len(), error = %e, "events not delivered");
+                0
+            }
+        }
+    }
 }
 
 /// The dispatcher as plugins' imports see it.

@@ -3,15 +3,18 @@
 //! (event_datagram), or back to back on one TCP connection to
 //! `tcp:IP:PORT[/METHOD]` (event_stream, which reconnects with backoff).
 
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use nix::sys::socket::{sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage};
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UdpSocket};
 
-use crate::bus::{Bus, BusError, Sink};
+use crate::bus::{Bus, BusError, Sink, DELIVERY_BATCH};
 use crate::config::EventSocket;
 use crate::runtime::Event;
 
@@ -64,25 +67,103 @@ impl EventSinks {
 }
 
 /// event_datagram: no retry; a momentarily full local send buffer is
-/// waited for, briefly (the task is this peer's alone).
+/// waited for, briefly (the task is this peer's alone). Events that queued
+/// up together leave in one sendmmsg(2).
 struct UdpSink {
     addr: SocketAddr,
     sinks: Arc<EventSinks>,
 }
 
-#[async_trait::async_trait]
-impl Sink for UdpSink {
-    async fn deliver(&mut self, event: &Event) -> bool {
+impl UdpSink {
+    /// Sends each of `payloads` as a datagram; how many were sent.
+    async fn send(&self, payloads: &Payloads) -> usize {
         let socket = match self.sinks.socket(self.addr).await {
             Ok(socket) => socket,
             Err(e) => {
                 tracing::error!(addr = %self.addr, error = %e, "cannot open a UDP socket for event delivery");
-                return false;
+                return 0;
             }
         };
-        let payload = notification(event, None);
-        let send = socket.send_to(&payload, self.addr);
-        matches!(tokio::time::timeout(Duration::from_millis(100), send).await, Ok(Ok(_)))
+        let to = SockaddrStorage::from(self.addr);
+        let (mut at, mut sent) = (0, 0);
+        let mut give_up = None;
+        while at < payloads.len() {
+            match socket.try_io(Interest::WRITABLE, || send_many(socket.as_raw_fd(), payloads, at, to)) {
+                Ok(n) => {
+                    at += n;
+                    sent += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let until = *give_up.get_or_insert_with(|| tokio::time::Instant::now() + SEND_WAIT);
+                    if !matches!(tokio::time::timeout_at(until, socket.writable()).await, Ok(Ok(()))) {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // This one datagram cannot go (too big, say); the next may.
+                    tracing::debug!(addr = %self.addr, error = %e, "event datagram not sent");
+                    at += 1;
+                }
+            }
+        }
+        sent
+    }
+}
+
+/// How long a full local send buffer is waited for before the events in
+/// hand count as failed.
+const SEND_WAIT: Duration = Duration::from_millis(100);
+
+/// Notifications back to back in one buffer: one allocation a batch.
+#[derive(Default)]
+struct Payloads {
+    bytes: Vec<u8>,
+    /// Where each one ends.
+    ends: Vec<usize>,
+}
+
+impl Payloads {
+    fn of<'e>(events: impl Iterator<Item = &'e Event>) -> Payloads {
+        let mut payloads = Payloads::default();
+        for event in events {
+            write_notification(&mut payloads.bytes, event, None);
+            payloads.ends.push(payloads.bytes.len());
+        }
+        payloads
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn get(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..self.ends[i]]
+    }
+}
+
+/// One sendmmsg(2) of (at most [`DELIVERY_BATCH`] of) `payloads` from
+/// `from` on, to `to`: how many left.
+fn send_many(fd: RawFd, payloads: &Payloads, from: usize, to: SockaddrStorage) -> io::Result<usize> {
+    let n = (payloads.len() - from).min(DELIVERY_BATCH);
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(n, None);
+    let slices: Vec<[IoSlice<'_>; 1]> = (from..from + n).map(|i| [IoSlice::new(payloads.get(i))]).collect();
+    let addrs = vec![Some(to); n];
+    let no_cmsgs: [ControlMessage<'_>; 0] = [];
+    sendmmsg(fd, &mut headers, &slices, &addrs, no_cmsgs, MsgFlags::MSG_DONTWAIT)
+        .map(|results| results.count())
+        .map_err(io::Error::from)
+}
+
+#[async_trait::async_trait]
+impl Sink for UdpSink {
+    async fn deliver(&mut self, event: &Event) -> bool {
+        self.send(&Payloads::of(std::iter::once(event))).await == 1
+    }
+
+    async fn deliver_batch(&mut self, events: &[Arc<Event>]) -> usize {
+        self.send(&Payloads::of(events.iter().map(|e| &**e))).await
     }
 }
 
@@ -144,8 +225,24 @@ impl Sink for TcpSink {
 /// headers as `params`, in order, the body as `_body`. For OpenSIPS's own
 /// events (`E_…`) integer values are JSON numbers, as OpenSIPS types them.
 pub fn notification(event: &Event, method: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_notification(&mut out, event, method);
+    out
+}
+
+/// `notification`, written at the end of `out`.
+fn write_notification(out: &mut Vec<u8>, event: &Event, method: Option<&str>) {
+    // Room for the text and its quoting and punctuation, so it is written
+    // without growing the buffer.
+    let text: usize = event.headers.iter().map(|(k, v)| k.len() + v.len() + 6).sum::<usize>()
+        + event.body.as_ref().map_or(0, |b| b.len() + 12)
+        + event.name.len();
+    out.reserve(text + 48);
     let doc = Notification { jsonrpc: "2.0", method: method.unwrap_or(&event.name), params: Params(event) };
-    serde_json::to_vec(&doc).unwrap_or_default()
+    let start = out.len();
+    if serde_json::to_writer(&mut *out, &doc).is_err() {
+        out.truncate(start);
+    }
 }
 
 /// Serialized straight from the event's headers: no intermediate map.
@@ -165,8 +262,8 @@ impl Serialize for Params<'_> {
         let numeric = event.name.starts_with("E_");
         let mut map = serializer.serialize_map(Some(event.headers.len() + usize::from(event.body.is_some())))?;
         for (k, v) in &event.headers {
-            match v.parse::<i64>() {
-                Ok(n) if numeric && n.to_string() == *v => map.serialize_entry(k, &n)?,
+            match numeric.then(|| v.parse::<i64>()) {
+                Some(Ok(n)) if n.to_string() == *v => map.serialize_entry(k, &n)?,
                 _ => map.serialize_entry(k, v)?,
             }
         }

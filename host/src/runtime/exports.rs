@@ -1,11 +1,11 @@
 //! The four export interfaces a plugin may have (and `batch`, which goes
-//! with `route`), where each lives in a component (resolved once per
+//! with `route`, and `subscriber-batch`, with `subscriber`), where each lives in a component (resolved once per
 //! version) and in one of its instances.
 
-use wasmtime::component::{Instance, InstancePre};
+use wasmtime::component::{ComponentExportIndex, Func, Instance, InstancePre};
 use wasmtime::AsContextMut;
 
-use super::bindings::{api, batch, route, subscriber, task};
+use super::bindings::{api, batch, route, subscriber, subscriber_batch, task};
 use super::contract::interface;
 use super::state::HostState;
 
@@ -42,6 +42,8 @@ impl Export {
 
 /// The optional export that goes with `route`.
 pub const BATCH: &str = interface!("batch");
+/// The optional export that goes with `subscriber`.
+pub const SUBSCRIBER_BATCH: &str = interface!("subscriber-batch");
 
 /// An export present under its name but with another shape: a plugin
 /// built against an incompatible contract.
@@ -60,6 +62,8 @@ pub(crate) struct ExportIndices {
     batch: Option<batch::GuestIndices>,
     api: Option<api::GuestIndices>,
     subscriber: Option<subscriber::GuestIndices>,
+    /// Only beside `subscriber`: where its `on-events` is.
+    subscriber_batch: Option<ComponentExportIndex>,
     task: Option<task::GuestIndices>,
 }
 
@@ -79,18 +83,38 @@ impl ExportIndices {
             }
         }
         let route = lookup(has(Export::Route), Export::Route, route::GuestIndices::new(pre))?;
-        let batch = match (&route, exported.iter().any(|n| n == BATCH)) {
-            (Some(_), true) => Some(
-                batch::GuestIndices::new(pre)
-                    .map_err(|err| ExportMismatch { export: BATCH, message: format!("{err:#}") })?,
-            ),
-            _ => None,
-        };
+        // An optional export beside `main`, which it serves.
+        fn beside<M, T>(
+            main: &Option<M>,
+            present: bool,
+            export: &'static str,
+            r: impl FnOnce() -> wasmtime::Result<T>,
+        ) -> Result<Option<T>, ExportMismatch> {
+            match (main, present) {
+                (Some(_), true) => r().map(Some).map_err(|err| ExportMismatch { export, message: format!("{err:#}") }),
+                _ => Ok(None),
+            }
+        }
+        let exports = |name: &str| exported.iter().any(|n| n == name);
+        let batch = beside(&route, exports(BATCH), BATCH, || batch::GuestIndices::new(pre))?;
+        let subscriber = lookup(has(Export::Subscriber), Export::Subscriber, subscriber::GuestIndices::new(pre))?;
+        // Checked against the contract by the generated bindings, then
+        // called through its own index: the generated call takes the
+        // events by value, and the bus holds them shared.
+        let subscriber_batch = beside(&subscriber, exports(SUBSCRIBER_BATCH), SUBSCRIBER_BATCH, || {
+            subscriber_batch::GuestIndices::new(pre)?;
+            let component = pre.component();
+            let interface = component.get_export_index(None, SUBSCRIBER_BATCH);
+            interface
+                .and_then(|i| component.get_export_index(Some(&i), "on-events"))
+                .ok_or_else(|| wasmtime::format_err!("no function `on-events`"))
+        })?;
         Ok(ExportIndices {
             route,
             batch,
             api: lookup(has(Export::Api), Export::Api, api::GuestIndices::new(pre))?,
-            subscriber: lookup(has(Export::Subscriber), Export::Subscriber, subscriber::GuestIndices::new(pre))?,
+            subscriber,
+            subscriber_batch,
             task: lookup(has(Export::Task), Export::Task, task::GuestIndices::new(pre))?,
         })
     }
@@ -98,6 +122,11 @@ impl ExportIndices {
     /// Whether the route export comes with `batch`.
     pub fn has_batch(&self) -> bool {
         self.batch.is_some()
+    }
+
+    /// Whether the subscriber export comes with `subscriber-batch`.
+    pub fn has_subscriber_batch(&self) -> bool {
+        self.subscriber_batch.is_some()
     }
 
     pub fn has(&self, e: Export) -> bool {
@@ -115,6 +144,14 @@ impl ExportIndices {
             batch: self.batch.as_ref().map(|i| i.load(store.as_context_mut(), instance)).transpose()?,
             api: self.api.as_ref().map(|i| i.load(store.as_context_mut(), instance)).transpose()?,
             subscriber: self.subscriber.as_ref().map(|i| i.load(store.as_context_mut(), instance)).transpose()?,
+            subscriber_batch: match &self.subscriber_batch {
+                Some(i) => Some(
+                    instance
+                        .get_func(store.as_context_mut(), i)
+                        .ok_or_else(|| wasmtime::format_err!("no function `on-events` in this instance"))?,
+                ),
+                None => None,
+            },
             task: self.task.as_ref().map(|i| i.load(store.as_context_mut(), instance)).transpose()?,
         })
     }
@@ -126,5 +163,8 @@ pub(crate) struct WorkerExports {
     pub batch: Option<batch::Guest>,
     pub api: Option<api::Guest>,
     pub subscriber: Option<subscriber::Guest>,
+    /// `on-events`, called with the bus's shared events (see
+    /// `PluginVersion::on_events`).
+    pub subscriber_batch: Option<Func>,
     pub task: Option<task::Guest>,
 }

@@ -260,6 +260,25 @@ impl PluginVersion {
         })
     }
 
+    /// Whether `events` may go in one call of `subscriber-batch`: the
+    /// plugin exports it and none of them is of a name whose deliveries
+    /// ran long lately (a batch has one call's deadline).
+    pub fn takes_events(&self, events: &[Arc<Event>]) -> bool {
+        self.pool.has_subscriber_batch() && !events.iter().any(|e| self.pool.runs_long(&e.name))
+    }
+
+    /// Delivers `events` in one call of `subscriber-batch` (check
+    /// `takes_events` first); the call is named after the first event.
+    pub async fn on_events(&self, events: &[Arc<Event>]) -> Outcome<()> {
+        let name = events.first().map_or("", |e| e.name.as_str());
+        call_export!(self, "event", name, 0, false, events.len(), |store, exports| {
+            let f = exports.subscriber_batch.as_ref().ok_or_else(missing_subscriber_batch)?;
+            // An `Arc<Event>` lowers as the event: no copy of the bus's.
+            let f = f.typed::<(&[Arc<Event>],), ()>(&*store).map_err(Failure::Wasm)?;
+            f.call_async(store, (events,)).await.map_err(Failure::Wasm)
+        })
+    }
+
     /// Runs the task export for one exec worker.
     pub async fn run_task(&self, name: &str, worker: &str) -> Outcome<()> {
         call_export!(self, "task", name, 0, true, |store, exports| {
@@ -285,6 +304,10 @@ impl PluginVersion {
 
 fn missing_batch() -> Failure {
     Failure::Wasm(wasmtime::format_err!("the plugin does not export `{}`", super::exports::BATCH))
+}
+
+fn missing_subscriber_batch() -> Failure {
+    Failure::Wasm(wasmtime::format_err!("the plugin does not export `{}`", super::exports::SUBSCRIBER_BATCH))
 }
 
 fn missing(e: Export) -> Failure {

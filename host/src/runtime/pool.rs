@@ -115,6 +115,11 @@ impl Pool {
         self.indices.has_batch()
     }
 
+    /// Whether the plugin exports `subscriber-batch` beside `subscriber`.
+    pub fn has_subscriber_batch(&self) -> bool {
+        self.indices.has_subscriber_batch()
+    }
+
     /// Whether a call of `target` belongs on the slow lane (`lanes`).
     pub fn runs_long(&self, target: &str) -> bool {
         self.ctx.history.runs_long(target)

@@ -68,15 +68,38 @@ impl Route for Listener {
     }
 }
 
+/// Counts `n` events of `key`, the last of them `last`.
+fn received(id: &str, key: &str, n: usize, last: &Event) {
+    let _ = kv::incr(&format!("{id}:count:{key}"), n as i64);
+    let headers: Vec<String> = last.headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = kv::set(&format!("{id}:last:{key}"), headers.join("\n"));
+    if last.name != "E_CORE_LOG" {
+        match n {
+            1 => log::info(&format!("{id} got {key}")),
+            _ => log::info(&format!("{id} got {key} x{n}")),
+        }
+    }
+}
+
 impl Subscriber for Listener {
     fn on_event(event: Event) {
+        received(&id(), &key_of(&event), 1, &event);
+    }
+
+    /// Once per name in the batch: one incr by the count, the last one's
+    /// headers, one log line.
+    fn on_events(events: Vec<Event>) {
         let id = id();
-        let key = key_of(&event);
-        let _ = kv::incr(&format!("{id}:count:{key}"), 1);
-        let headers: Vec<String> = event.headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let _ = kv::set(&format!("{id}:last:{key}"), headers.join("\n"));
-        if event.name != "E_CORE_LOG" {
-            log::info(&format!("{id} got {key}"));
+        let mut seen: Vec<(String, usize, usize)> = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            let key = key_of(event);
+            match seen.iter_mut().find(|(k, _, _)| *k == key) {
+                Some((_, n, last)) => (*n, *last) = (*n + 1, i),
+                None => seen.push((key, 1, i)),
+            }
+        }
+        for (key, n, last) in &seen {
+            received(&id, key, *n, &events[*last]);
         }
     }
 }
