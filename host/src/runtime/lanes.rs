@@ -117,12 +117,16 @@ pub struct SlowLane {
 }
 
 impl SlowLane {
-    /// One thread per core: a machine with nothing short to run gives its
-    /// long calls every core (fewer threads, reserving a core for short
-    /// calls, measured no better on `cargo bench --bench neighbours` and
-    /// would cap CPU-heavy plugins at fewer cores).
+    /// One thread per core but one (at least one): long calls never hold
+    /// every core, so a short call always finds one. Nice alone does not
+    /// protect the short calls: on `cargo bench --bench neighbours`, two
+    /// lane threads each touching 32 MiB a call took the memory bandwidth
+    /// both cores share, and echo's median rose 5.7× whatever their
+    /// priority (two such loops outside evrhost, at nice 10, cost as
+    /// much); with one lane thread it stayed at its idle median.
     pub fn start() -> Result<SlowLane, SlowLaneError> {
-        let threads = std::thread::available_parallelism().map_or(2, usize::from);
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        let threads = cores.saturating_sub(1).max(1);
         let nice = lane_nice(rustix::process::getpriority_process(None).unwrap_or(0));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
