@@ -445,18 +445,29 @@ impl Bus {
         out
     }
 
+    /// Every subscriber with a live subscription, and those it holds (an
+    /// expired one is gone at once here, as in matching, before
+    /// housekeeping removes it).
     pub fn list(&self) -> Vec<SubscriberInfo> {
+        let now = Instant::now();
+        let live = |s: &Subscriber| -> Vec<String> {
+            let subscriptions = lock(&s.subscriptions);
+            subscriptions.iter().filter(|x| x.expires.is_none_or(|t| t > now)).map(Subscription::written).collect()
+        };
         self.subscribers
             .load()
             .iter()
-            .map(|s| SubscriberInfo {
-                target: s.id.clone(),
-                events: lock(&s.subscriptions).iter().map(Subscription::written).collect(),
-                filters: lock(&s.filters).len(),
-                queued: self.queue - s.tx.capacity(),
-                delivered: s.counters.delivered.load(Relaxed),
-                overflow: s.counters.overflow.load(Relaxed),
-                failed: s.counters.failed.load(Relaxed),
+            .filter_map(|s| {
+                let events = live(s);
+                (!events.is_empty()).then(|| SubscriberInfo {
+                    target: s.id.clone(),
+                    events,
+                    filters: lock(&s.filters).len(),
+                    queued: self.queue - s.tx.capacity(),
+                    delivered: s.counters.delivered.load(Relaxed),
+                    overflow: s.counters.overflow.load(Relaxed),
+                    failed: s.counters.failed.load(Relaxed),
+                })
             })
             .collect()
     }

@@ -180,10 +180,17 @@ pub fn start(
         let replies = Replies { socket: sender.clone(), stats: stats.clone(), on: def.reply, unsaved: unsaved.clone() };
         Handler::new(d.clone(), route, replies, def.profiling.then(|| format!("UDP receiver udp:{addr}")))
     };
+    // The workers hold the write end: once they have all ended (aborted at
+    // shutdown), the receiver's poll sees the read end hang up, so it
+    // waits for datagrams without waking up now and then to look.
+    let (stopped, running) = io::pipe()?;
+    let running = Arc::new(running);
     let mut tasks = Vec::new();
     for _ in 0..def.workers {
         let (rx, backlog, mut handler) = (rx.clone(), backlog.clone(), handler());
+        let running = running.clone();
         tasks.push(tokio::spawn(async move {
+            let _running = running;
             while let Ok(batch) = rx.recv().await {
                 backlog.waiting.fetch_sub(batch.len(), Relaxed);
                 handler.datagrams(batch.datagrams()).await;
@@ -195,8 +202,10 @@ pub fn start(
     let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
     let inline = Inline::new(runtime, handler(), def.workers == 1);
     let (name, receiver_stats, coalesce) = (route.to_string(), stats.clone(), def.coalesce);
+    drop(running);
     std::thread::Builder::new().name("evrhost-udp".into()).spawn(move || {
-        if let Err(e) = receive(&socket, &tx, &backlog, &receiver_stats, &name, coalesce, inline) {
+        let ends = Ends { socket: &socket, stopped: &stopped };
+        if let Err(e) = receive(ends, &tx, &backlog, &receiver_stats, &name, coalesce, inline) {
             tracing::error!(route = %name, %addr, error = %e, "UDP receiver stopped");
         }
     })?;
@@ -225,11 +234,19 @@ impl DropWarning {
     }
 }
 
-/// The receiver thread: waits for the socket with poll(2) (waking every
-/// 250 ms to notice shutdown), then drains it in recvmmsg batches, each
-/// run here or handed on (see the module doc).
+/// What a receiver thread waits on: its socket, and the pipe whose write
+/// end the workers hold.
+struct Ends<'a> {
+    socket: &'a std::net::UdpSocket,
+    stopped: &'a io::PipeReader,
+}
+
+/// The receiver thread: waits for the socket or the workers' end with
+/// poll(2) (waking once a second only while a drop warning is due), then
+/// drains the socket in recvmmsg batches, each run here or handed on (see
+/// the module doc).
 fn receive(
-    socket: &std::net::UdpSocket,
+    Ends { socket, stopped }: Ends<'_>,
     tx: &async_channel::Sender<Batch>,
     backlog: &Backlog,
     stats: &UdpStats,
@@ -250,9 +267,12 @@ fn receive(
     while !tx.is_closed() {
         drops.warn(route);
         if !paced {
-            let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::from(250u16)) {
+            let mut fds =
+                [PollFd::new(socket.as_fd(), PollFlags::POLLIN), PollFd::new(stopped.as_fd(), PollFlags::POLLIN)];
+            let wait = if drops.since > 0 { PollTimeout::from(1000u16) } else { PollTimeout::NONE };
+            match poll(&mut fds, wait) {
                 Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) if fds[1].any().unwrap_or(true) => return Ok(()),
                 Ok(_) => {}
                 Err(e) => return Err(e.into()),
             }
