@@ -23,15 +23,6 @@
 //! - [`daemon`]: wires them together; [`harness`]: the same in process,
 //!   for tests.
 
-/// mimalloc, not glibc's malloc: the hot paths allocate on one thread and
-/// free on another (an event fired on a front-end's thread, dropped by a
-/// subscriber's delivery task; a datagram's request, a bus record), and
-/// glibc serialises those frees on the allocating thread's arena lock.
-/// Set here, in the library, so the daemon, its tests and its benches all
-/// run on the allocator that ships.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 pub mod builtins;
 pub mod bus;
 pub mod config;
