@@ -89,8 +89,9 @@ impl UdpSink {
         let mut give_up = None;
         while at < payloads.len() {
             match socket.try_io(Interest::WRITABLE, || send_many(socket.as_raw_fd(), payloads, at, to)) {
+                // sendmmsg sends one at least or fails; never spin on none.
                 Ok(n) => {
-                    at += n;
+                    at += n.max(1);
                     sent += n;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
