@@ -36,7 +36,8 @@ pub fn spawn(d: Arc<Dispatcher>, events: EventsSettings) -> JoinHandle<()> {
                     heartbeat(&d, idle);
                     // Kept to its schedule: from `now` it would slip by
                     // up to a tick each time.
-                    next_heartbeat = at.checked_add(every).map(|next| if next > now { next } else { now + every });
+                    next_heartbeat =
+                        at.checked_add(every).filter(|next| *next > now).or_else(|| now.checked_add(every));
                 }
             }
             if let Some(limit) = events.shm_limit_bytes {

@@ -123,12 +123,18 @@ pub trait Sink: Send + 'static {
     /// less than one at a time (one system call, one guest call) does so
     /// here; by default each goes through `deliver`.
     async fn deliver_batch(&mut self, events: &[Arc<Event>]) -> usize {
-        let mut delivered = 0;
-        for event in events {
-            delivered += usize::from(self.deliver(event).await);
-        }
-        delivered
+        deliver_each(self, events).await
     }
+}
+
+/// `events` through `sink.deliver`, one at a time: how many were delivered.
+/// The default `deliver_batch`, for a sink that falls back to it.
+pub async fn deliver_each<S: Sink + ?Sized>(sink: &mut S, events: &[Arc<Event>]) -> usize {
+    let mut delivered = 0;
+    for event in events {
+        delivered += usize::from(sink.deliver(event).await);
+    }
+    delivered
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

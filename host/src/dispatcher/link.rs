@@ -53,11 +53,7 @@ impl Sink for PluginSink {
     async fn deliver_batch(&mut self, events: &[Arc<Event>]) -> usize {
         let Some(version) = self.d.upgrade().and_then(|d| d.plugin(&self.plugin)) else { return 0 };
         if !version.takes_events(events) {
-            let mut delivered = 0;
-            for event in events {
-                delivered += usize::from(self.deliver(event).await);
-            }
-            return delivered;
+            return bus::deliver_each(self, events).await;
         }
         let call = version.on_events(events);
         let (result, _) =

@@ -1,6 +1,7 @@
 //! The four export interfaces a plugin may have (and `batch`, which goes
-//! with `route`, and `subscriber-batch`, with `subscriber`), where each lives in a component (resolved once per
-//! version) and in one of its instances.
+//! with `route`, and `subscriber-batch`, with `subscriber`), where each
+//! lives in a component (resolved once per version) and in one of its
+//! instances.
 
 use wasmtime::component::{ComponentExportIndex, Func, Instance, InstancePre};
 use wasmtime::AsContextMut;

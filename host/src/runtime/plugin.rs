@@ -188,7 +188,7 @@ impl PluginVersion {
     /// replies are not yet acknowledged, as `handle`'s.
     pub async fn handle_batch(&self, route: &str, requests: &[Request]) -> Outcome<Vec<Result<Reply, CallError>>> {
         let (result, report) = call_export!(self, "route", route, 0, false, requests.len(), |store, exports| {
-            let g = exports.batch.as_ref().ok_or_else(missing_batch)?;
+            let g = exports.batch.as_ref().ok_or_else(|| missing_interface(super::exports::BATCH))?;
             let results = g.call_handle_batch(store, requests).await.map_err(Failure::Wasm)?;
             if results.len() != requests.len() {
                 let (got, want) = (results.len(), requests.len());
@@ -272,7 +272,8 @@ impl PluginVersion {
     pub async fn on_events(&self, events: &[Arc<Event>]) -> Outcome<()> {
         let name = events.first().map_or("", |e| e.name.as_str());
         call_export!(self, "event", name, 0, false, events.len(), |store, exports| {
-            let f = exports.subscriber_batch.as_ref().ok_or_else(missing_subscriber_batch)?;
+            let f =
+                exports.subscriber_batch.as_ref().ok_or_else(|| missing_interface(super::exports::SUBSCRIBER_BATCH))?;
             // An `Arc<Event>` lowers as the event: no copy of the bus's.
             let f = f.typed::<(&[Arc<Event>],), ()>(&*store).map_err(Failure::Wasm)?;
             f.call_async(store, (events,)).await.map_err(Failure::Wasm)
@@ -302,16 +303,12 @@ impl PluginVersion {
     }
 }
 
-fn missing_batch() -> Failure {
-    Failure::Wasm(wasmtime::format_err!("the plugin does not export `{}`", super::exports::BATCH))
-}
-
-fn missing_subscriber_batch() -> Failure {
-    Failure::Wasm(wasmtime::format_err!("the plugin does not export `{}`", super::exports::SUBSCRIBER_BATCH))
-}
-
 fn missing(e: Export) -> Failure {
-    Failure::Wasm(wasmtime::format_err!("the plugin does not export `{}`", e.interface()))
+    missing_interface(e.interface())
+}
+
+fn missing_interface(interface: &str) -> Failure {
+    Failure::Wasm(wasmtime::format_err!("the plugin does not export `{interface}`"))
 }
 
 /// A guest function's `result<T, string>`: its error is the handler's own.
