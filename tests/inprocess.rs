@@ -16,6 +16,8 @@ use evrhost::runtime::{CommandInfo, Origin, Reply, Request};
 mod batch;
 #[path = "inprocess/event_batches.rs"]
 mod event_batches;
+#[path = "inprocess/udp_bursts.rs"]
+mod udp_bursts;
 
 const SECOND: Duration = Duration::from_secs(1);
 

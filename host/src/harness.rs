@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::bus::log_layer::LogHub;
-use crate::bus::{split_event, BusError, Sink};
+use crate::bus::{split_event, BusError, Fired, Sink};
 use crate::config::{Config, ConfigError};
 use crate::daemon::{self, DaemonError};
 use crate::dispatcher::Dispatcher;
@@ -119,16 +119,13 @@ impl Watch {
     }
 }
 
+/// Hands on each event with its standard headers, as plugins get it.
 struct ChannelSink(mpsc::UnboundedSender<Arc<Event>>);
 
 #[async_trait::async_trait]
 impl Sink for ChannelSink {
-    async fn deliver(&mut self, event: &Event) -> bool {
-        self.0.send(Arc::new(event.clone())).is_ok()
-    }
-
-    async fn deliver_batch(&mut self, events: &[Arc<Event>]) -> usize {
-        events.iter().take_while(|e| self.0.send(Arc::clone(e)).is_ok()).count()
+    async fn deliver(&mut self, event: &Fired) -> bool {
+        self.0.send(Arc::new(event.event().clone())).is_ok()
     }
 }
 

@@ -52,7 +52,7 @@ pub fn spawn(d: Arc<Dispatcher>, events: EventsSettings) -> JoinHandle<()> {
                             ("used", used.to_string()),
                             ("size", limit.to_string()),
                         ],
-                        &Caller::host("memory check"),
+                        Caller::host("memory check"),
                     );
                 }
                 above = used > threshold;
@@ -88,7 +88,7 @@ fn heartbeat(d: &Dispatcher, idle_cpu: Option<f64>) {
             ("Call-Count", calls.to_string()),
             ("Idle-CPU", format!("{:.6}", idle_cpu.unwrap_or(100.0))),
         ],
-        &Caller::host("heartbeat"),
+        Caller::host("heartbeat"),
     );
 }
 

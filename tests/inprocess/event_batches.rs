@@ -51,7 +51,7 @@ async fn queued_events_reach_a_plugin_in_batches_each_counted_once_in_order() {
 
     // Fired without a yield between: they all wait in the queue.
     for n in 0..300 {
-        d.bus().fire(custom("batch", n, 0), &Caller::host("test"));
+        d.bus().fire(custom("batch", n, 0), Caller::host("test"));
     }
     let sub = settled(&host, "plugin:listener", 300).await;
     assert_eq!((sub.delivered, sub.failed, sub.overflow), (300, 0, 0), "{sub:?}");
@@ -88,7 +88,7 @@ async fn queued_events_reach_a_udp_subscriber_in_order_and_one_too_big_fails_alo
     // 200 in a row, the 100th too big for a datagram.
     for n in 0..200 {
         let padding = if n == 100 { 70_000 } else { 0 };
-        host.dispatcher.bus().fire(custom("udp", n, padding), &Caller::host("test"));
+        host.dispatcher.bus().fire(custom("udp", n, padding), Caller::host("test"));
     }
     let sub = settled(&host, &socket.id(), 200).await;
     assert_eq!((sub.delivered, sub.failed, sub.overflow), (199, 1, 0), "{sub:?}");

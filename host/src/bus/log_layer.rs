@@ -200,9 +200,9 @@ impl<S: tracing::Subscriber> Layer<S> for BusLayer {
                 ("module", meta.target().to_string()),
                 ("message", format!("{}{}", message.text, message.fields)),
             ],
-            &Caller {
-                file: meta.file().unwrap_or("").to_string(),
-                function: meta.target().to_string(),
+            Caller {
+                file: meta.file().unwrap_or("").into(),
+                function: meta.target().into(),
                 line: meta.line().unwrap_or(0),
             },
         );

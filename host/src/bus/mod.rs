@@ -10,11 +10,13 @@
 //!   subscriber has a bounded queue and a delivery task of its own; a full
 //!   queue drops the event for that subscriber alone and counts it.
 //! - An event gets its standard headers once, when fired, before any
-//!   subscriber sees it; a plugin cannot forge them.
+//!   subscriber sees it (kept compact: [`Fired`]); a plugin cannot forge
+//!   them.
 //! - An expired subscription stops matching at once; housekeeping removes
 //!   it, and a subscriber left with none is removed with its task.
 
 mod filter;
+mod fired;
 pub mod log_layer;
 mod profile;
 
@@ -27,10 +29,12 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub use filter::{FilterChange, FilterError, Filters, MAX_FILTERS, MAX_REGEX_FILTERS};
+pub use fired::{Caller, Fired, Value};
 pub use profile::Profiler;
 
 use crate::runtime::Event;
 use crate::sync::lock;
+use fired::Second;
 
 /// Subscriptions one subscriber may hold; past this `subscribe` fails, so a
 /// plugin or a peer cannot grow the bus without bound.
@@ -38,22 +42,6 @@ pub const MAX_SUBSCRIPTIONS: usize = 1024;
 /// Subscribers at once (plugins, peers, sockets): each has a queue and a
 /// task, and a stream subscriber a connection.
 pub const MAX_SUBSCRIBERS: usize = 1024;
-
-/// Headers the bus sets on every event; anything a plugin put under these
-/// names is replaced.
-const STANDARD: [&str; 11] = [
-    "Event-Name",
-    "Event-Subclass",
-    "Core-UUID",
-    "Hostname",
-    "Event-Date-Local",
-    "Event-Date-GMT",
-    "Event-Date-Timestamp",
-    "Event-Calling-File",
-    "Event-Calling-Function",
-    "Event-Calling-Line-Number",
-    "Event-Sequence",
-];
 
 /// An event as written in subscriptions: `NAME`, or `CUSTOM:SUBCLASS`
 /// (subclasses such as `acme::login` hold colons of their own).
@@ -90,20 +78,6 @@ pub const HOST_EVENTS: [(&str, u32); 13] = [
     ("PLUGIN_FAIL", 13),
 ];
 
-/// Who fired an event: `Event-Calling-File/Function/Line-Number`.
-#[derive(Clone, Debug)]
-pub struct Caller {
-    pub file: String,
-    pub function: String,
-    pub line: u32,
-}
-
-impl Caller {
-    pub fn host(function: &str) -> Caller {
-        Caller { file: "evrhost".into(), function: function.into(), line: 0 }
-    }
-}
-
 /// Events a delivery task takes off its queue at once: what queued up
 /// while the last ones were being delivered, up to this many.
 pub const DELIVERY_BATCH: usize = 64;
@@ -115,21 +89,21 @@ pub const DELIVERY_BATCH: usize = 64;
 pub trait Sink: Send + 'static {
     /// True when the event was delivered (counted as delivered, else as
     /// failed).
-    async fn deliver(&mut self, event: &Event) -> bool;
+    async fn deliver(&mut self, event: &Fired) -> bool;
 
     /// Delivers events that queued up together (at most
     /// [`DELIVERY_BATCH`], in order) and says how many were delivered; the
     /// rest count as failed. A sink that can send several at once for
     /// less than one at a time (one system call, one guest call) does so
     /// here; by default each goes through `deliver`.
-    async fn deliver_batch(&mut self, events: &[Arc<Event>]) -> usize {
+    async fn deliver_batch(&mut self, events: &[Arc<Fired>]) -> usize {
         deliver_each(self, events).await
     }
 }
 
 /// `events` through `sink.deliver`, one at a time: how many were delivered.
 /// The default `deliver_batch`, for a sink that falls back to it.
-pub async fn deliver_each<S: Sink + ?Sized>(sink: &mut S, events: &[Arc<Event>]) -> usize {
+pub async fn deliver_each<S: Sink + ?Sized>(sink: &mut S, events: &[Arc<Fired>]) -> usize {
     let mut delivered = 0;
     for event in events {
         delivered += usize::from(sink.deliver(event).await);
@@ -168,10 +142,10 @@ impl Subscription {
         }
     }
 
-    fn matches(&self, event: &Event, now: Instant) -> bool {
+    fn matches(&self, event: &Fired, now: Instant) -> bool {
         self.expires.is_none_or(|t| t > now)
-            && (self.name == "ALL" || self.name == event.name)
-            && (self.subclass.is_none() || self.subclass == event.subclass)
+            && (self.name == "ALL" || self.name == event.name())
+            && (self.subclass.is_none() || self.subclass.as_deref() == event.subclass())
     }
 }
 
@@ -181,7 +155,7 @@ struct Subscriber {
     id: String,
     subscriptions: Mutex<Vec<Subscription>>,
     filters: Mutex<Filters>,
-    tx: mpsc::Sender<Arc<Event>>,
+    tx: mpsc::Sender<Arc<Fired>>,
     counters: Arc<Counters>,
 }
 
@@ -195,9 +169,14 @@ struct Counters {
 }
 
 impl Subscriber {
-    fn wants(&self, event: &Event, now: Instant) -> bool {
+    /// Filters see the event with its standard headers, built for the
+    /// first subscriber that filters.
+    fn wants(&self, event: &Fired, now: Instant) -> bool {
         let subscribed = lock(&self.subscriptions).iter().any(|s| s.matches(event, now));
-        subscribed && lock(&self.filters).passes(event)
+        subscribed && {
+            let filters = lock(&self.filters);
+            filters.is_empty() || filters.passes(event.event())
+        }
     }
 }
 
@@ -213,14 +192,14 @@ pub struct SubscriberInfo {
 }
 
 pub struct Bus {
-    core_uuid: String,
-    hostname: String,
+    core_uuid: Arc<str>,
+    hostname: Arc<str>,
     sequence: AtomicU64,
     subscribers: ArcSwap<Vec<Arc<Subscriber>>>,
     admin: Mutex<()>,
     queue: usize,
-    /// (second, local, GMT) of the last event's dates.
-    dates: Mutex<(u64, String, String)>,
+    /// What the events of the last second fired share.
+    second: ArcSwap<Second>,
     /// Events someone subscribed to by name, in the order first seen, at
     /// most [`MAX_SUBSCRIBERS`]: what OpenSIPS's `events_list` would call
     /// registered, with ids that stay put.
@@ -238,14 +217,22 @@ impl Bus {
     pub fn new(queue: usize) -> Arc<Bus> {
         let hostname =
             nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into());
+        let (core_uuid, hostname): (Arc<str>, Arc<str>) = (uuid::Uuid::new_v4().to_string().into(), hostname.into());
+        let second = Second {
+            secs: u64::MAX,
+            core_uuid: core_uuid.clone(),
+            hostname: hostname.clone(),
+            local: "".into(),
+            gmt: "".into(),
+        };
         Arc::new(Bus {
-            core_uuid: uuid::Uuid::new_v4().to_string(),
+            core_uuid,
             hostname,
             sequence: AtomicU64::new(0),
             subscribers: ArcSwap::from_pointee(Vec::new()),
             admin: Mutex::new(()),
             queue: queue.max(1),
-            dates: Mutex::new((0, String::new(), String::new())),
+            second: ArcSwap::from_pointee(second),
             named: Mutex::new(Vec::new()),
             profiling_sessions: AtomicU64::new(0),
             runtime: tokio::runtime::Handle::current(),
@@ -259,30 +246,13 @@ impl Bus {
 
     /// Adds the standard headers and hands the event to every subscriber
     /// that wants it.
-    pub fn fire(&self, mut event: Event, caller: &Caller) {
+    pub fn fire(&self, event: Event, caller: Caller) {
         let subscribers = self.subscribers.load();
         let sequence = self.sequence.fetch_add(1, Relaxed) + 1;
         if subscribers.is_empty() {
             return;
         }
-        event.headers.retain(|(k, _)| !STANDARD.iter().any(|s| s.eq_ignore_ascii_case(k)));
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        let (local, gmt) = self.dates(now.as_secs());
-        let h = &mut event.headers;
-        h.push(("Event-Name".into(), event.name.clone()));
-        if let Some(subclass) = &event.subclass {
-            h.push(("Event-Subclass".into(), subclass.clone()));
-        }
-        h.push(("Core-UUID".into(), self.core_uuid.clone()));
-        h.push(("Hostname".into(), self.hostname.clone()));
-        h.push(("Event-Date-Local".into(), local));
-        h.push(("Event-Date-GMT".into(), gmt));
-        h.push(("Event-Date-Timestamp".into(), now.as_micros().to_string()));
-        h.push(("Event-Calling-File".into(), caller.file.clone()));
-        h.push(("Event-Calling-Function".into(), caller.function.clone()));
-        h.push(("Event-Calling-Line-Number".into(), caller.line.to_string()));
-        h.push(("Event-Sequence".into(), sequence.to_string()));
-        let event = Arc::new(event);
+        let event = Arc::new(self.stamped(event, caller, sequence));
         let now = Instant::now();
         for sub in subscribers.iter() {
             if !sub.wants(&event, now) {
@@ -294,26 +264,43 @@ impl Bus {
         }
     }
 
-    /// Event-Date-Local and Event-Date-GMT for a second since the epoch.
-    /// Formatting them (and finding the local zone) costs microseconds, so
-    /// they are made once a second.
-    fn dates(&self, secs: u64) -> (String, String) {
-        let mut cache = lock(&self.dates);
-        if cache.0 != secs || cache.1.is_empty() {
-            let at = UNIX_EPOCH + Duration::from_secs(secs);
-            let local: chrono::DateTime<chrono::Local> = at.into();
-            let utc: chrono::DateTime<chrono::Utc> = at.into();
-            *cache = (
-                secs,
-                local.format("%Y-%m-%d %H:%M:%S").to_string(),
-                utc.format("%a, %d %b %Y %H:%M:%S GMT").to_string(),
-            );
+    /// The event as `fire` would hand it to subscribers now, with the next
+    /// sequence number, handed to none.
+    pub fn stamp(&self, event: Event, caller: Caller) -> Fired {
+        let sequence = self.sequence.fetch_add(1, Relaxed) + 1;
+        self.stamped(event, caller, sequence)
+    }
+
+    fn stamped(&self, event: Event, caller: Caller, sequence: u64) -> Fired {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let micros = u64::try_from(now.as_micros()).unwrap_or(u64::MAX);
+        Fired::new(event, caller, sequence, micros, self.second(now.as_secs()))
+    }
+
+    /// What the events fired in second `secs` since the epoch share.
+    /// Formatting the dates (and finding the local zone) costs
+    /// microseconds, so they are made once a second.
+    fn second(&self, secs: u64) -> Arc<Second> {
+        let current = self.second.load_full();
+        if current.secs == secs {
+            return current;
         }
-        (cache.1.clone(), cache.2.clone())
+        let at = UNIX_EPOCH + Duration::from_secs(secs);
+        let local: chrono::DateTime<chrono::Local> = at.into();
+        let utc: chrono::DateTime<chrono::Utc> = at.into();
+        let next = Arc::new(Second {
+            secs,
+            core_uuid: self.core_uuid.clone(),
+            hostname: self.hostname.clone(),
+            local: local.format("%Y-%m-%d %H:%M:%S").to_string(),
+            gmt: utc.format("%a, %d %b %Y %H:%M:%S GMT").to_string(),
+        });
+        self.second.store(next.clone());
+        next
     }
 
     /// Raises an event of the host's own. `params` come first, in order.
-    pub fn raise(&self, name: &str, params: Vec<(&str, String)>, caller: &Caller) {
+    pub fn raise(&self, name: &str, params: Vec<(&str, String)>, caller: Caller) {
         let headers = params.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         self.fire(Event { name: name.to_string(), subclass: None, headers, body: None }, caller);
     }
@@ -481,7 +468,7 @@ impl Bus {
 
 /// A subscriber's delivery task: ends when the subscriber is removed (its
 /// queue's sender dropped) and the queue is drained.
-async fn deliver(mut sink: Box<dyn Sink>, mut rx: mpsc::Receiver<Arc<Event>>, counters: Arc<Counters>) {
+async fn deliver(mut sink: Box<dyn Sink>, mut rx: mpsc::Receiver<Arc<Fired>>, counters: Arc<Counters>) {
     let mut batch = Vec::with_capacity(DELIVERY_BATCH);
     while rx.recv_many(&mut batch, DELIVERY_BATCH).await > 0 {
         let delivered = if let [event] = batch.as_slice() {

@@ -57,6 +57,6 @@ impl<'b> Profiler<'b> {
         if let Some(status) = status {
             params.push(("status", status.to_string()));
         }
-        self.bus.raise(self.event, params, &Caller::host("profiling"));
+        self.bus.raise(self.event, params, Caller::host("profiling"));
     }
 }

@@ -69,7 +69,7 @@ impl Dispatcher {
         self.bus.raise(
             name,
             vec![("Plugin", plugin.to_string()), (detail_header, detail.to_string())],
-            &Caller::host("plugin admin"),
+            Caller::host("plugin admin"),
         );
     }
 

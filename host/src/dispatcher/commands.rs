@@ -148,7 +148,7 @@ impl Dispatcher {
             headers.push(("Job-Command-Arg".to_string(), args.to_string()));
         }
         let event = Event { name: "BACKGROUND_JOB".into(), subclass: None, headers, body: Some(output.clone()) };
-        self.bus.fire(event, caller);
+        self.bus.fire(event, caller.clone());
         (ok, output)
     }
 

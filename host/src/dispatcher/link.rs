@@ -5,7 +5,7 @@
 use std::sync::{Arc, Weak};
 
 use super::Dispatcher;
-use crate::bus::{self, log_layer, Caller, Sink};
+use crate::bus::{self, log_layer, Caller, Fired, Sink};
 use crate::runtime::{Answer, Event, Export, FetchQuery, HostError, Message, PluginSpec, Services};
 
 /// Answers plugins' `fetch` import: a front-end that asks the processes
@@ -36,8 +36,9 @@ struct PluginSink {
 
 #[async_trait::async_trait]
 impl Sink for PluginSink {
-    async fn deliver(&mut self, event: &Event) -> bool {
+    async fn deliver(&mut self, event: &Fired) -> bool {
         let Some(version) = self.d.upgrade().and_then(|d| d.plugin(&self.plugin)) else { return false };
+        let event = event.event();
         // A log event a plugin handles must not raise log events of its own.
         if event.name == "E_CORE_LOG" {
             return log_layer::suppressed(version.on_event(event)).await.0.is_ok();
@@ -50,12 +51,13 @@ impl Sink for PluginSink {
     }
 
     /// In one call of `subscriber-batch` when the plugin has it.
-    async fn deliver_batch(&mut self, events: &[Arc<Event>]) -> usize {
+    async fn deliver_batch(&mut self, fired: &[Arc<Fired>]) -> usize {
         let Some(version) = self.d.upgrade().and_then(|d| d.plugin(&self.plugin)) else { return 0 };
-        if !version.takes_events(events) {
-            return bus::deliver_each(self, events).await;
+        let events: Vec<&Event> = fired.iter().map(|e| e.event()).collect();
+        if !version.takes_events(&events) {
+            return bus::deliver_each(self, fired).await;
         }
-        let call = version.on_events(events);
+        let call = version.on_events(&events);
         let (result, _) =
             if events.iter().any(|e| e.name == "E_CORE_LOG") { log_layer::suppressed(call).await } else { call.await };
         match result {
@@ -135,7 +137,7 @@ impl Services for Link {
                 describe(&event.name, event.subclass.as_deref())
             )));
         }
-        d.bus.fire(event, &Caller { file: plugin.to_string(), function: route.to_string(), line: 0 });
+        d.bus.fire(event, Caller { file: plugin.to_string().into(), function: route.to_string().into(), line: 0 });
         Ok(())
     }
 
@@ -192,7 +194,7 @@ impl Services for Link {
 
     fn raise(&self, event: Event) {
         if let Ok(d) = self.get() {
-            d.bus.fire(event, &Caller::host("runtime"));
+            d.bus.fire(event, Caller::host("runtime"));
         }
     }
 }

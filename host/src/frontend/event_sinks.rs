@@ -10,13 +10,11 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use nix::sys::socket::{sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage};
-use serde::Serialize;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UdpSocket};
 
-use crate::bus::{Bus, BusError, Sink, DELIVERY_BATCH};
+use crate::bus::{Bus, BusError, Fired, Sink, Value, DELIVERY_BATCH};
 use crate::config::EventSocket;
-use crate::runtime::Event;
 
 /// event_stream's default: one second for a connect or a write.
 const TCP_TIMEOUT: Duration = Duration::from_secs(1);
@@ -125,7 +123,7 @@ struct Payloads {
 }
 
 impl Payloads {
-    fn of<'e>(events: impl Iterator<Item = &'e Event>) -> Payloads {
+    fn of<'e>(events: impl Iterator<Item = &'e Fired>) -> Payloads {
         let mut payloads = Payloads::default();
         for event in events {
             write_notification(&mut payloads.bytes, event, None);
@@ -159,11 +157,11 @@ fn send_many(fd: RawFd, payloads: &Payloads, from: usize, to: SockaddrStorage) -
 
 #[async_trait::async_trait]
 impl Sink for UdpSink {
-    async fn deliver(&mut self, event: &Event) -> bool {
+    async fn deliver(&mut self, event: &Fired) -> bool {
         self.send(&Payloads::of(std::iter::once(event))).await == 1
     }
 
-    async fn deliver_batch(&mut self, events: &[Arc<Event>]) -> usize {
+    async fn deliver_batch(&mut self, events: &[Arc<Fired>]) -> usize {
         self.send(&Payloads::of(events.iter().map(|e| &**e))).await
     }
 }
@@ -181,7 +179,7 @@ struct TcpSink {
 
 #[async_trait::async_trait]
 impl Sink for TcpSink {
-    async fn deliver(&mut self, event: &Event) -> bool {
+    async fn deliver(&mut self, event: &Fired) -> bool {
         let addr = self.addr;
         if self.stream.is_none() {
             if tokio::time::Instant::now() < self.retry_at {
@@ -225,72 +223,160 @@ impl Sink for TcpSink {
 /// An event as an OpenSIPS JSON-RPC notification (protocols.md §3.3): the
 /// headers as `params`, in order, the body as `_body`. For OpenSIPS's own
 /// events (`E_…`) integer values are JSON numbers, as OpenSIPS types them.
-pub fn notification(event: &Event, method: Option<&str>) -> Vec<u8> {
+pub fn notification(event: &Fired, method: Option<&str>) -> Vec<u8> {
     let mut out = Vec::new();
     write_notification(&mut out, event, method);
     out
 }
 
-/// `notification`, written at the end of `out`.
-fn write_notification(out: &mut Vec<u8>, event: &Event, method: Option<&str>) {
+/// `notification`, written at the end of `out`, straight from the event:
+/// no map, no strings made for its standard headers.
+fn write_notification(out: &mut Vec<u8>, event: &Fired, method: Option<&str>) {
     // Room for the text and its quoting and punctuation, so it is written
-    // without growing the buffer.
-    let text: usize = event.headers.iter().map(|(k, v)| k.len() + v.len() + 6).sum::<usize>()
-        + event.body.as_ref().map_or(0, |b| b.len() + 12)
-        + event.name.len();
-    out.reserve(text + 48);
-    let doc = Notification { jsonrpc: "2.0", method: method.unwrap_or(&event.name), params: Params(event) };
-    let start = out.len();
-    if serde_json::to_writer(&mut *out, &doc).is_err() {
-        out.truncate(start);
-    }
-}
-
-/// Serialized straight from the event's headers: no intermediate map.
-#[derive(Serialize)]
-struct Notification<'a> {
-    jsonrpc: &'static str,
-    method: &'a str,
-    params: Params<'a>,
-}
-
-struct Params<'a>(&'a Event);
-
-impl Serialize for Params<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let event = self.0;
-        let numeric = event.name.starts_with("E_");
-        let mut map = serializer.serialize_map(Some(event.headers.len() + usize::from(event.body.is_some())))?;
-        for (k, v) in &event.headers {
-            match numeric.then(|| v.parse::<i64>()) {
-                Some(Ok(n)) if n.to_string() == *v => map.serialize_entry(k, &n)?,
-                _ => map.serialize_entry(k, v)?,
+    // without growing the buffer (the standard headers take about 400).
+    let text: usize = event.headers().iter().map(|(k, v)| k.len() + v.len() + 6).sum::<usize>()
+        + event.body().map_or(0, |b| b.len() + 12)
+        + 2 * event.name().len();
+    out.reserve(text + 480);
+    let numeric = event.name().starts_with("E_");
+    out.extend_from_slice(br#"{"jsonrpc":"2.0","method":"#);
+    json_string(out, method.unwrap_or(event.name()));
+    out.extend_from_slice(br#","params":{"#);
+    let mut first = true;
+    let own = event.headers().iter().map(|(k, v)| (k.as_str(), Value::Text(v)));
+    let standard = event.standard().map(|(k, v): (&'static str, _)| (k as &str, v));
+    for (k, v) in own.chain(standard) {
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        json_string(out, k);
+        out.push(b':');
+        match v {
+            Value::Number(n) if numeric => push_number(out, n),
+            Value::Number(n) => {
+                out.push(b'"');
+                push_number(out, n);
+                out.push(b'"');
             }
+            Value::Text(text) if numeric && canonical_integer(text) => out.extend_from_slice(text.as_bytes()),
+            Value::Text(text) => json_string(out, text),
         }
-        if let Some(body) = &event.body {
-            map.serialize_entry("_body", body)?;
-        }
-        map.end()
     }
+    if let Some(body) = event.body() {
+        if !first {
+            out.push(b',');
+        }
+        out.extend_from_slice(br#""_body":"#);
+        json_string(out, body);
+    }
+    out.extend_from_slice(b"}}");
+}
+
+fn push_number(out: &mut Vec<u8>, n: u64) {
+    use std::io::Write;
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "{n}");
+}
+
+/// Whether `text` is an i64 written as Rust writes one (no sign but a
+/// leading `-`, no leading zeros, not `-0`): what a JSON number gives
+/// back unchanged.
+fn canonical_integer(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let canonical = match digits.as_bytes() {
+        [] => false,
+        [b'0'] => digits.len() == text.len(),
+        [b'0', ..] => false,
+        bytes => bytes.iter().all(u8::is_ascii_digit),
+    };
+    canonical && text.parse::<i64>().is_ok()
+}
+
+/// `text` as a JSON string, quoted and escaped.
+fn json_string(out: &mut Vec<u8>, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short: &[u8] = match b {
+            b'"' => br#"\""#,
+            b'\\' => br"\\",
+            b'\n' => br"\n",
+            b'\r' => br"\r",
+            b'\t' => br"\t",
+            0x08 => br"\b",
+            0x0c => br"\f",
+            0x00..=0x1f => &[b'\\', b'u', b'0', b'0', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]],
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(short);
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::Caller;
+    use crate::runtime::Event;
+
+    fn stamped(name: &str, headers: &[(&str, &str)], body: Option<&str>) -> (serde_json::Value, Fired) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let bus = rt.block_on(async { Bus::new(4) });
+        let event = Event {
+            name: name.into(),
+            subclass: None,
+            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            body: body.map(str::to_string),
+        };
+        let fired = bus.stamp(event, Caller::host("test"));
+        (serde_json::from_slice(&notification(&fired, None)).unwrap(), fired)
+    }
 
     #[test]
     fn notifications_type_opensips_params() {
-        let event = Event {
-            name: "E_CORE_THRESHOLD".into(),
-            subclass: None,
-            headers: vec![("source".into(), "plugin x".into()), ("time".into(), "1500".into())],
-            body: None,
-        };
-        let doc: serde_json::Value = serde_json::from_slice(&notification(&event, None)).unwrap();
+        let (doc, _) = stamped("E_CORE_THRESHOLD", &[("source", "plugin x"), ("time", "1500")], None);
         assert_eq!(doc["method"], "E_CORE_THRESHOLD");
         assert_eq!(doc["params"]["time"], 1500);
         assert_eq!(doc["params"]["source"], "plugin x");
+        assert_eq!(doc["params"]["Event-Sequence"], 1);
+        assert_eq!(doc["params"]["Event-Calling-Function"], "test");
         assert!(doc.get("id").is_none(), "a notification has no id");
+        // Only what reads back as the same text is a number.
+        let (doc, _) =
+            stamped("E_X", &[("a", "007"), ("b", "-0"), ("c", "+5"), ("d", "-12"), ("e", "0"), ("f", "")], None);
+        let p = &doc["params"];
+        assert_eq!((&p["a"], &p["b"], &p["c"]), (&"007".into(), &"-0".into(), &"+5".into()));
+        assert_eq!((&p["d"], &p["e"], &p["f"]), (&(-12).into(), &0.into(), &"".into()));
+        assert_eq!(p["g"], serde_json::Value::Null);
+        // Not an OpenSIPS event: text stays text.
+        let (doc, _) = stamped("CUSTOM", &[("n", "42")], None);
+        assert_eq!(doc["params"]["n"], "42");
+        assert_eq!(doc["params"]["Event-Sequence"], "1");
+    }
+
+    #[test]
+    fn notifications_carry_every_header_in_order_and_any_text_escaped() {
+        let odd = "quote \" back\\slash\n\r\t\u{8}\u{c}\u{1}\u{1f}\u{7f} é \u{1F600} </script>";
+        let (doc, fired) = stamped("CUSTOM", &[("k\"ey", odd), ("Event-Name", "forged")], Some(odd));
+        let params = doc["params"].as_object().unwrap();
+        // Params keep their order (serde_json's map is sorted here, so read the
+        // pairs through the built event instead, which is what plugins get).
+        let event = fired.event();
+        assert_eq!(params.len(), event.headers.len() + 1, "every header and the body");
+        for (k, v) in &event.headers {
+            assert_eq!(params[k.as_str()], serde_json::Value::String(v.clone()), "{k}");
+        }
+        assert_eq!(params["k\"ey"], odd);
+        assert_eq!(params["_body"], odd);
+        assert_eq!(params["Event-Name"], "CUSTOM", "a standard header cannot be forged");
+        let names: Vec<&str> = event.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(&names[..3], ["k\"ey", "Event-Name", "Core-UUID"]);
+        assert_eq!(names.last(), Some(&"Event-Sequence"));
+        assert!(!names.contains(&"Event-Subclass"), "no subclass, no header");
     }
 }

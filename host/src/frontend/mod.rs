@@ -189,6 +189,6 @@ pub fn disconnected(bus: &Bus, local: Option<SocketAddr>, peer: Option<SocketAdd
             ("dst_port", port(local)),
             ("proto", proto.to_string()),
         ],
-        &Caller::host("tcp_disconnect"),
+        Caller::host("tcp_disconnect"),
     );
 }

@@ -263,19 +263,19 @@ impl PluginVersion {
     /// Whether `events` may go in one call of `subscriber-batch`: the
     /// plugin exports it and none of them is of a name whose deliveries
     /// ran long lately (a batch has one call's deadline).
-    pub fn takes_events(&self, events: &[Arc<Event>]) -> bool {
+    pub fn takes_events(&self, events: &[&Event]) -> bool {
         self.pool.has_subscriber_batch() && !events.iter().any(|e| self.pool.runs_long(&e.name))
     }
 
     /// Delivers `events` in one call of `subscriber-batch` (check
     /// `takes_events` first); the call is named after the first event.
-    pub async fn on_events(&self, events: &[Arc<Event>]) -> Outcome<()> {
+    pub async fn on_events(&self, events: &[&Event]) -> Outcome<()> {
         let name = events.first().map_or("", |e| e.name.as_str());
         call_export!(self, "event", name, 0, false, events.len(), |store, exports| {
             let f =
                 exports.subscriber_batch.as_ref().ok_or_else(|| missing_interface(super::exports::SUBSCRIBER_BATCH))?;
-            // An `Arc<Event>` lowers as the event: no copy of the bus's.
-            let f = f.typed::<(&[Arc<Event>],), ()>(&*store).map_err(Failure::Wasm)?;
+            // A `&Event` lowers as the event: no copy of the bus's.
+            let f = f.typed::<(&[&Event],), ()>(&*store).map_err(Failure::Wasm)?;
             f.call_async(store, (events,)).await.map_err(Failure::Wasm)
         })
     }

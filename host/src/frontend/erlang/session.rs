@@ -30,7 +30,7 @@ use super::fetch::FetchReplyError;
 use super::term::{self, as_atom, as_pairs, as_text, atom, tuple};
 use super::{Key, Node, Work};
 use crate::bus::log_layer::{self, LogHub, LogRecord};
-use crate::bus::{self, FilterChange, Filters, Sink};
+use crate::bus::{self, FilterChange, Filters, Fired, Sink};
 use crate::runtime::Event;
 use crate::sync::lock;
 
@@ -472,7 +472,7 @@ impl Session {
             })
             .collect();
         let event = Event { name: name.to_string(), subclass, headers, body };
-        node.bus().fire(event, &bus::Caller { file: "erlang".into(), function: self.peer.clone(), line: 0 });
+        node.bus().fire(event, bus::Caller { file: "erlang".into(), function: self.peer.clone().into(), line: 0 });
         ok()
     }
 
@@ -506,8 +506,8 @@ struct EventHandlerSink {
 
 #[async_trait::async_trait]
 impl Sink for EventHandlerSink {
-    async fn deliver(&mut self, event: &Event) -> bool {
-        self.session.upgrade().is_some_and(|s| s.deliver(event, self.encoding))
+    async fn deliver(&mut self, event: &Fired) -> bool {
+        self.session.upgrade().is_some_and(|s| s.deliver(event.event(), self.encoding))
     }
 }
 

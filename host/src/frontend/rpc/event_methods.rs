@@ -225,7 +225,7 @@ fn raise(s: &Server, p: &Params) -> Result<Value, RpcError> {
     }
     let (name, subclass) = split_event(&event);
     let event = Event { name: name.to_string(), subclass: subclass.map(str::to_string), headers, body: None };
-    bus.fire(event, &Caller::host("raise_event"));
+    bus.fire(event, Caller::host("raise_event"));
     Ok(Value::String("OK".into()))
 }
 

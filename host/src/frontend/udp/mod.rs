@@ -295,6 +295,10 @@ fn receive(
             match batch {
                 Ok(()) => {}
                 Err(nix::errno::Errno::EAGAIN) => {
+                    // Drained: whatever full reads came before, the
+                    // receiver is not behind (bursts of a multiple of
+                    // BATCH fill every read, and are no backlog).
+                    behind = 0;
                     if linger_until.is_some_and(|until| Instant::now() < until) {
                         std::hint::spin_loop();
                         continue;

@@ -528,6 +528,6 @@ impl Session<'_> {
         headers.extend(a.params);
         let event = Event { name: "CUSTOM".into(), subclass: Some(format!("yate::{}", a.name)), headers, body: None };
         bump(&self.lane.shared.counters.watched);
-        self.ctx.bus().fire(event, &Caller::host("yate"));
+        self.ctx.bus().fire(event, Caller::host("yate"));
     }
 }
