@@ -11,8 +11,9 @@
 //!   route itself, with no hop to another thread. At light load this is
 //!   one wake-up per read, not three (receiver, worker, receiver again),
 //!   and most of the CPU a datagram costs;
-//! - handed on: once `HAND_ON_AFTER` (4) reads in a row came back full
-//!   (the socket holds more than a burst: the receiver is behind), batches
+//! - handed on: once `HAND_ON_AFTER` (4) reads in a row came back full,
+//!   with no wait of `QUIET` (100 µs) for the socket between them (the
+//!   socket holds more than a burst: the receiver is behind), batches
 //!   go to `workers` async tasks through a bounded queue, so the receiver
 //!   goes on reading while they work. With one worker, datagrams are
 //!   handled in arrival order either way, as evrexec does (nothing runs
@@ -79,6 +80,10 @@ const BATCH: usize = 32;
 /// that found datagrams: the rest of a burst comes a microsecond or two
 /// apart, and a wake-up costs more than this.
 const LINGER: Duration = Duration::from_micros(5);
+/// A wait this long for the socket means the receiver keeps up: the full
+/// reads before it were a burst (say 64 datagrams sent at once, which
+/// fill two reads), not a backlog.
+const QUIET: Duration = Duration::from_micros(100);
 /// Larger than any UDP payload (65,507 bytes over IPv4, 65,527 over IPv6).
 const BUFFER: usize = 65_536;
 
@@ -259,7 +264,8 @@ fn receive(
     let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut received: Vec<(usize, Option<SocketAddr>)> = Vec::with_capacity(BATCH);
     let mut drops = DropWarning { since: 0, last: None };
-    // Full reads in a row: the socket holds this many batches or more.
+    // Full reads in a row with no quiet wait between: the socket holds
+    // this many batches or more.
     let mut behind = 0usize;
     // When the last read began, and whether the next is paced (see the
     // module doc): then it comes after a sleep instead of a poll.
@@ -270,11 +276,15 @@ fn receive(
             let mut fds =
                 [PollFd::new(socket.as_fd(), PollFlags::POLLIN), PollFd::new(stopped.as_fd(), PollFlags::POLLIN)];
             let wait = if drops.since > 0 { PollTimeout::from(1000u16) } else { PollTimeout::NONE };
+            let polled = Instant::now();
             match poll(&mut fds, wait) {
                 Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
                 Ok(_) if fds[1].any().unwrap_or(true) => return Ok(()),
                 Ok(_) => {}
                 Err(e) => return Err(e.into()),
+            }
+            if polled.elapsed() >= QUIET {
+                behind = 0;
             }
         }
         let began = Instant::now();
@@ -295,10 +305,6 @@ fn receive(
             match batch {
                 Ok(()) => {}
                 Err(nix::errno::Errno::EAGAIN) => {
-                    // Drained: whatever full reads came before, the
-                    // receiver is not behind (bursts of a multiple of
-                    // BATCH fill every read, and are no backlog).
-                    behind = 0;
                     if linger_until.is_some_and(|until| Instant::now() < until) {
                         std::hint::spin_loop();
                         continue;
