@@ -34,21 +34,33 @@ async fn a_batch_counts_as_its_requests_and_ends_as_one_call_each_would() {
     let host = TestHost::start(config).await.expect("the host starts");
     let d = &host.dispatcher;
     assert!(d.takes_batches("count"), "a Rust route plugin exports batch");
-    let data = ["ev=reg;user=a;seq=1", "ev=inv;user=b", "user=c", "ev=reg;user=d", "ev=;user=e"];
+    // As handler.lua's gmatch("([^;=]+)=([^;]*)") reads them: a pair may
+    // start past a stray `=`, a value may hold `=`, a key is whole.
+    let data = [
+        "ev=reg;user=a;seq=1",
+        "ev=inv;user=b",
+        "user=c",
+        "ev=reg;user=d",
+        "ev=;user=e",
+        "=ev=opt;user=f",
+        "ev=bye=x;user=g",
+        "xev=inv;user=h",
+    ];
     let batch = d.run_batch_unsaved("count", &requests("count", &data)).await;
-    assert_eq!(kinds(&batch), ["ok"; 5]);
+    assert_eq!(kinds(&batch), ["ok"; 8]);
     assert!(batch.iter().flatten().all(|o| o.reply.handled && &*o.plugin == "evcount"));
     // The same datagrams one call each: every counter exactly doubles.
     for request in requests("count", &data) {
         d.run_route(&request).await.expect("one call");
     }
-    for (key, want) in [("rx", "6"), ("bad", "4"), ("ev::reg", "4"), ("ev::inv", "2")] {
+    let counts = [("rx", "10"), ("bad", "6"), ("ev::reg", "4"), ("ev::inv", "2"), ("ev::opt", "2"), ("ev::bye=x", "2")];
+    for (key, want) in counts {
         assert_eq!(d.run_command("evcount.get", key, 0).await.expect("evcount.get"), want, "{key}");
     }
     let stats = d.plugins().into_iter().find(|p| p.name == "evcount").expect("evcount").stats;
-    // 5 in the batch, 5 one by one, the 4 commands, and the listing of
+    // 8 in the batch, 8 one by one, the 6 commands, and the listing of
     // its commands at load.
-    assert_eq!(stats.calls, 15, "{stats:?}");
+    assert_eq!(stats.calls, 23, "{stats:?}");
 }
 
 const HOSTILE: &str = "[[plugin]]\nname = \"hostile\"\npath = \"{hostile}\"\nmax_instances = 1\ndeadline_ms = 200\n\

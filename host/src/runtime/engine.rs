@@ -61,6 +61,10 @@ pub fn config(settings: &EngineSettings) -> Config {
         .wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Enable)
         .coredump_on_trap(settings.coredump.is_some())
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    // `perf` can name guest functions: /tmp/perf-<pid>.map.
+    if std::env::var_os("EVRHOST_PERFMAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     config
 }
 

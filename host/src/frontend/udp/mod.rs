@@ -11,9 +11,9 @@
 //!   route itself, with no hop to another thread. At light load this is
 //!   one wake-up per read, not three (receiver, worker, receiver again),
 //!   and most of the CPU a datagram costs;
-//! - handed on: once `HAND_ON_AFTER` (4) reads in a row came back full,
-//!   with no wait of `QUIET` (100 µs) for the socket between them (the
-//!   socket holds more than a burst: the receiver is behind), batches
+//! - handed on: once reads have kept coming back full for `BEHIND_AFTER`
+//!   (2 ms), with no wait of `QUIET` (100 µs) for the socket between them
+//!   (the socket holds more than a burst: the receiver is behind), batches
 //!   go to `workers` async tasks through a bounded queue, so the receiver
 //!   goes on reading while they work. With one worker, datagrams are
 //!   handled in arrival order either way, as evrexec does (nothing runs
@@ -70,7 +70,7 @@ mod handler;
 mod inline;
 mod stats;
 use handler::{Handler, Replies, ReplySocket, MAX_UNSAVED_REPLIES};
-use inline::{Inline, HAND_ON_AFTER};
+use inline::{Inline, BEHIND_AFTER};
 use stats::{socket_inode, UdpMetrics};
 pub use stats::{UdpEndpoint, UdpStats};
 
@@ -264,9 +264,8 @@ fn receive(
     let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut received: Vec<(usize, Option<SocketAddr>)> = Vec::with_capacity(BATCH);
     let mut drops = DropWarning { since: 0, last: None };
-    // Full reads in a row with no quiet wait between: the socket holds
-    // this many batches or more.
-    let mut behind = 0usize;
+    // Since when reads have come back full, with no quiet wait between.
+    let mut full_since = None::<Instant>;
     // When the last read began, and whether the next is paced (see the
     // module doc): then it comes after a sleep instead of a poll.
     let (mut last_read, mut paced) = (None::<Instant>, false);
@@ -284,7 +283,7 @@ fn receive(
                 Err(e) => return Err(e.into()),
             }
             if polled.elapsed() >= QUIET {
-                behind = 0;
+                full_since = None;
             }
         }
         let began = Instant::now();
@@ -321,15 +320,15 @@ fn receive(
             stats.received.fetch_add(received.len() as u64, Relaxed);
             read += received.len();
             let full = received.len() == BATCH;
-            behind = if full { behind + 1 } else { 0 };
+            let now = Instant::now();
+            full_since = if full { Some(full_since.unwrap_or(now)) } else { None };
+            let behind = full_since.is_some_and(|since| now.duration_since(since) >= BEHIND_AFTER);
             // With one worker, nothing runs here while one it was given
             // is unfinished (Acquire: its last datagram is handled before
             // this thread runs the next). With more there is no order to
             // keep, and waiting for them would keep the receiver handing
             // on for as long as datagrams come faster than a worker wakes.
-            let first = if behind < HAND_ON_AFTER
-                && (!inline.ordered || backlog.unfinished.load(Acquire) == 0)
-                && inline.allowed(Instant::now())
+            let first = if !behind && (!inline.ordered || backlog.unfinished.load(Acquire) == 0) && inline.allowed(now)
             {
                 inline.run(&buffers, &received, route)
             } else {
