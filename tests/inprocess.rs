@@ -14,6 +14,8 @@ use evrhost::runtime::{CommandInfo, Origin, Reply, Request};
 
 #[path = "inprocess/batch.rs"]
 mod batch;
+#[path = "inprocess/datagrams.rs"]
+mod datagrams;
 #[path = "inprocess/event_batches.rs"]
 mod event_batches;
 #[path = "inprocess/udp_bursts.rs"]

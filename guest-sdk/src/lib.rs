@@ -88,12 +88,15 @@ pub use wit::types::{
 pub use __bindings::api::exports::evrhost::plugin::api::Guest as Api;
 /// Handles calls of event routes. Export with `export!(T: route)`.
 ///
-/// The component exports `batch` too: requests that arrived together (the
-/// datagrams of one read) come in one call of [`Route::handle_batch`],
-/// which by default hands each to [`Route::handle`] in order. Override it
+/// The component exports `batch` and `datagrams` too: requests that
+/// arrived together come in one call of [`Route::handle_batch`], which by
+/// default hands each to [`Route::handle`] in order, and the datagrams of
+/// one UDP read in one call of [`Route::handle_datagrams`], which by
+/// default makes them requests for `handle_batch`. Override `handle_batch`
 /// to do work once per batch, e.g. to add up counters before one
-/// `kv::incr` per key. A batch is one call: a trap or a limit fails all of
-/// its requests.
+/// `kv::incr` per key, and `handle_datagrams` to read a UDP read's
+/// datagrams where they lie, with no request (and no allocation) each. A
+/// batch is one call: a trap or a limit fails all of its requests.
 pub trait Route {
     /// `Err` is a handler failure: reported to the caller, the instance
     /// stays usable.
@@ -102,6 +105,67 @@ pub trait Route {
     /// One result per request, in their order.
     fn handle_batch(requests: Vec<Request>) -> Vec<Result<Reply, String>> {
         requests.into_iter().map(Self::handle).collect()
+    }
+
+    /// One result per datagram, in their order.
+    fn handle_datagrams(datagrams: Datagrams) -> Vec<Result<Reply, String>> {
+        Self::handle_batch(datagrams.into_requests())
+    }
+}
+
+/// The datagrams of one UDP read, packed as they came (see
+/// [`Route::handle_datagrams`]).
+pub struct Datagrams(__bindings::route::exports::evrhost::plugin::datagrams::Packed);
+
+/// One datagram of a [`Datagrams`]: its bytes and its source.
+#[derive(Clone, Copy, Debug)]
+pub struct Datagram<'a> {
+    pub data: &'a [u8],
+    pub peer: &'a Peer,
+}
+
+impl Datagrams {
+    #[doc(hidden)]
+    pub fn __new(packed: __bindings::route::exports::evrhost::plugin::datagrams::Packed) -> Datagrams {
+        Datagrams(packed)
+    }
+
+    /// The route they came for.
+    pub fn route(&self) -> &str {
+        &self.0.route
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.ends.is_empty()
+    }
+
+    /// Each datagram, in order. A source the host did not list (it never
+    /// does that) reads as `0.0.0.0:0`.
+    pub fn iter(&self) -> impl Iterator<Item = Datagram<'_>> + '_ {
+        static NOWHERE: Peer = Peer { ip: String::new(), port: 0 };
+        let mut start = 0;
+        self.0.ends.iter().zip(&self.0.sources).map(move |(&end, &source)| {
+            let end = end as usize;
+            let data = self.0.data.get(start..end).unwrap_or_default();
+            start = end;
+            Datagram { data, peer: self.0.peers.get(usize::from(source)).unwrap_or(&NOWHERE) }
+        })
+    }
+
+    /// A request for each, as `route.handle` would get it.
+    pub fn into_requests(self) -> Vec<Request> {
+        self.iter()
+            .map(|d| Request {
+                route: self.0.route.clone(),
+                data: d.data.to_vec(),
+                params: Vec::new(),
+                origin: Origin::Udp(d.peer.clone()),
+            })
+            .collect()
     }
 }
 /// Receives subscribed events. Export with `export!(T: subscriber)`.
@@ -167,6 +231,13 @@ macro_rules! __export_one {
         impl $crate::__bindings::route::exports::evrhost::plugin::batch::Guest for $ty {
             fn handle_batch(requests: Vec<$crate::Request>) -> Vec<Result<$crate::Reply, String>> {
                 <$ty as $crate::Route>::handle_batch(requests)
+            }
+        }
+        impl $crate::__bindings::route::exports::evrhost::plugin::datagrams::Guest for $ty {
+            fn handle_datagrams(
+                packed: $crate::__bindings::route::exports::evrhost::plugin::datagrams::Packed,
+            ) -> Vec<Result<$crate::Reply, String>> {
+                <$ty as $crate::Route>::handle_datagrams($crate::Datagrams::__new(packed))
             }
         }
         $crate::__export_route_handler_impl!($ty with_types_in $crate::__bindings::route);

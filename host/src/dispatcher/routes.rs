@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::table::Target;
 use super::{DispatchError, Dispatcher, RouteOutcome, Slot};
 use crate::bus::Profiler;
-use crate::runtime::{CallReport, PluginVersion, Reply, Request};
+use crate::runtime::{CallError, CallReport, Origin, Outcome, Packed, PluginVersion, Reply, Request};
 
 /// A route handler that is not a plugin: a process behind a front-end. The
 /// front-end that owns it registers it (`Dispatcher::add_remote_route`);
@@ -112,14 +112,24 @@ impl Dispatcher {
             }
             return results;
         };
-        let (result, report) = version.handle_batch(route, requests).await;
-        let outcome = |reply| RouteOutcome { reply, plugin: slot.name.clone(), report, version: Some(version.clone()) };
-        match result {
-            Ok(replies) => {
-                replies.into_iter().map(|r| r.map(outcome).map_err(|e| DispatchError::Call(Box::new(e)))).collect()
-            }
-            Err(e) => requests.iter().map(|_| Err(DispatchError::Call(Box::new(e.clone())))).collect(),
+        outcomes(version.handle_batch(route, requests).await, &slot, &version, requests.len())
+    }
+
+    /// Runs `packed.route` once for each of the datagrams in `packed`, in
+    /// one call of the plugin's `datagrams` export when `takes_datagrams`;
+    /// otherwise (a reload since the caller asked) as `run_batch_unsaved`
+    /// of requests made of them. Results as `run_batch_unsaved`'s.
+    pub async fn run_datagrams_unsaved(&self, packed: &Packed) -> Vec<Result<RouteOutcome, DispatchError>> {
+        let route = packed.route.as_str();
+        if let Some((slot, version)) = self.batch_handler(route).filter(|(_, v)| v.takes_datagrams(route)) {
+            return outcomes(version.handle_datagrams(packed).await, &slot, &version, packed.ends.len());
         }
+        self.run_batch_unsaved(route, &unpack(packed)).await
+    }
+
+    /// Whether `run_datagrams_unsaved` would make its call for `route` now.
+    pub fn takes_datagrams(&self, route: &str) -> bool {
+        self.batch_handler(route).is_some_and(|(_, v)| v.takes_datagrams(route))
     }
 
     /// Whether `run_batch_unsaved` would make one call of a batch for
@@ -177,4 +187,35 @@ impl Dispatcher {
             Err(e) => Err(DispatchError::Call(Box::new(e))),
         }
     }
+}
+
+/// The outcomes of one call for `n` requests: each reply with the call's
+/// report, or the call's failure for each.
+fn outcomes(
+    (result, report): Outcome<Vec<Result<Reply, CallError>>>,
+    slot: &Arc<Slot>,
+    version: &Arc<PluginVersion>,
+    n: usize,
+) -> Vec<Result<RouteOutcome, DispatchError>> {
+    let outcome = |reply| RouteOutcome { reply, plugin: slot.name.clone(), report, version: Some(version.clone()) };
+    match result {
+        Ok(replies) => {
+            replies.into_iter().map(|r| r.map(outcome).map_err(|e| DispatchError::Call(Box::new(e)))).collect()
+        }
+        Err(e) => (0..n).map(|_| Err(DispatchError::Call(Box::new(e.clone())))).collect(),
+    }
+}
+
+/// The requests a packed read stands for, one per datagram.
+fn unpack(packed: &Packed) -> Vec<Request> {
+    let mut start = 0;
+    let sources = packed.sources.iter().chain(std::iter::repeat(&u16::MAX));
+    let each = packed.ends.iter().zip(sources).map(|(&end, &source)| {
+        let end = usize::try_from(end).unwrap_or(usize::MAX);
+        let data = packed.data.get(start..end).unwrap_or_default().to_vec();
+        start = end;
+        let origin = packed.peers.get(usize::from(source)).cloned().map_or(Origin::Cli, Origin::Udp);
+        Request { route: packed.route.clone(), data, params: Vec::new(), origin }
+    });
+    each.collect()
 }

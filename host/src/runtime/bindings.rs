@@ -1,5 +1,5 @@
 //! Host-side bindings generated from `wit/` (world `host-view`: every
-//! export of `plugin`, `batch` and `subscriber-batch`).
+//! export of `plugin`, `batch`, `datagrams` and `subscriber-batch`).
 //!
 //! The world lists every export a plugin may have; a plugin implements only
 //! some, so the host never instantiates the world as a whole: it looks up
@@ -30,4 +30,5 @@ wasmtime::component::bindgen!({
 pub use self::evrhost::plugin::types::{
     Answer, CommandInfo, Event, HostError, Level, Message, MessageInfo, Origin, Peer, Reply, Request,
 };
-pub use self::exports::evrhost::plugin::{api, batch, route, subscriber, subscriber_batch, task};
+pub use self::exports::evrhost::plugin::datagrams::Packed;
+pub use self::exports::evrhost::plugin::{api, batch, datagrams, route, subscriber, subscriber_batch, task};

@@ -1,12 +1,13 @@
-//! The four export interfaces a plugin may have (and `batch`, which goes
-//! with `route`, and `subscriber-batch`, with `subscriber`), where each
+//! The four export interfaces a plugin may have (and `batch` and
+//! `datagrams`, which go with `route`, and `subscriber-batch`, with
+//! `subscriber`), where each
 //! lives in a component (resolved once per version) and in one of its
 //! instances.
 
 use wasmtime::component::{ComponentExportIndex, Func, Instance, InstancePre};
 use wasmtime::AsContextMut;
 
-use super::bindings::{api, batch, route, subscriber, subscriber_batch, task};
+use super::bindings::{api, batch, datagrams, route, subscriber, subscriber_batch, task};
 use super::contract::interface;
 use super::state::HostState;
 
@@ -43,6 +44,8 @@ impl Export {
 
 /// The optional export that goes with `route`.
 pub const BATCH: &str = interface!("batch");
+/// The optional export that goes with `route`, for UDP reads.
+pub const DATAGRAMS: &str = interface!("datagrams");
 /// The optional export that goes with `subscriber`.
 pub const SUBSCRIBER_BATCH: &str = interface!("subscriber-batch");
 
@@ -61,6 +64,8 @@ pub(crate) struct ExportIndices {
     route: Option<route::GuestIndices>,
     /// Only beside `route`: a batch export alone serves no route.
     batch: Option<batch::GuestIndices>,
+    /// Only beside `route`, as `batch`.
+    datagrams: Option<datagrams::GuestIndices>,
     api: Option<api::GuestIndices>,
     subscriber: Option<subscriber::GuestIndices>,
     /// Only beside `subscriber`: where its `on-events` is.
@@ -98,6 +103,7 @@ impl ExportIndices {
         }
         let exports = |name: &str| exported.iter().any(|n| n == name);
         let batch = beside(&route, exports(BATCH), BATCH, || batch::GuestIndices::new(pre))?;
+        let datagrams = beside(&route, exports(DATAGRAMS), DATAGRAMS, || datagrams::GuestIndices::new(pre))?;
         let subscriber = lookup(has(Export::Subscriber), Export::Subscriber, subscriber::GuestIndices::new(pre))?;
         // Checked against the contract by the generated bindings, then
         // called through its own index: the generated call takes the
@@ -113,6 +119,7 @@ impl ExportIndices {
         Ok(ExportIndices {
             route,
             batch,
+            datagrams,
             api: lookup(has(Export::Api), Export::Api, api::GuestIndices::new(pre))?,
             subscriber,
             subscriber_batch,
@@ -123,6 +130,11 @@ impl ExportIndices {
     /// Whether the route export comes with `batch`.
     pub fn has_batch(&self) -> bool {
         self.batch.is_some()
+    }
+
+    /// Whether the route export comes with `datagrams`.
+    pub fn has_datagrams(&self) -> bool {
+        self.datagrams.is_some()
     }
 
     /// Whether the subscriber export comes with `subscriber-batch`.
@@ -143,6 +155,7 @@ impl ExportIndices {
         Ok(WorkerExports {
             route: self.route.as_ref().map(|i| i.load(store.as_context_mut(), instance)).transpose()?,
             batch: self.batch.as_ref().map(|i| i.load(store.as_context_mut(), instance)).transpose()?,
+            datagrams: self.datagrams.as_ref().map(|i| i.load(store.as_context_mut(), instance)).transpose()?,
             api: self.api.as_ref().map(|i| i.load(store.as_context_mut(), instance)).transpose()?,
             subscriber: self.subscriber.as_ref().map(|i| i.load(store.as_context_mut(), instance)).transpose()?,
             subscriber_batch: match &self.subscriber_batch {
@@ -162,6 +175,7 @@ impl ExportIndices {
 pub(crate) struct WorkerExports {
     pub route: Option<route::Guest>,
     pub batch: Option<batch::Guest>,
+    pub datagrams: Option<datagrams::Guest>,
     pub api: Option<api::Guest>,
     pub subscriber: Option<subscriber::Guest>,
     /// `on-events`, called with the bus's shared events (see

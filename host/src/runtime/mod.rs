@@ -34,7 +34,9 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::Engine;
 
 pub use backtrace::{Frame, GuestBacktrace};
-pub use bindings::{Answer, CommandInfo, Event, HostError, Level, Message, MessageInfo, Origin, Peer, Reply, Request};
+pub use bindings::{
+    Answer, CommandInfo, Event, HostError, Level, Message, MessageInfo, Origin, Packed, Peer, Reply, Request,
+};
 pub use cache::{CacheOutcome, ComponentCache};
 pub use coredump::CoredumpSettings;
 pub use engine::{config as engine_config, EngineSettings};

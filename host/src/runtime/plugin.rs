@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::bindings::{CommandInfo, Event, Reply, Request};
+use super::bindings::{CommandInfo, Event, Packed, Reply, Request};
 use super::cache::CacheOutcome;
 use super::error::{CallError, Cause};
 use super::exports::{Export, ExportIndices};
@@ -190,24 +190,41 @@ impl PluginVersion {
         let (result, report) = call_export!(self, "route", route, 0, false, requests.len(), |store, exports| {
             let g = exports.batch.as_ref().ok_or_else(|| missing_interface(super::exports::BATCH))?;
             let results = g.call_handle_batch(store, requests).await.map_err(Failure::Wasm)?;
-            if results.len() != requests.len() {
-                let (got, want) = (results.len(), requests.len());
-                return Err(Failure::Guest(format!("handle-batch returned {got} results for {want} requests")));
+            one_each("handle-batch", results, requests.len())
+        });
+        (result.map(|results| self.replies(route, results)), report)
+    }
+
+    /// Whether a UDP read of `route` may go packed in one call now: as
+    /// `batches`, with the `datagrams` export.
+    pub fn takes_datagrams(&self, route: &str) -> bool {
+        self.pool.has_datagrams() && !self.pool.runs_long(route)
+    }
+
+    /// Calls the datagrams export with a read's datagrams (check
+    /// `takes_datagrams` first): one result per datagram, in order, not
+    /// yet acknowledged, as `handle_batch`'s.
+    pub async fn handle_datagrams(&self, packed: &Packed) -> Outcome<Vec<Result<Reply, CallError>>> {
+        let (route, n) = (packed.route.as_str(), packed.ends.len());
+        let (result, report) = call_export!(self, "route", route, 0, false, n, |store, exports| {
+            let g = exports.datagrams.as_ref().ok_or_else(|| missing_interface(super::exports::DATAGRAMS))?;
+            let results = g.call_handle_datagrams(store, packed).await.map_err(Failure::Wasm)?;
+            one_each("handle-datagrams", results, n)
+        });
+        (result.map(|results| self.replies(route, results)), report)
+    }
+
+    /// A batch's results as replies within the size cap, or errors.
+    fn replies(&self, route: &str, results: Vec<Result<Reply, String>>) -> Vec<Result<Reply, CallError>> {
+        let reply = |r: Result<Reply, String>| match r {
+            Ok(reply) => self.within_cap(route, reply),
+            Err(message) => {
+                let cause = Cause::Guest { message };
+                self.stats.error(&cause);
+                Err(self.error("route", route, cause))
             }
-            Ok(results)
-        });
-        let results = result.map(|results| {
-            let reply = |r: Result<Reply, String>| match r {
-                Ok(reply) => self.within_cap(route, reply),
-                Err(message) => {
-                    let cause = Cause::Guest { message };
-                    self.stats.error(&cause);
-                    Err(self.error("route", route, cause))
-                }
-            };
-            results.into_iter().map(reply).collect()
-        });
-        (results, report)
+        };
+        results.into_iter().map(reply).collect()
     }
 
     /// The reply, or an error when it is over the plugin's size cap.
@@ -305,6 +322,15 @@ impl PluginVersion {
 
 fn missing(e: Export) -> Failure {
     missing_interface(e.interface())
+}
+
+/// A batch call's results, when there is one per request.
+fn one_each<T>(export: &str, results: Vec<T>, requests: usize) -> Result<Vec<T>, Failure> {
+    if results.len() != requests {
+        let got = results.len();
+        return Err(Failure::Guest(format!("{export} returned {got} results for {requests} requests")));
+    }
+    Ok(results)
 }
 
 fn missing_interface(interface: &str) -> Failure {

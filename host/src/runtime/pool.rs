@@ -115,6 +115,11 @@ impl Pool {
         self.indices.has_batch()
     }
 
+    /// Whether the plugin exports `datagrams` beside `route`.
+    pub fn has_datagrams(&self) -> bool {
+        self.indices.has_datagrams()
+    }
+
     /// Whether the plugin exports `subscriber-batch` beside `subscriber`.
     pub fn has_subscriber_batch(&self) -> bool {
         self.indices.has_subscriber_batch()

@@ -12,7 +12,7 @@
 
 use std::borrow::Cow;
 
-use evrhost_sdk::{export, kv, Api, CommandInfo, Reply, Request, Route};
+use evrhost_sdk::{export, kv, Api, CommandInfo, Datagrams, Reply, Request, Route};
 
 struct EvCount;
 
@@ -100,7 +100,13 @@ impl Counter<'_> {
         match self {
             Counter::Bad => "bad".into(),
             Counter::Rx => "rx".into(),
-            Counter::Ev(ev) => format!("ev::{}", String::from_utf8_lossy(ev)).into(),
+            Counter::Ev(ev) => {
+                let ev = String::from_utf8_lossy(ev);
+                let mut name = String::with_capacity(4 + ev.len());
+                name.push_str("ev::");
+                name.push_str(&ev);
+                name.into()
+            }
         }
     }
 }
@@ -129,21 +135,33 @@ impl Route for EvCount {
         failed.map_or(Ok(Reply::handled()), Err)
     }
 
-    /// The datagrams of one read: each parsed and counted, and each
+    /// Requests that came together: each parsed and counted, and each
     /// counter bumped once by its total, as Kamailio's htable ends up.
     fn handle_batch(requests: Vec<Request>) -> Vec<Result<Reply, String>> {
-        // Few distinct counters per batch: a list beats a map.
-        let mut totals: Vec<(Counter<'_>, i64)> = Vec::with_capacity(8);
-        for req in &requests {
-            count(&req.data, |counter| match totals.iter_mut().find(|(c, _)| *c == counter) {
-                Some((_, n)) => *n += 1,
-                None => totals.push((counter, 1)),
-            });
-        }
-        let failed = totals.iter().find_map(|(counter, n)| kv::incr(&counter.name(), *n).err().map(|e| e.message()));
-        let reply = || failed.clone().map_or(Ok(Reply::handled()), Err);
-        requests.iter().map(|_| reply()).collect()
+        counted(requests.iter().map(|req| req.data.as_slice()), requests.len())
     }
+
+    /// The datagrams of one UDP read, as `handle_batch`, read where they
+    /// lie.
+    fn handle_datagrams(datagrams: Datagrams) -> Vec<Result<Reply, String>> {
+        counted(datagrams.iter().map(|d| d.data), datagrams.len())
+    }
+}
+
+/// Counts each of `data` (`n` of them), then bumps each counter once by
+/// its total; the same result for each.
+fn counted<'a>(data: impl Iterator<Item = &'a [u8]>, n: usize) -> Vec<Result<Reply, String>> {
+    // Few distinct counters per batch: a list beats a map.
+    let mut totals: Vec<(Counter<'_>, i64)> = Vec::with_capacity(8);
+    for data in data {
+        count(data, |counter| match totals.iter_mut().find(|(c, _)| *c == counter) {
+            Some((_, n)) => *n += 1,
+            None => totals.push((counter, 1)),
+        });
+    }
+    let failed = totals.iter().find_map(|(counter, n)| kv::incr(&counter.name(), *n).err().map(|e| e.message()));
+    let reply = || failed.clone().map_or(Ok(Reply::handled()), Err);
+    (0..n).map(|_| reply()).collect()
 }
 
 impl Api for EvCount {

@@ -12,7 +12,7 @@ use tokio::io::Interest;
 use super::UdpStats;
 use crate::bus::Profiler;
 use crate::dispatcher::{DispatchError, Dispatcher, RouteOutcome};
-use crate::runtime::{Origin, Peer, Request};
+use crate::runtime::{Origin, Packed, Peer, Request};
 
 /// Runs the route for one datagram after another, or for a read's
 /// datagrams at once: a worker's, or the receiver thread's own.
@@ -27,11 +27,24 @@ pub(super) struct Handler {
     requests: Vec<Request>,
     /// The peer each request's origin was made for.
     peers: Vec<Option<SocketAddr>>,
+    /// Reused for the plugins that take a read packed: its peers are
+    /// formatted once and kept (see `pack`).
+    packed: Packed,
+    /// The address of each of `packed.peers`.
+    known: Vec<SocketAddr>,
 }
 
 impl Handler {
     pub(super) fn new(d: Arc<Dispatcher>, route: &str, replies: Replies, profiling: Option<String>) -> Handler {
-        Handler { d, route: route.to_string(), replies, profiling, requests: Vec::new(), peers: Vec::new() }
+        let packed = Packed {
+            route: route.to_string(),
+            data: Vec::new(),
+            ends: Vec::new(),
+            peers: Vec::new(),
+            sources: Vec::new(),
+        };
+        let (requests, peers, known) = (Vec::new(), Vec::new(), Vec::new());
+        Handler { d, route: route.to_string(), replies, profiling, requests, peers, packed, known }
     }
 
     /// The profiler's name, when a profiler listens: then each datagram
@@ -92,19 +105,67 @@ impl Handler {
             }
             return n;
         }
+        if self.d.takes_datagrams(&self.route) {
+            let n = self.pack(datagrams);
+            let results = self.d.run_datagrams_unsaved(&self.packed).await;
+            for (result, &source) in results.into_iter().zip(&self.packed.sources) {
+                let Some(&peer) = self.known.get(usize::from(source)) else { continue };
+                deliver(result, &self.route, peer, &self.replies).await;
+            }
+            return n;
+        }
         let mut n = 0;
         for (data, peer) in datagrams {
             self.fill(n, data, peer);
             n += 1;
         }
+        self.run_requests(n).await;
+        n
+    }
+
+    /// Runs the first `n` requests in one call (or one by one, as
+    /// `run_batch_unsaved` decides) and sends their replies.
+    async fn run_requests(&mut self, n: usize) {
         let results = self.d.run_batch_unsaved(&self.route, &self.requests[..n]).await;
         for (result, peer) in results.into_iter().zip(&self.peers) {
             let Some(peer) = *peer else { continue };
             deliver(result, &self.route, peer, &self.replies).await;
         }
-        n
+    }
+
+    /// Packs `datagrams` into `packed`; gives how many there were. The
+    /// peers seen are kept from read to read (a peer's address is
+    /// formatted once), until more than `MAX_KNOWN` are.
+    fn pack<'a>(&mut self, datagrams: impl Iterator<Item = (&'a [u8], SocketAddr)>) -> usize {
+        let packed = &mut self.packed;
+        if self.known.len() > MAX_KNOWN {
+            (self.known.clear(), packed.peers.clear());
+        }
+        (packed.data.clear(), packed.ends.clear(), packed.sources.clear());
+        for (data, peer) in datagrams {
+            let source = match self.known.iter().position(|known| *known == peer) {
+                Some(i) => i,
+                None => {
+                    self.known.push(peer);
+                    packed.peers.push(Peer { ip: peer.ip().to_canonical().to_string(), port: peer.port() });
+                    self.known.len() - 1
+                }
+            };
+            // A read holds at most 32 datagrams of at most 65,536 bytes.
+            let (Ok(source), Ok(end)) = (u16::try_from(source), u32::try_from(packed.data.len() + data.len())) else {
+                continue;
+            };
+            packed.data.extend_from_slice(data);
+            packed.ends.push(end);
+            packed.sources.push(source);
+        }
+        packed.ends.len()
     }
 }
+
+/// Peers kept formatted for packed reads: past this many, the list starts
+/// over (a read names at most 32).
+const MAX_KNOWN: usize = 64;
 
 /// Replies waiting for their kv writes to be durable, per socket; past
 /// this a worker waits for its own before taking the next datagram.
