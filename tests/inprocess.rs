@@ -608,7 +608,8 @@ async fn a_route_that_ran_long_takes_the_slow_lane_off_the_callers_thread_until_
     let outcome = d.run_route(&request("spin", "200")).await.expect("spins on the lane");
     let used = thread_cpu() - cpu;
     assert_eq!(outcome.reply.retval, "spun");
-    assert!(outcome.report.elapsed >= Duration::from_millis(200), "{:?}", outcome.report);
+    // The guest spins by the wall clock, which NTP may be slewing.
+    assert!(outcome.report.elapsed >= Duration::from_millis(190), "{:?}", outcome.report);
     assert!(used < Duration::from_millis(50), "the caller's thread ran {used:?} of a 200 ms call");
     assert_eq!(lane_calls("hostile"), 1);
 

@@ -113,7 +113,9 @@ async fn a_route_that_ran_long_is_called_request_by_request() {
     let started = std::time::Instant::now();
     let results = d.run_batch_unsaved("spin", &requests("spin", &["150", "150", "150"])).await;
     assert_eq!(kinds(&results), ["ok"; 3]);
-    assert!(started.elapsed() >= Duration::from_millis(450));
+    // The guest spins by the wall clock, which NTP may be slewing (0.5 %
+    // fast was seen): a margin, not 450 ms exactly.
+    assert!(started.elapsed() >= Duration::from_millis(430), "{:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

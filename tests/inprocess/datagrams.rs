@@ -87,5 +87,6 @@ async fn a_read_of_a_route_that_ran_long_is_called_datagram_by_datagram() {
     let started = std::time::Instant::now();
     let read = packed("spin", &[("150", 0), ("150", 0), ("150", 0)], &[("127.0.0.1", 9)]);
     assert_eq!(kinds(&d.run_datagrams_unsaved(&read).await), ["ok"; 3]);
-    assert!(started.elapsed() >= std::time::Duration::from_millis(450));
+    // The guest spins by the wall clock, which NTP may be slewing.
+    assert!(started.elapsed() >= std::time::Duration::from_millis(430), "{:?}", started.elapsed());
 }
