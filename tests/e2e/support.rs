@@ -90,7 +90,9 @@ impl Daemon {
         let state = dir.display().to_string();
         tokio::task::spawn_blocking(move || {
             let env = [("RUST_LOG", "info"), ("NO_COLOR", "1"), ("XDG_STATE_HOME", state.as_str())];
-            Spawned::start(Path::new(BIN), &path, addr, &log, &env, Duration::from_secs(60))
+            // A cold compile of a Python component (18 MB) took over 60 s
+            // on a slow 2-core VM with other tests compiling beside it.
+            Spawned::start(Path::new(BIN), &path, addr, &log, &env, Duration::from_secs(180))
         })
         .await
         .expect("the start task")
