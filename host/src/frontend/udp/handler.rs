@@ -139,9 +139,12 @@ impl Handler {
     fn pack<'a>(&mut self, datagrams: impl Iterator<Item = (&'a [u8], SocketAddr)>) -> usize {
         let packed = &mut self.packed;
         if self.known.len() > MAX_KNOWN {
-            (self.known.clear(), packed.peers.clear());
+            self.known.clear();
+            packed.peers.clear();
         }
-        (packed.data.clear(), packed.ends.clear(), packed.sources.clear());
+        packed.data.clear();
+        packed.ends.clear();
+        packed.sources.clear();
         for (data, peer) in datagrams {
             let source = match self.known.iter().position(|known| *known == peer) {
                 Some(i) => i,
