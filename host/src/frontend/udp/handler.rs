@@ -167,8 +167,10 @@ impl Handler {
 }
 
 /// Peers kept formatted for packed reads: past this many, the list starts
-/// over (a read names at most 32).
-const MAX_KNOWN: usize = 64;
+/// over. Every one kept is lowered into the guest with each read, so the
+/// few peers of a trunk are kept, and traffic from many peers lists about
+/// one read's worth.
+const MAX_KNOWN: usize = 8;
 
 /// Replies waiting for their kv writes to be durable, per socket; past
 /// this a worker waits for its own before taking the next datagram.
