@@ -119,18 +119,12 @@ impl Handler {
             self.fill(n, data, peer);
             n += 1;
         }
-        self.run_requests(n).await;
-        n
-    }
-
-    /// Runs the first `n` requests in one call (or one by one, as
-    /// `run_batch_unsaved` decides) and sends their replies.
-    async fn run_requests(&mut self, n: usize) {
         let results = self.d.run_batch_unsaved(&self.route, &self.requests[..n]).await;
         for (result, peer) in results.into_iter().zip(&self.peers) {
             let Some(peer) = *peer else { continue };
             deliver(result, &self.route, peer, &self.replies).await;
         }
+        n
     }
 
     /// Packs `datagrams` into `packed`; gives how many there were. The
